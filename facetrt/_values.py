@@ -1,0 +1,88 @@
+"""msgpack values: the only things that cross a facet boundary or live in storage.
+
+A msgpack value (SPEC §3) is None, bool, int (64-bit), float, str, bytes, a list (tuples are
+accepted and become lists) or a dict with str keys, nested at most ``DEPTH_MAX`` deep. Values
+are checked before anything is written or sent, so a bad value fails ``bad_request`` at the call
+that made it and changes nothing.
+
+Encoding is msgpack with ``use_bin_type=True``; decoding uses ``raw=False`` and
+``strict_map_key=True``, so a decoded value is always a fresh object: a caller can never alias a
+facet's state, nor a facet a stored value.
+"""
+
+from __future__ import annotations
+
+from typing import TypeAlias
+
+import msgpack
+
+from ._errors import BadRequestError
+
+Value: TypeAlias = (
+    bool
+    | int
+    | float
+    | str
+    | bytes
+    | list["Value"]
+    | tuple["Value", ...]
+    | dict[str, "Value"]
+    | None
+)
+
+DEPTH_MAX = 64
+_INT_MIN = -(2**63)
+_INT_MAX = 2**64 - 1
+_SCALARS = (type(None), bool, float, str, bytes)
+
+
+def check_value(value: object, what: str = "value") -> None:
+    """Raise :class:`BadRequestError` unless ``value`` is a msgpack value."""
+    _check(value, what, 0)
+
+
+def _check(value: object, what: str, depth: int) -> None:
+    kind = type(value)
+    if kind in _SCALARS:
+        return
+    if kind is int:
+        if not _INT_MIN <= value <= _INT_MAX:  # type: ignore[operator]  # kind is int here
+            raise BadRequestError(f"{what}: integer {value!r} does not fit in 64 bits")
+        return
+    if depth >= DEPTH_MAX:
+        raise BadRequestError(f"{what}: nested deeper than {DEPTH_MAX}")
+    if kind is list or kind is tuple:
+        for item in value:  # type: ignore[attr-defined]  # kind is list or tuple here
+            _check(item, what, depth + 1)
+        return
+    if kind is dict:
+        for key, item in value.items():  # type: ignore[attr-defined]  # kind is dict here
+            if type(key) is not str:
+                raise BadRequestError(f"{what}: dict keys must be str, got {type(key).__name__}")
+            _check(item, what, depth + 1)
+        return
+    raise BadRequestError(f"{what}: {kind.__name__} is not a msgpack value")
+
+
+def encode_value(value: object, *, bytes_max: int, what: str = "value") -> bytes:
+    """Check and encode ``value``; its encoding must be at most ``bytes_max`` bytes.
+
+    Raises:
+        BadRequestError: not a msgpack value, or too large.
+    """
+    check_value(value, what)
+    data: bytes = msgpack.packb(value, use_bin_type=True)
+    if len(data) > bytes_max:
+        raise BadRequestError(f"{what}: {len(data)} bytes encoded, over the limit of {bytes_max}")
+    return data
+
+
+def decode_value(data: bytes) -> Value:
+    """Decode bytes written by :func:`encode_value` (trusted: our own store)."""
+    value: Value = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+    return value
+
+
+def copy_value(value: object, *, bytes_max: int, what: str = "value") -> Value:
+    """Return a deep, checked copy of ``value``, as it would arrive over the wire."""
+    return decode_value(encode_value(value, bytes_max=bytes_max, what=what))

@@ -1,0 +1,13 @@
+"""trio actors hosting facets; knows storage, never the wire."""
+
+from __future__ import annotations
+
+from ._facet import Facet as Facet
+from ._facet import FacetCalls as FacetCalls
+from ._facet import rpc as rpc
+from ._runtime import Runtime as Runtime
+from ._runtime import RuntimeStatistics as RuntimeStatistics
+from ._runtime import open_runtime as open_runtime
+from ._storage_api import Storage as Storage
+
+__all__ = ["Facet", "FacetCalls", "Runtime", "RuntimeStatistics", "Storage", "open_runtime", "rpc"]

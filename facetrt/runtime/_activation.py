@@ -1,0 +1,481 @@
+"""Activation: the running actor of one facet, with its turn loop and its group commit.
+
+Turn loop (input gate). One task takes envelopes from the facet's mailbox and runs their
+handlers one at a time, to completion, including across the handlers' awaits. All queued
+envelopes are handled per wake-up; the loop parks only when the mailbox is empty.
+
+Group commit (output gate). A finished message's write layer is absorbed into the accumulated
+layer and its outcome queued. Whenever no commit is running, the accumulated layer becomes the
+in-flight layer and is committed by a writer thread in one LMDB transaction; messages finished
+meanwhile accumulate for the next commit. Commit completion runs as a callback on the loop
+thread: it releases every reply of the batch (none before fsync returned) and starts the next
+commit. So commits overlap handlers, a handler that awaits something slow never holds back the
+replies of messages finished before it, and under load one fsync covers many messages.
+
+Failure. A failed commit answers every message of its batch, and of the accumulated batch that
+read its writes, with ``internal`` (``quota_exceeded`` when the store cannot grow), cancels the
+turn loop (the running message fails too) and stops the activation: its writes were never
+durable, so the next activation starts from disk. Queued envelopes stay in the mailbox for it.
+
+Lifecycle: STARTING -> RUNNING -> DRAINING -> STOPPED, each transition in one place.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from functools import partial
+from typing import TYPE_CHECKING, final
+
+import msgpack
+import outcome
+import trio
+
+from .._errors import (
+    BadRequestError,
+    ConflictError,
+    FacetrtError,
+    HandlerError,
+    InternalError,
+    NotFoundError,
+    ReentrancyError,
+    StorageError,
+    StoreFullError,
+    UnavailableError,
+)
+from .._ids import FacetAddress
+from .._values import Value, decode_value, encode_value
+from ..storage import IDEM_DB, META_DB
+from ._facet import Facet, instantiate
+from ._layers import MISSING, Layer, lookup_system
+from ._storage_api import Storage
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from ..storage import FacetStore
+    from ._core import RuntimeCore
+    from ._mailbox import Envelope, Mailbox
+    from ._supervisor import Supervisor
+
+logger = logging.getLogger(__name__)
+
+CLEANUP_SECONDS = 30.0
+_Outcomes = list[tuple["Envelope", outcome.Outcome[Value]]]
+
+
+class ActivationState(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+@final
+class Activation:
+    """The live actor of one facet; created and started by the router."""
+
+    def __init__(
+        self,
+        *,
+        address: FacetAddress,
+        mailbox: Mailbox,
+        core: RuntimeCore,
+        supervisor: Supervisor,
+    ) -> None:
+        self.address = address
+        self.mailbox = mailbox
+        self.state = ActivationState.STARTING
+        self._core = core
+        self._config = core.config
+        self._supervisor = supervisor
+        self._store: FacetStore | None = None
+        self._storage: Storage | None = None
+        self._facet: Facet | None = None
+        self._bound_class: str | None = None
+        # [in-flight layer,] accumulated layer: the accumulated one is always last.
+        self._pending: list[Layer] = [Layer()]
+        self._accumulated: _Outcomes = []
+        self._commit_running = False
+        self._completed_seq = 0
+        self._durable_seq = 0
+        self._durable_lot = trio.lowlevel.ParkingLot()
+        self._current: Envelope | None = None
+        self._failure: FacetrtError | None = None
+        self._scope = trio.CancelScope()
+        self._stop_requested = False
+        self._evicted = False
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def request_stop(self, *, evicted: bool = False) -> None:
+        """Ask the activation to passivate once its mailbox is empty."""
+        self._stop_requested = True
+        self._evicted = self._evicted or evicted
+        self.mailbox.wake()
+
+    def _is_stop_requested(self) -> bool:
+        return self._stop_requested
+
+    def cancel(self) -> None:
+        """Stop at the next checkpoint (shutdown past its grace period)."""
+        self._scope.cancel()
+
+    async def run(self) -> None:
+        """The activation task: open, serve the mailbox, passivate. Never raises FacetrtError."""
+        try:
+            await self._supervisor.acquire()
+        except FacetrtError as exc:
+            self._fail_mailbox(exc)
+            self.state = ActivationState.STOPPED
+            return
+        try:
+            try:
+                await self._open()
+            except FacetrtError as exc:
+                # Retrying would fail the same way: answer everything queued, then stop.
+                self._fail_mailbox(exc)
+                return
+            with self._scope:
+                await self._serve()
+        except StorageError as exc:
+            logger.error("a facet store failed while reading; resetting the facet: %s", exc)
+            self._core.counters.resets += 1
+            self._failure = InternalError(f"storage failed; the facet was reset: {exc}")
+        finally:
+            self.state = ActivationState.DRAINING
+            self._supervisor.mark_busy(self)
+            with trio.move_on_after(CLEANUP_SECONDS, shield=True):
+                await self._close()
+            self.state = ActivationState.STOPPED
+            self._supervisor.release(evicted=self._evicted)
+            self._core.counters.passivations += 1
+
+    async def _open(self) -> None:
+        assert self.state is ActivationState.STARTING
+        registry = self._core.registry
+        self._store = await self._core.workers.call(partial(registry.open, self.address))
+        self._storage = Storage(
+            self._store, self._pending, value_bytes_max=self._config.value_bytes_max
+        )
+        raw = self._store.get(b"class", META_DB)
+        self._bound_class = None if raw is None else str(decode_value(raw))
+        self._purge_expired_idempotency_records()
+        self._core.counters.activations += 1
+        self.state = ActivationState.RUNNING
+
+    async def _serve(self) -> None:
+        handled = 0
+        while True:
+            envelope = self.mailbox.get_nowait()
+            if envelope is not None:
+                await self._handle(envelope)
+                handled += 1
+                if handled >= self._config.batch_envelopes_max:
+                    handled = 0
+                    await trio.lowlevel.checkpoint()  # let other facets and callers run
+                continue
+            handled = 0
+            if self._stop_requested:
+                return
+            if not self._commit_running:
+                self._supervisor.mark_idle(self)
+                if self._is_stop_requested():  # mark_idle may have evicted this activation
+                    continue  # passivate instead of parking
+            with trio.move_on_after(self._config.idle_timeout_seconds) as idle:
+                await self.mailbox.wait_nonempty()
+            self._supervisor.mark_busy(self)
+            if idle.cancelled_caught and not self.mailbox:
+                if self._commit_running:
+                    continue  # not idle: wait for the commit, then time out again
+                return
+
+    async def _close(self) -> None:
+        """Finish: fail what cannot run, run ``on_deactivate``, flush, close the store."""
+        if self._current is not None and not self._current.reply.is_set:
+            error = self._failure or UnavailableError("facet stopped while handling the message")
+            self._current.reply.set(outcome.Error(error))
+            self._current = None
+        if self._storage is not None:
+            self._storage.end_message()
+        if self._failure is None and self._facet is not None and not self._scope.cancel_called:
+            await self._deactivate(self._facet)
+        if self._failure is None:
+            self._start_commit()
+        await self._wait_commit_idle()
+        if self._accumulated:
+            # Only after a failure: these read writes that were never made durable.
+            failed, self._accumulated = self._accumulated, []
+            error = self._failure or UnavailableError("facet stopped before commit")
+            for envelope, _ in failed:
+                envelope.reply.set(outcome.Error(error))
+        if self._store is not None:
+            store, self._store = self._store, None
+            await self._core.workers.call(partial(self._core.registry.close, store))
+
+    async def _deactivate(self, facet: Facet) -> None:
+        """Run ``on_deactivate``, bounded in time; a failure or overrun is logged and counted."""
+        with trio.move_on_after(self._config.deactivate_seconds_max) as limit:
+            try:
+                await self._run_hook(facet.on_deactivate)
+            except FacetrtError as exc:
+                logger.warning("on_deactivate of a facet failed: %s", exc.message)
+        if limit.cancelled_caught:
+            self._core.counters.deactivations_cut_short += 1
+
+    def _fail_mailbox(self, error: FacetrtError) -> None:
+        while (envelope := self.mailbox.get_nowait()) is not None:
+            envelope.reply.set(outcome.Error(error))
+
+    # -- messages ------------------------------------------------------------------------
+
+    async def _handle(self, envelope: Envelope) -> None:
+        if envelope.reply.abandoned:
+            return  # its caller gave up before it started: apply nothing
+        self._current = envelope
+        result = await self._run_message(envelope)
+        self._current = None
+        self._completed_seq += 1
+        self._accumulated.append((envelope, result))
+        if not self._commit_running:
+            self._start_commit()
+
+    async def _run_message(self, envelope: Envelope) -> outcome.Outcome[Value]:
+        storage = self._storage
+        assert storage is not None
+        try:
+            facet = await self._facet_for(envelope)
+            if envelope.method not in facet.rpc_methods:
+                raise NotFoundError(
+                    f"class {self._bound_class!r} has no rpc method {envelope.method!r}"
+                )
+            key = envelope.idempotency_key
+            if key is not None:
+                stored = self._stored_result(key, envelope.method)
+                if stored is not MISSING:
+                    return outcome.Value(stored)  # type: ignore[arg-type]  # MISSING excluded
+            layer = storage.begin_message()
+            try:
+                handler = getattr(facet, envelope.method)
+                try:
+                    coroutine = handler(*envelope.args, **envelope.kwargs)
+                except TypeError as exc:
+                    raise BadRequestError(f"bad arguments for {envelope.method!r}: {exc}") from None
+                value = await coroutine
+                encoded = _encode_result(value, self._config.value_bytes_max)
+                if key is not None:
+                    self._store_result(layer, key, envelope.method, encoded)
+            finally:
+                storage.end_message()
+        except StorageError:
+            raise  # a failing store is not the handler's fault: reset the facet
+        except FacetrtError as exc:
+            return outcome.Error(exc)
+        except Exception as exc:  # noqa: BLE001 - the facet's own bug becomes handler_error
+            return outcome.Error(
+                HandlerError(f"{type(exc).__name__}: {exc}", type_name=type(exc).__name__)
+            )
+        self._pending[-1].absorb(layer)
+        return outcome.Value(decode_value(encoded))
+
+    async def _facet_for(self, envelope: Envelope) -> Facet:
+        """The facet instance for ``envelope``, binding and activating it if needed."""
+        if self._bound_class is None:
+            if envelope.cls is None:
+                raise NotFoundError(f"facet {str(self.address)!r} does not exist (give a class)")
+            self._bind(envelope.cls)
+        elif envelope.cls is not None and envelope.cls != self._bound_class:
+            raise ConflictError(
+                f"facet {str(self.address)!r} is bound to class {self._bound_class!r}, "
+                f"not {envelope.cls!r}"
+            )
+        if self._facet is None:
+            cls = self._core.classes.get(self._bound_class or "")
+            if cls is None:
+                raise NotFoundError(f"facet class {self._bound_class!r} is not registered")
+            assert self._storage is not None
+            facet = instantiate(cls, address=self.address, storage=self._storage, outbound=self)
+            await self._run_hook(facet.on_activate)
+            self._facet = facet
+        return self._facet
+
+    def _bind(self, cls: str) -> None:
+        """Bind a new facet to ``cls``; durable with the next commit, whatever the handler does."""
+        metadata = {
+            b"class": cls,
+            b"tenant": self.address.tenant_id,
+            b"agent": self.address.agent_id,
+            b"created": self._core.wall_clock(),
+        }
+        system = self._pending[-1].system
+        for key, value in metadata.items():
+            system[(META_DB, key)] = msgpack.packb(value)
+        self._bound_class = cls
+
+    async def _run_hook(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Run ``on_activate`` / ``on_deactivate`` as a message of its own (no reply)."""
+        storage = self._storage
+        assert storage is not None
+        layer = storage.begin_message()
+        try:
+            await hook()
+        except FacetrtError:
+            raise
+        except Exception as exc:
+            raise HandlerError(
+                f"{hook.__name__} raised {type(exc).__name__}: {exc}", type_name=type(exc).__name__
+            ) from exc
+        finally:
+            storage.end_message()
+        self._pending[-1].absorb(layer)
+
+    # -- idempotency ---------------------------------------------------------------------
+
+    def _stored_result(self, key: str, method: str) -> Value | object:
+        raw = lookup_system(self._pending, IDEM_DB, key.encode())
+        if raw is MISSING:
+            assert self._store is not None
+            raw = self._store.get(key.encode(), IDEM_DB)
+        if raw is None:
+            return MISSING
+        assert isinstance(raw, bytes)
+        expires, stored_method, result = msgpack.unpackb(raw)
+        if expires <= self._core.wall_clock():
+            return MISSING
+        if stored_method != method:
+            raise BadRequestError(
+                f"idempotency key {key!r} was used for method {stored_method!r}, not {method!r}"
+            )
+        return decode_value(result)
+
+    def _store_result(self, layer: Layer, key: str, method: str, encoded: bytes) -> None:
+        expires = self._core.wall_clock() + self._config.idempotency_retention_seconds
+        layer.system[(IDEM_DB, key.encode())] = msgpack.packb([expires, method, encoded])
+
+    def _purge_expired_idempotency_records(self) -> None:
+        assert self._store is not None
+        now = self._core.wall_clock()
+        system = self._pending[-1].system
+        iterator = self._store.iterate(low=None, high=None, reverse=False, db=IDEM_DB)
+        for key, raw in iterator:
+            if msgpack.unpackb(raw)[0] <= now:
+                system[(IDEM_DB, key)] = None
+
+    # -- group commit --------------------------------------------------------------------
+
+    def _start_commit(self) -> None:
+        """Commit the accumulated layer on a writer thread, unless nothing needs it."""
+        if self._commit_running or self._failure is not None:
+            return
+        layer = self._pending[-1]
+        outcomes, self._accumulated = self._accumulated, []
+        seq = self._completed_seq
+        if layer.is_empty():
+            self._release(outcomes, seq)  # nothing to write and nothing in flight before it
+            return
+        assert self._store is not None
+        self._pending.append(Layer())
+        self._commit_running = True
+        self._submit(layer, outcomes, seq)
+
+    def _submit(self, layer: Layer, outcomes: _Outcomes, seq: int) -> None:
+        assert self._store is not None
+        self._core.workers.submit(
+            partial(self._store.commit, layer.to_batch()),
+            partial(self._commit_done, layer, outcomes, seq),
+        )
+
+    def _commit_done(
+        self, layer: Layer, outcomes: _Outcomes, seq: int, result: outcome.Outcome[None]
+    ) -> None:
+        """Runs on the loop thread when a writer thread finished a commit."""
+        if isinstance(result, outcome.Error):
+            error = result.error
+            store = self._store
+            # Growing is legal here: callbacks run between task steps, so no read is open.
+            if isinstance(error, StoreFullError) and store is not None and store.grow():
+                self._core.counters.map_grows += 1
+                self._submit(layer, outcomes, seq)
+                return
+            self._commit_running = False
+            self._commit_failed(error, outcomes)
+            return
+        self._commit_running = False
+        counters = self._core.counters
+        counters.commits += 1
+        counters.committed_envelopes += len(outcomes)
+        removed = self._pending.pop(0)
+        assert removed is layer
+        self._release(outcomes, seq)
+        if self._accumulated or not self._pending[-1].is_empty():
+            self._start_commit()
+
+    def _release(self, outcomes: _Outcomes, seq: int) -> None:
+        self._durable_seq = seq
+        if self._durable_lot:
+            self._durable_lot.unpark_all()
+        for envelope, result in outcomes:
+            envelope.reply.set(result)
+
+    def _commit_failed(self, error: BaseException, outcomes: _Outcomes) -> None:
+        self._core.counters.commit_failures += 1
+        self._core.counters.resets += 1
+        if isinstance(error, StoreFullError):
+            failure: FacetrtError = error
+        else:
+            logger.error("commit failed for a facet store; resetting it: %s", error)
+            failure = InternalError(f"commit failed; the facet was reset: {error}")
+        self._failure = failure
+        later, self._accumulated = self._accumulated, []
+        for envelope, _ in [*outcomes, *later]:
+            envelope.reply.set(outcome.Error(failure))
+        self._pending[:] = [Layer()]
+        self._durable_lot.unpark_all()
+        self._scope.cancel()
+
+    async def _wait_commit_idle(self) -> None:
+        while self._commit_running:
+            await self._durable_lot.park()
+
+    async def wait_durable(self) -> None:
+        """Wait until every finished message's writes are durable (the output gate)."""
+        target = self._completed_seq
+        self._start_commit()
+        await trio.lowlevel.checkpoint()
+        while self._durable_seq < target and self._failure is None:
+            await self._durable_lot.park()
+        if self._failure is not None:
+            raise self._failure
+
+    # -- outbound calls (FacetCalls) -----------------------------------------------------
+
+    async def call_facet(
+        self,
+        agent_id: str,
+        method: str,
+        args: tuple[Value, ...],
+        kwargs: dict[str, Value],
+        *,
+        cls: str | None,
+        idempotency_key: str | None,
+    ) -> Value:
+        target = FacetAddress(self.address.tenant_id, agent_id)
+        chain = (*(self._current.chain if self._current else ()), self.address)
+        if target in chain:
+            path = " -> ".join(str(address) for address in (*chain, target))
+            raise ReentrancyError(f"call would re-enter a facet on its own call chain: {path}")
+        if len(chain) >= self._config.call_depth_max:
+            raise BadRequestError(f"call chain longer than {self._config.call_depth_max}")
+        await self.wait_durable()
+        return await self._core.call(
+            target, method, args, kwargs, cls=cls, idempotency_key=idempotency_key, chain=chain
+        )
+
+
+def _encode_result(value: object, bytes_max: int) -> bytes:
+    try:
+        return encode_value(value, bytes_max=bytes_max, what="result")
+    except BadRequestError as exc:
+        # The handler returned something a caller cannot receive: the facet's bug, not the
+        # caller's, so handler_error; its writes are discarded like any handler failure.
+        raise HandlerError(exc.message, type_name="TypeError") from None

@@ -1,0 +1,117 @@
+"""RuntimeCore: the shared parts every activation uses, and the entry point of every call."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, final
+
+import trio
+
+from .._errors import BadRequestError, NotFoundError, UnavailableError
+from .._values import Value, copy_value
+from ._mailbox import Envelope
+from ._reply import ReplySlot
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+    from .._ids import FacetAddress
+    from ..config import RuntimeConfig
+    from ..storage import StoreRegistry
+    from ._facet import Facet
+    from ._router import Router
+    from ._storage_bridge import StoreWorkers
+
+
+@dataclass(slots=True)
+class Counters:
+    """Monotonic counters, read through ``Runtime.statistics()``."""
+
+    calls: int = 0
+    activations: int = 0
+    passivations: int = 0
+    resets: int = 0
+    commits: int = 0
+    committed_envelopes: int = 0
+    commit_failures: int = 0
+    map_grows: int = 0
+    deactivations_cut_short: int = 0
+    overloaded: int = 0
+
+
+@final
+class RuntimeCore:
+    """Configuration, stores, writer threads and router of one runtime."""
+
+    def __init__(
+        self,
+        *,
+        config: RuntimeConfig,
+        classes: Mapping[str, type[Facet]],
+        registry: StoreRegistry,
+        workers: StoreWorkers,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.classes = dict(classes)
+        self.registry = registry
+        self.workers = workers
+        self.wall_clock = wall_clock
+        self.counters = Counters()
+        # closing: refuse new calls from outside; stopped: the grace period is over, refuse all.
+        self.closing = False
+        self.stopped = False
+        self.router: Router | None = None
+
+    async def call(
+        self,
+        address: FacetAddress,
+        method: str,
+        args: tuple[object, ...] | list[object],
+        kwargs: Mapping[str, object],
+        *,
+        cls: str | None,
+        idempotency_key: str | None,
+        chain: tuple[FacetAddress, ...],
+    ) -> Value:
+        """Queue one message for ``address`` and wait for its reply.
+
+        Cancellation abandons the call: a message not yet started is skipped; one already
+        started still runs and commits (the outcome is unknown to this caller).
+
+        Raises:
+            FacetrtError: the call's outcome, with its code.
+        """
+        if self.stopped or (self.closing and not chain):
+            raise UnavailableError("runtime is closing")
+        if type(method) is not str or not method:
+            raise BadRequestError(f"method must be a non-empty str, got {method!r}")
+        if cls is not None and cls not in self.classes:
+            raise NotFoundError(f"unknown facet class {cls!r}")
+        if idempotency_key is not None:
+            self._check_idempotency_key(idempotency_key)
+        copied = copy_value([args, kwargs], bytes_max=self.config.value_bytes_max, what="arguments")
+        assert isinstance(copied, list)
+        call_args, call_kwargs = copied
+        assert isinstance(call_args, list)
+        assert isinstance(call_kwargs, dict)
+        envelope = Envelope(
+            method=method,
+            args=call_args,
+            kwargs=call_kwargs,
+            cls=cls,
+            idempotency_key=idempotency_key,
+            chain=chain,
+            reply=ReplySlot(),
+            enqueued_at=trio.current_time(),
+        )
+        assert self.router is not None
+        self.counters.calls += 1
+        self.router.submit(address, envelope)
+        return await envelope.reply.wait()
+
+    def _check_idempotency_key(self, key: object) -> None:
+        limit = self.config.idempotency_key_bytes_max
+        if type(key) is not str or not 0 < len(key.encode(errors="replace")) <= limit:
+            raise BadRequestError(f"idempotency key must be a str of 1 to {limit} UTF-8 bytes")

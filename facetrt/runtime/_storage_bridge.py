@@ -1,0 +1,100 @@
+"""StoreWorkers: the writer threads that open, commit and close stores; the only thread hop.
+
+Why not ``trio.to_thread.run_sync`` per commit: a round trip costs ~166 µs of loop time here,
+which caps many small facets at ~2k commits/s while the disk can flush ~7.5k/s in parallel. A
+fixed pool of threads fed through a ``queue.SimpleQueue`` costs one lock hand-off to submit
+and one ``run_sync_soon`` to complete, and lets the fsyncs of different facets overlap.
+
+A job is never abandoned: LMDB binds a write transaction to its thread and a half-done commit
+must finish before its store can be used or closed, so :meth:`call` defers cancellation until
+the job is done (like ``abandon_on_cancel=False``).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import TYPE_CHECKING, TypeVar, final
+
+import outcome
+import trio
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+T = TypeVar("T")
+_STOP = None
+
+
+@final
+class StoreWorkers:
+    """A pool of ``threads`` writer threads; start with :meth:`start`, stop with :meth:`stop`."""
+
+    def __init__(self, threads: int) -> None:
+        self._thread_count = threads
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], object], Callable[[object], None]] | None]
+        self._jobs = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._token: trio.lowlevel.TrioToken | None = None
+        self.jobs_started = 0
+
+    def start(self) -> None:
+        """Start the threads; must be called from the trio thread that will receive results."""
+        self._token = trio.lowlevel.current_trio_token()
+        for index in range(self._thread_count):
+            thread = threading.Thread(target=self._work, name=f"facetrt-store-{index}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    async def stop(self) -> None:
+        """Let queued jobs finish, then end the threads."""
+        for _ in self._threads:
+            self._jobs.put(_STOP)
+        threads, self._threads = self._threads, []
+
+        def join() -> None:
+            for thread in threads:
+                thread.join()
+
+        await trio.to_thread.run_sync(join)
+
+    def submit(self, job: Callable[[], T], on_done: Callable[[outcome.Outcome[T]], None]) -> None:
+        """Run ``job`` on a writer thread, then ``on_done(outcome)`` on the trio thread.
+
+        Never checkpoints; ``on_done`` runs from ``run_sync_soon`` and must not raise.
+        """
+        assert self._threads, "StoreWorkers not started"
+        self.jobs_started += 1
+        self._jobs.put((job, on_done))  # type: ignore[arg-type]  # T erased in the queue
+
+    async def call(self, job: Callable[[], T]) -> T:
+        """Run ``job`` on a writer thread and return (or raise) its result.
+
+        Cancellation is deferred until the job finished; then ``Cancelled`` is raised.
+        """
+        task = trio.lowlevel.current_task()
+
+        def on_done(result: outcome.Outcome[T]) -> None:
+            trio.lowlevel.reschedule(task, result)
+
+        self.submit(job, on_done)
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            return trio.lowlevel.Abort.FAILED
+
+        value: T = await trio.lowlevel.wait_task_rescheduled(abort)
+        return value
+
+    def _work(self) -> None:
+        token = self._token
+        assert token is not None
+        while True:
+            item = self._jobs.get()
+            if item is _STOP:
+                return
+            job, on_done = item
+            result = outcome.capture(job)
+            try:
+                token.run_sync_soon(on_done, result)
+            except trio.RunFinishedError:  # pragma: no cover - the loop ended under us
+                return

@@ -1,0 +1,25 @@
+"""Synchronous LMDB storage: one environment per facet. No trio here."""
+
+from __future__ import annotations
+
+from ._registry import DataDirLock as DataDirLock
+from ._registry import StoreRegistry as StoreRegistry
+from ._store import DATA_DB as DATA_DB
+from ._store import IDEM_DB as IDEM_DB
+from ._store import KEY_BYTES_MAX as KEY_BYTES_MAX
+from ._store import META_DB as META_DB
+from ._store import CommitBatch as CommitBatch
+from ._store import FacetStore as FacetStore
+from ._store import StoreHooks as StoreHooks
+
+__all__ = [
+    "DATA_DB",
+    "IDEM_DB",
+    "KEY_BYTES_MAX",
+    "META_DB",
+    "CommitBatch",
+    "DataDirLock",
+    "FacetStore",
+    "StoreHooks",
+    "StoreRegistry",
+]

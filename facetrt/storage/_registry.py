@@ -1,0 +1,100 @@
+"""StoreRegistry: the only place that opens or closes a FacetStore, one open per path.
+
+LMDB forbids opening one environment twice in a process (the second open would share and then
+release the first one's locks), so every open goes through here, keyed by the resolved path.
+The registry also holds the exclusive lock on the data directory, so two processes never share
+one (SPEC §6).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from typing import TYPE_CHECKING, Final
+
+from .._errors import ConfigError
+from ._store import FacetStore, StoreHooks, store_exists
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from .._ids import FacetAddress
+
+LOCK_FILE: Final = "facetrt.lock"
+
+
+class DataDirLock:
+    """An exclusive, non-blocking ``flock`` on ``<data dir>/facetrt.lock``.
+
+    Raises:
+        ConfigError: another process holds the lock.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path = data_dir / LOCK_FILE
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise ConfigError(
+                f"data directory {str(data_dir)!r} is in use by another process"
+            ) from None
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, f"{os.getpid()}\n".encode())
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = -1
+
+
+class StoreRegistry:
+    """Canonical store path -> open FacetStore, for one data directory."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        map_size_bytes: int,
+        map_size_bytes_max: int,
+        hooks: StoreHooks | None = None,
+    ) -> None:
+        self.data_dir = data_dir.resolve()
+        self._map_size_bytes = map_size_bytes
+        self._map_size_bytes_max = map_size_bytes_max
+        self._hooks = hooks
+        self._open: dict[Path, FacetStore] = {}
+
+    def path_of(self, address: FacetAddress) -> Path:
+        return self.data_dir / address.relative_path()
+
+    def exists(self, address: FacetAddress) -> bool:
+        return store_exists(self.path_of(address))
+
+    def open(self, address: FacetAddress) -> FacetStore:
+        """Open (creating if needed) the store of ``address``. Blocking: call off the loop.
+
+        Raises:
+            StorageError: LMDB could not open it.
+        """
+        path = self.path_of(address)
+        assert path not in self._open, f"store {path} opened twice"
+        store = FacetStore(
+            path,
+            map_size_bytes=self._map_size_bytes,
+            map_size_bytes_max=self._map_size_bytes_max,
+            hooks=self._hooks,
+        )
+        self._open[path] = store
+        return store
+
+    def close(self, store: FacetStore) -> None:
+        removed = self._open.pop(store.path, None)
+        assert removed is store, f"store {store.path} closed but not open"
+        store.close()
+
+    def open_count(self) -> int:
+        return len(self._open)

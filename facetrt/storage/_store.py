@@ -1,0 +1,296 @@
+"""FacetStore: one LMDB environment holding one facet's state, synchronous, no trio.
+
+On-disk layout of one store (a directory named by hashes, see ``facetrt._ids``)::
+
+    data.mdb, lock.mdb      one LMDB environment
+      db "data"             the facet's own keys (UTF-8, 1-511 bytes) -> msgpack values
+      db "meta"             b"class" -> class name, b"tenant", b"agent", b"created" (msgpack)
+      db "idem"             idempotency key (UTF-8) -> msgpack [expires_unix, method, result]
+
+Rules (STYLE §8):
+- Every ``lmdb.open`` option is passed explicitly; durability is on (``sync``, ``metasync``,
+  ``writemap=False``) so a commit has returned from fsync before anything is acknowledged.
+- Each method opens, uses and closes its own transaction. Reads run on the caller's thread
+  (the event loop: they take microseconds); :meth:`commit` runs on a writer thread.
+- :meth:`grow` (``mdb_env_set_mapsize``) is only legal when no transaction of this environment
+  is active in the process; the owning activation calls it between commits, on the loop thread,
+  where no read can be open because reads never cross an ``await``.
+- ``lmdb.Error`` becomes :class:`StorageError` here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+import lmdb
+
+from .._errors import StorageError, StoreFullError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Generator, Iterator, Sequence
+    from pathlib import Path
+
+DATA_DB: Final = b"data"
+META_DB: Final = b"meta"
+IDEM_DB: Final = b"idem"
+SYSTEM_DBS: Final = (META_DB, IDEM_DB)
+KEY_BYTES_MAX: Final = 511
+DATA_FILE: Final = "data.mdb"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoreHooks:
+    """Fault and delay injection for tests; runs on the writer thread inside :meth:`commit`.
+
+    ``before_commit(path)`` may block (a delay) or raise (a failed commit: the transaction is
+    aborted and the caller sees :class:`StorageError`).
+    """
+
+    before_commit: Callable[[Path], None] | None = None
+
+
+@dataclass(slots=True, kw_only=True)
+class CommitBatch:
+    """The writes of one or more messages, applied in one LMDB write transaction.
+
+    Attributes:
+        cleared: drop every key of the data db first (``delete_all``).
+        data: key -> encoded value, or None to delete; keys are unique by construction.
+        system: (db name, key) -> value or None, for the meta and idem dbs.
+    """
+
+    cleared: bool = False
+    data: dict[bytes, bytes | None] = field(default_factory=dict)
+    system: dict[tuple[bytes, bytes], bytes | None] = field(default_factory=dict)
+
+    def is_empty(self) -> bool:
+        return not self.cleared and not self.data and not self.system
+
+
+class FacetStore:
+    """One facet's LMDB environment. Create only through ``StoreRegistry``.
+
+    Args:
+        path: the store directory (created if missing, with its parents fsynced).
+        map_size_bytes: initial map size; doubled by :meth:`grow` up to ``map_size_bytes_max``.
+        hooks: fault injection for tests.
+
+    Raises:
+        StorageError: LMDB could not open the environment.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        map_size_bytes: int,
+        map_size_bytes_max: int,
+        hooks: StoreHooks | None = None,
+    ) -> None:
+        self.path = path
+        self.map_size_bytes_max = map_size_bytes_max
+        self._hooks = hooks or StoreHooks()
+        created = _make_dirs(path)
+        try:
+            existing = _file_size(path / DATA_FILE)
+            self.map_size_bytes = max(map_size_bytes, _pow2_at_least(existing))
+            self._env = lmdb.open(
+                str(path),
+                map_size=self.map_size_bytes,
+                subdir=True,
+                readonly=False,
+                metasync=True,
+                sync=True,
+                map_async=False,
+                mode=0o600,
+                create=True,
+                readahead=False,
+                writemap=False,
+                meminit=True,
+                max_readers=16,
+                max_dbs=len(SYSTEM_DBS) + 2,
+                max_spare_txns=1,
+                lock=True,
+            )
+            self._data = self._env.open_db(DATA_DB)
+            self._dbs = {DATA_DB: self._data}
+            for name in SYSTEM_DBS:
+                self._dbs[name] = self._env.open_db(name)
+        except lmdb.Error as exc:
+            raise StorageError(f"cannot open store {str(path)!r}: {exc}") from exc
+        # A new directory entry is durable only once its parent directory is fsynced; do it
+        # now so that the first acknowledged commit cannot vanish with its directory.
+        for directory in created:
+            _fsync_dir(directory.parent)
+        if created:
+            _fsync_dir(path)
+
+    # -- reads (event-loop thread) -------------------------------------------------------
+
+    def get(self, key: bytes, db: bytes = DATA_DB) -> bytes | None:
+        try:
+            with self._env.begin(db=self._dbs[db]) as txn:
+                return txn.get(key)
+        except lmdb.Error as exc:
+            raise StorageError(f"read failed in {str(self.path)!r}: {exc}") from exc
+
+    def get_many(self, keys: Sequence[bytes], db: bytes = DATA_DB) -> list[bytes | None]:
+        try:
+            with self._env.begin(db=self._dbs[db]) as txn:
+                return [txn.get(key) for key in keys]
+        except lmdb.Error as exc:
+            raise StorageError(f"read failed in {str(self.path)!r}: {exc}") from exc
+
+    def iterate(
+        self,
+        *,
+        low: bytes | None,
+        high: bytes | None,
+        reverse: bool,
+        db: bytes = DATA_DB,
+    ) -> Generator[tuple[bytes, bytes], None, None]:
+        """Yield ``(key, value)`` with ``low <= key < high`` in key order (or reversed).
+
+        The generator holds a read transaction until it is exhausted or closed; callers must
+        close it before they yield control (``contextlib.closing``).
+        """
+        try:
+            with self._env.begin(db=self._dbs[db]) as txn, txn.cursor() as cursor:
+                if reverse:
+                    yield from _iterate_reverse(cursor, low, high)
+                else:
+                    yield from _iterate_forward(cursor, low, high)
+        except lmdb.Error as exc:
+            raise StorageError(f"read failed in {str(self.path)!r}: {exc}") from exc
+
+    def count(self, db: bytes = DATA_DB) -> int:
+        with self._env.begin() as txn:
+            return int(txn.stat(self._dbs[db])["entries"])
+
+    # -- writes (writer thread) -----------------------------------------------------------
+
+    def commit(self, batch: CommitBatch) -> None:
+        """Apply ``batch`` in one durable write transaction; return after fsync.
+
+        Raises:
+            StoreFullError: the map is full at its current size (the owner may :meth:`grow`).
+            StorageError: any other LMDB failure or an injected fault; nothing was written.
+        """
+        try:
+            with self._env.begin(write=True) as txn:
+                if batch.cleared:
+                    txn.drop(self._data, delete=False)
+                _apply(txn, self._data, batch.data)
+                for (name, key), value in batch.system.items():
+                    if value is None:
+                        txn.delete(key, db=self._dbs[name])
+                    else:
+                        txn.put(key, value, db=self._dbs[name])
+                if self._hooks.before_commit is not None:
+                    self._hooks.before_commit(self.path)
+        except lmdb.MapFullError as exc:
+            raise StoreFullError(
+                f"store {str(self.path)!r} is full at {self.map_size_bytes} bytes"
+            ) from exc
+        except lmdb.Error as exc:
+            raise StorageError(f"commit failed in {str(self.path)!r}: {exc}") from exc
+        except OSError as exc:
+            raise StorageError(f"commit failed in {str(self.path)!r}: {exc}") from exc
+
+    def grow(self) -> bool:
+        """Double the map size, up to the maximum; False when already at the maximum.
+
+        Only legal when no transaction of this environment is active in the process.
+        """
+        if self.map_size_bytes >= self.map_size_bytes_max:
+            return False
+        size = min(self.map_size_bytes * 2, self.map_size_bytes_max)
+        try:
+            self._env.set_mapsize(size)
+        except lmdb.Error as exc:
+            raise StorageError(f"cannot grow store {str(self.path)!r}: {exc}") from exc
+        self.map_size_bytes = size
+        return True
+
+    def close(self) -> None:
+        self._env.close()
+
+
+def _apply(txn: lmdb.Transaction[bytes], db: object, ops: dict[bytes, bytes | None]) -> None:
+    puts = [(key, value) for key, value in ops.items() if value is not None]
+    if puts:
+        with txn.cursor(db) as cursor:  # type: ignore[arg-type]  # _Database is private in stubs
+            cursor.putmulti(puts)
+    if len(puts) != len(ops):
+        for key, value in ops.items():
+            if value is None:
+                txn.delete(key, db=db)  # type: ignore[arg-type]  # _Database is private in stubs
+
+
+def _iterate_forward(
+    cursor: lmdb.Cursor[bytes], low: bytes | None, high: bytes | None
+) -> Iterator[tuple[bytes, bytes]]:
+    found = cursor.set_range(low) if low is not None else cursor.first()
+    while found:
+        key = cursor.key()
+        if high is not None and key >= high:
+            return
+        yield key, cursor.value()
+        found = cursor.next()
+
+
+def _iterate_reverse(
+    cursor: lmdb.Cursor[bytes], low: bytes | None, high: bytes | None
+) -> Iterator[tuple[bytes, bytes]]:
+    if high is None:
+        found = cursor.last()
+    else:
+        # set_range lands on the first key >= high, which is excluded: step back once.
+        found = cursor.prev() if cursor.set_range(high) else cursor.last()
+    while found:
+        key = cursor.key()
+        if low is not None and key < low:
+            return
+        yield key, cursor.value()
+        found = cursor.prev()
+
+
+def _make_dirs(path: Path) -> list[Path]:
+    """Create ``path`` and missing parents; return the directories created, outermost first."""
+    missing: list[Path] = []
+    current = path
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        directory.mkdir(mode=0o700, exist_ok=True)
+    return list(reversed(missing))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _pow2_at_least(size: int) -> int:
+    result = 1
+    while result < size:
+        result *= 2
+    return result
+
+
+def store_exists(path: Path) -> bool:
+    """Whether a store was ever created at ``path`` (without opening it)."""
+    return (path / DATA_FILE).is_file()
