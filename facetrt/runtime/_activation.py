@@ -60,7 +60,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CLEANUP_SECONDS = 30.0
 _Outcomes = list[tuple["Envelope", outcome.Outcome[Value]]]
 
 
@@ -145,7 +144,10 @@ class Activation:
         finally:
             self.state = ActivationState.DRAINING
             self._supervisor.mark_busy(self)
-            with trio.move_on_after(CLEANUP_SECONDS, shield=True):
+            # Shielded without a deadline on purpose: what remains after the time-bounded
+            # on_deactivate are writer-thread jobs (a commit, the close), which cannot be
+            # abandoned and are bounded by the disk; leaving early would leak an open store.
+            with trio.CancelScope(shield=True):
                 await self._close()
             self.state = ActivationState.STOPPED
             self._supervisor.release(evicted=self._evicted)
@@ -178,16 +180,20 @@ class Activation:
             handled = 0
             if self._stop_requested:
                 return
-            if not self._commit_running:
-                self._supervisor.mark_idle(self)
-                if self._is_stop_requested():  # mark_idle may have evicted this activation
-                    continue  # passivate instead of parking
+            # Idle even with a commit in flight: eviction waits for it before closing.
+            self._supervisor.mark_idle(self)
+            if self._is_stop_requested():  # mark_idle may have evicted this activation
+                continue  # passivate instead of parking
+            if self._commit_running:
+                # Not idle yet: the idle timer starts once the last commit is done (its
+                # completion wakes this wait).
+                await self.mailbox.wait_nonempty()
+                self._supervisor.mark_busy(self)
+                continue
             with trio.move_on_after(self._config.idle_timeout_seconds) as idle:
                 await self.mailbox.wait_nonempty()
             self._supervisor.mark_busy(self)
             if idle.cancelled_caught and not self.mailbox:
-                if self._commit_running:
-                    continue  # not idle: wait for the commit, then time out again
                 return
 
     async def _close(self) -> None:
@@ -409,6 +415,8 @@ class Activation:
         self._release(outcomes, seq)
         if self._accumulated or not self._pending[-1].is_empty():
             self._start_commit()
+        else:
+            self.mailbox.wake()  # the turn loop may now start its idle timer
 
     def _release(self, outcomes: _Outcomes, seq: int) -> None:
         self._durable_seq = seq

@@ -1,0 +1,248 @@
+"""Turn semantics and group commit (SPEC §3): one message at a time, atomic writes, output gate.
+
+Commits are held or failed with the storage layer's ``StoreHooks`` (a real delay or fault in
+the writer thread, not a mock), so the tests can observe what happens while a commit is in
+flight.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+
+from facetrt import (
+    FacetAddress,
+    HandlerError,
+    InternalError,
+    Runtime,
+    RuntimeConfig,
+    open_runtime,
+)
+from facetrt.testing import StoreHooks
+from tests.facets import CLASSES, Gate
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+    from facetrt import Value
+
+TENANT = "acme"
+
+
+class CommitValve:
+    """A before-commit hook that holds (or fails) commits of one facet, on demand."""
+
+    def __init__(self, data_dir: Path, agent_id: str) -> None:
+        self.path = (data_dir / FacetAddress(TENANT, agent_id).relative_path()).resolve()
+        self.closed = False
+        self.fail_next = False
+        self.entered = threading.Event()
+        self._open = threading.Event()
+        self._open.set()
+        self.commits = 0
+
+    def hold(self) -> None:
+        self.entered.clear()
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
+    def __call__(self, path: Path) -> None:
+        if path != self.path:
+            return
+        self.commits += 1
+        self.entered.set()
+        self._open.wait(timeout=30)
+        if self.fail_next:
+            self.fail_next = False
+            raise OSError("injected commit failure")
+
+    async def wait_entered(self) -> None:
+        await trio.to_thread.run_sync(self.entered.wait, 30)
+
+
+@pytest.fixture
+def valve(data_dir: Path) -> CommitValve:
+    return CommitValve(data_dir, "a")
+
+
+@pytest.fixture
+async def vrt(data_dir: Path, config: RuntimeConfig, valve: CommitValve) -> AsyncIterator[Runtime]:
+    hooks = StoreHooks(before_commit=valve)
+    async with open_runtime(data_dir, classes=CLASSES, config=config, store_hooks=hooks) as rt:
+        yield rt
+
+
+async def _call_into(
+    rt: Runtime, results: dict[str, object], name: str, agent: str, method: str, *args: Value
+) -> None:
+    try:
+        results[name] = await rt.call(TENANT, agent, method, *args, cls="Register")
+    except Exception as exc:  # noqa: BLE001 - the test inspects the outcome
+        results[name] = exc
+
+
+async def test_reply_is_not_released_before_its_commit_returns(
+    vrt: Runtime, valve: CommitValve
+) -> None:
+    results: dict[str, object] = {}
+    valve.hold()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_call_into, vrt, results, "put", "a", "put", "k", 1)
+        await valve.wait_entered()
+        # The commit is inside the writer thread, before LMDB's commit: no reply yet.
+        await trio.sleep(0.05)
+        assert results == {}
+        valve.release()
+    assert results == {"put": None}
+    assert await vrt.call(TENANT, "a", "get", "k") == 1
+
+
+async def test_failing_handler_in_a_batch_loses_only_its_own_writes(
+    vrt: Runtime, valve: CommitValve
+) -> None:
+    """Goal: group commit keeps each message all-or-nothing. Method: hold the first commit so
+    the next three messages accumulate into one batch, the middle one raising."""
+    await vrt.call(TENANT, "a", "put", "first", 0, cls="Register")
+    results: dict[str, object] = {}
+    valve.hold()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_call_into, vrt, results, "m0", "a", "put", "m0", 0)
+        await valve.wait_entered()
+        before = vrt.statistics()
+        nursery.start_soon(_call_into, vrt, results, "m1", "a", "put", "x", 1)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(_call_into, vrt, results, "m2", "a", "put_then_fail", "y", 2)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(_call_into, vrt, results, "m3", "a", "put", "z", 3)
+        await trio.testing.wait_all_tasks_blocked()
+        assert results == {}
+        valve.release()
+    after = vrt.statistics()
+    assert results["m1"] is None
+    assert results["m3"] is None
+    assert isinstance(results["m2"], HandlerError)
+    assert results["m2"].type_name == "ValueError"
+    # m0 alone, then m1..m3 in one commit.
+    assert after.commits - before.commits == 2
+    assert after.committed_envelopes - before.committed_envelopes == 4
+    dump = await vrt.call(TENANT, "a", "dump")
+    assert dump == {"first": 0, "m0": 0, "x": 1, "z": 3}
+
+
+async def test_failed_commit_answers_internal_and_resets_the_facet(
+    vrt: Runtime, valve: CommitValve
+) -> None:
+    await vrt.call(TENANT, "a", "put", "kept", 1, cls="Register")
+    results: dict[str, object] = {}
+    valve.hold()
+    valve.fail_next = True
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_call_into, vrt, results, "m0", "a", "put", "lost0", 0)
+        await valve.wait_entered()
+        # Accumulates behind the failing commit and read its writes' layer: must fail too.
+        nursery.start_soon(_call_into, vrt, results, "m1", "a", "put", "lost1", 1)
+        await trio.testing.wait_all_tasks_blocked()
+        valve.release()
+    assert isinstance(results["m0"], InternalError)
+    assert isinstance(results["m1"], InternalError)
+    assert results["m0"].retryable
+    stats = vrt.statistics()
+    assert stats.commit_failures == 1
+    assert stats.resets == 1
+    # The next call re-activates from disk: only acknowledged writes are there.
+    assert await vrt.call(TENANT, "a", "dump") == {"kept": 1}
+    await vrt.call(TENANT, "a", "put", "after", 2)
+    assert await vrt.call(TENANT, "a", "dump") == {"after": 2, "kept": 1}
+
+
+async def test_blocked_handler_keeps_its_facet_closed_while_others_proceed(rt: Runtime) -> None:
+    Gate.events["g1"] = trio.Event()
+    done: list[str] = []
+
+    async def call(name: str, agent: str, method: str, *args: Value) -> None:
+        await rt.call(TENANT, agent, method, *args, cls="Gate")
+        done.append(name)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call, "blocker", "g1", "wait_and_put", "k", "blocked")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(call, "second", "g1", "put", "k", "second")
+        await call("other", "g2", "put", "k", "other")
+        await trio.sleep(0.05)
+        assert done == ["other"]
+        Gate.events["g1"].set()
+    assert done == ["other", "blocker", "second"]
+    assert await rt.call(TENANT, "g1", "get", "k") == "second"
+
+
+async def test_slow_handler_does_not_hold_back_earlier_replies(
+    vrt: Runtime, valve: CommitValve
+) -> None:
+    Gate.events["a"] = trio.Event()
+    results: dict[str, object] = {}
+
+    async def gate_call() -> None:
+        results["slow"] = await vrt.call(TENANT, "a", "wait_and_put", "slow", 1, cls="Gate")
+
+    await vrt.call(TENANT, "a", "put", "k0", 0, cls="Gate")
+    valve.hold()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_gate_put, vrt, results, "k1")
+        await valve.wait_entered()
+        nursery.start_soon(_gate_put, vrt, results, "k2")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(gate_call)
+        await trio.testing.wait_all_tasks_blocked()
+        valve.release()
+        # k1 and k2 commit and answer while the slow handler is still blocked.
+        with trio.fail_after(10):
+            while "k2" not in results:
+                await trio.sleep(0.01)
+        assert "slow" not in results
+        Gate.events["a"].set()
+    assert results == {"k1": None, "k2": None, "slow": None}
+
+
+async def _gate_put(rt: Runtime, results: dict[str, object], key: str) -> None:
+    results[key] = await rt.call(TENANT, "a", "put", key, 1, cls="Gate")
+
+
+async def test_call_leaving_a_facet_waits_for_its_pending_writes(
+    vrt: Runtime, valve: CommitValve, data_dir: Path
+) -> None:
+    """Output gate: a message to another facet leaves only after earlier writes are durable."""
+    await vrt.call(TENANT, "a", "put", "k0", 0, cls="Register")
+    target_dir = data_dir / FacetAddress(TENANT, "b").relative_path()
+    results: dict[str, object] = {}
+    valve.hold()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_call_into, vrt, results, "m0", "a", "put", "k1", 1)
+        await valve.wait_entered()
+        args: list[Value] = ["k2", 2, "b", "put", ["x", 1]]
+        nursery.start_soon(_call_into, vrt, results, "m1", "a", "put_and_call", *args)
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(0.05)
+        assert not target_dir.exists()  # facet b was not reached yet
+        valve.release()
+    assert results == {"m0": None, "m1": None}
+    assert await vrt.call(TENANT, "b", "get", "x") == 1
+
+
+async def test_many_callers_share_commits(rt: Runtime) -> None:
+    async def caller() -> None:
+        for _ in range(20):
+            await rt.call(TENANT, "c", "increment", cls="Counter")
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(32):
+            nursery.start_soon(caller)
+    assert await rt.call(TENANT, "c", "get") == 640
+    stats = rt.statistics()
+    assert stats.committed_envelopes == 640
+    assert stats.commits < 640  # group commit happened
