@@ -59,7 +59,9 @@ class RuntimeConfig(BaseModel):
     idempotency_key_bytes_max: int = Field(
         256, gt=0, le=511, description="Longest idempotency key (UTF-8 bytes)."
     )
-    call_depth_max: int = Field(16, gt=0, le=1024, description="Longest facet-to-facet call chain.")
+    call_depth_max: int = Field(
+        16, gt=0, le=1024, description="Most facet-to-facet hops in one call chain."
+    )
     deactivate_seconds_max: float = Field(
         5.0, gt=0, le=3600, description="Time `on_deactivate` may take before it is cut short."
     )

@@ -472,7 +472,7 @@ class Activation:
         if target in chain:
             path = " -> ".join(str(address) for address in (*chain, target))
             raise ReentrancyError(f"call would re-enter a facet on its own call chain: {path}")
-        if len(chain) >= self._config.call_depth_max:
+        if len(chain) > self._config.call_depth_max:
             raise BadRequestError(f"call chain longer than {self._config.call_depth_max}")
         await self.wait_durable()
         return await self._core.call(

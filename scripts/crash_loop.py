@@ -1,0 +1,93 @@
+"""Crash loop: SIGKILL the embedded runtime hundreds of times; nothing acknowledged may be lost.
+
+    .venv/bin/python scripts/crash_loop.py --cycles 300 [--seed N] [--dir D]
+
+Each cycle is the one of ``tests/crash/test_crash_safety.py``: a child process drives concurrent
+durable increments on Counter facets, is killed with SIGKILL at a random moment, and the parent
+verifies every LMDB file and checks every counter against the child's acknowledgement log. State
+accumulates in one data directory across cycles (and across runs given the same ``--dir``).
+
+Prints progress, then one summary line; exits 1 at the first cycle with a problem, keeping the
+directory for inspection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from tests.crash import CrashConfig, CrashHarness  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--cycles", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    parser.add_argument(
+        "--dir", type=Path, default=None, help="work directory (default: a temporary one)"
+    )
+    parser.add_argument("--facets", type=int, default=CrashConfig().facets)
+    parser.add_argument("--progress-every", type=int, default=10, help="cycles per progress line")
+    options = parser.parse_args()
+
+    seed = options.seed if options.seed is not None else random.SystemRandom().randrange(2**32)
+    work_dir = options.dir or Path(tempfile.mkdtemp(prefix="facetrt-crash-"))
+    print(f"crash loop: seed {seed}, work dir {work_dir}", flush=True)
+    started = time.perf_counter()
+    harness = CrashHarness(work_dir, random.Random(seed), CrashConfig(facets=options.facets))
+
+    acknowledged = lost = verified = cycles = 0
+    failed = False
+    for cycles in range(1, options.cycles + 1):
+        report = harness.run_cycle()
+        acknowledged += report.acknowledged
+        lost += report.lost
+        verified += report.verified
+        if report.problems:
+            failed = True
+            print(
+                f"cycle {report.cycle} FAILED (killed after {report.kill_after_seconds:.3f} s, "
+                f"{report.tasks} tasks per facet):"
+            )
+            for problem in report.problems:
+                print(f"  {problem}")
+            break
+        if cycles % options.progress_every == 0 or cycles == options.cycles:
+            print(
+                f"cycle {cycles}/{options.cycles}: +{report.acknowledged} acknowledged "
+                f"(killed after {report.kill_after_seconds:.3f} s, {report.tasks} tasks/facet), "
+                f"total {acknowledged}, counters sum {sum(harness.values.values())}, "
+                f"{time.perf_counter() - started:.1f} s",
+                flush=True,
+            )
+    stores, problems = harness.verify_all()
+    for problem in problems:
+        failed = True
+        print(f"final verification: {problem}")
+    elapsed = time.perf_counter() - started
+    print(
+        f"crash loop summary: {cycles} cycles, {acknowledged} acknowledged increments, "
+        f"{lost} acknowledged writes lost, {verified} environments verified after kills "
+        f"and {stores} at the end, {elapsed:.1f} s elapsed (seed {seed})"
+    )
+    if failed:
+        print(f"work dir kept for inspection: {work_dir}")
+        return 1
+    if options.dir is None:
+        shutil.rmtree(work_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Facet-to-facet calls, re-entrancy detection and idempotency keys (SPEC §3)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+
+from facetrt import (
+    BadRequestError,
+    ErrorCode,
+    Facet,
+    ReentrancyError,
+    RuntimeConfig,
+    open_runtime,
+    rpc,
+)
+from tests.facets import CLASSES
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from facetrt import Runtime
+
+TENANT = "acme"
+
+
+class Tally(Facet):
+    """Counts how often its handler really ran, in storage."""
+
+    @rpc
+    async def add(self, by: int) -> dict[str, int]:
+        runs = self.storage.get("runs", 0)
+        total = self.storage.get("total", 0)
+        assert isinstance(runs, int)
+        assert isinstance(total, int)
+        self.storage.put_many({"runs": runs + 1, "total": total + by})
+        return {"runs": runs + 1, "total": total + by}
+
+    @rpc
+    async def fail(self) -> None:
+        self.storage.put("runs", -1)
+        raise RuntimeError("no")
+
+    @rpc
+    async def runs(self) -> int:
+        value = self.storage.get("runs", 0)
+        assert isinstance(value, int)
+        return value
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_facet_calls_another_facet_of_its_tenant(rt: Runtime) -> None:
+    result = await rt.call(TENANT, "a", "call", "b", "increment", [5], "Counter", cls="Register")
+    assert result == 5
+    assert await rt.call(TENANT, "b", "get") == 5
+    with pytest.raises(Exception, match="does not exist"):
+        await rt.call("other", "b", "get")  # same agent id, other tenant: another facet
+
+
+async def test_calling_itself_is_reentrancy(rt: Runtime) -> None:
+    with pytest.raises(ReentrancyError) as info:
+        await rt.call(TENANT, "a", "call", "a", "get", ["k"], None, cls="Register")
+    assert info.value.code is ErrorCode.REENTRANCY
+
+
+async def test_cycle_through_another_facet_is_reentrancy_not_deadlock(rt: Runtime) -> None:
+    await rt.call(TENANT, "b", "put", "k", 1, cls="Register")
+    # a -> b -> a: b's call back into a fails at once; the error reaches the caller.
+    with pytest.raises(ReentrancyError, match="acme/a -> acme/b -> acme/a"):
+        await rt.call(
+            TENANT, "a", "call", "b", "call", ["a", "get", ["k"], None], None, cls="Register"
+        )
+    # Both facets still work.
+    assert await rt.call(TENANT, "a", "call", "b", "get", ["k"], None) == 1
+
+
+async def test_call_chains_are_bounded(data_dir: Path) -> None:
+    config = RuntimeConfig(call_depth_max=3, commit_threads=2)
+    async with open_runtime(data_dir, classes=CLASSES, config=config) as rt:
+        await rt.call(TENANT, "d", "put", "k", 1, cls="Register")
+        chain: list[object] = ["d", "get", ["k"], None]
+        for agent in ["c", "b"]:
+            chain = [agent, "call", chain, "Register"]
+        assert await rt.call(TENANT, "a", "call", *chain, cls="Register") == 1  # type: ignore[arg-type]
+        chain = ["z", "call", chain, "Register"]
+        with pytest.raises(BadRequestError, match="call chain"):
+            await rt.call(TENANT, "y", "call", *chain, cls="Register")  # type: ignore[arg-type]
+
+
+async def test_idempotent_call_runs_once_and_survives_restart(data_dir: Path) -> None:
+    classes = {"Tally": Tally}
+    async with open_runtime(data_dir, classes=classes) as rt:
+        first = await rt.call(TENANT, "t", "add", 5, cls="Tally", idempotency_key="op-1")
+        again = await rt.call(TENANT, "t", "add", 5, cls="Tally", idempotency_key="op-1")
+        assert first == again == {"runs": 1, "total": 5}
+        assert await rt.call(TENANT, "t", "runs") == 1
+    async with open_runtime(data_dir, classes=classes) as rt:
+        after_restart = await rt.call(TENANT, "t", "add", 5, idempotency_key="op-1")
+        assert after_restart == {"runs": 1, "total": 5}
+        assert await rt.call(TENANT, "t", "runs") == 1
+        other = await rt.call(TENANT, "t", "add", 5, idempotency_key="op-2")
+        assert other == {"runs": 2, "total": 10}
+
+
+async def test_idempotency_key_for_another_method_is_refused(data_dir: Path) -> None:
+    async with open_runtime(data_dir, classes={"Tally": Tally}) as rt:
+        await rt.call(TENANT, "t", "add", 1, cls="Tally", idempotency_key="k")
+        with pytest.raises(BadRequestError, match="idempotency key"):
+            await rt.call(TENANT, "t", "runs", idempotency_key="k")
+
+
+async def test_failed_idempotent_call_is_not_remembered(data_dir: Path) -> None:
+    async with open_runtime(data_dir, classes={"Tally": Tally}) as rt:
+        for _ in range(2):
+            with pytest.raises(Exception, match="RuntimeError"):
+                await rt.call(TENANT, "t", "fail", cls="Tally", idempotency_key="f")
+        assert await rt.call(TENANT, "t", "runs") == 0
+
+
+async def test_idempotent_results_expire_after_retention(data_dir: Path) -> None:
+    clock = Clock()
+    config = RuntimeConfig(idempotency_retention_seconds=60, commit_threads=2)
+    async with open_runtime(
+        data_dir, classes={"Tally": Tally}, config=config, wall_clock=clock
+    ) as rt:
+        await rt.call(TENANT, "t", "add", 1, cls="Tally", idempotency_key="k")
+        clock.now += 59
+        assert await rt.call(TENANT, "t", "add", 1, idempotency_key="k") == {"runs": 1, "total": 1}
+        clock.now += 2
+        assert await rt.call(TENANT, "t", "add", 1, idempotency_key="k") == {"runs": 2, "total": 2}
+
+
+async def test_concurrent_duplicates_run_once(data_dir: Path) -> None:
+    import trio
+
+    results: list[object] = []
+    async with open_runtime(data_dir, classes={"Tally": Tally}) as rt:
+
+        async def add() -> None:
+            results.append(await rt.call(TENANT, "t", "add", 3, cls="Tally", idempotency_key="x"))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(10):
+                nursery.start_soon(add)
+        assert results == [{"runs": 1, "total": 3}] * 10
+        assert await rt.call(TENANT, "t", "runs") == 1
