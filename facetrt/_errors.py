@@ -66,6 +66,18 @@ class ConfigError(BadRequestError, ValueError):
     """Raised at startup when settings are invalid (bad values, data directory locked)."""
 
 
+class ProtocolError(BadRequestError):
+    """A wire-protocol violation; never raised directly (see the two subclasses)."""
+
+
+class LocalProtocolError(ProtocolError):
+    """Raised when we tried to send something the protocol does not allow: a bug."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """Raised when the peer sent something illegal; that connection must be closed."""
+
+
 class UnauthorizedError(FacetrtError):
     """Raised when a credential is missing or wrong."""
 

@@ -1,0 +1,196 @@
+"""Connection: the sans-IO protocol state machine for one side of one connection.
+
+States::
+
+    HANDSHAKE --hello/welcome--> OPEN --bye (either way)--> CLOSING --EOF--> CLOSED
+        \\______________ any violation (either way) ______________________--> ERROR
+
+Rules:
+- The client's first frame is ``hello``; the server answers ``welcome`` (then OPEN) or a
+  connection-level ``error`` (id nil) and closes. Nothing else is legal before OPEN.
+- When OPEN, clients send ``call``, ``ping``, ``pong`` and ``bye``; servers send ``result``,
+  ``error``, ``ping``, ``pong`` and ``bye``. Replies may come in any order.
+- A server never has two calls in flight with the same id; it tracks the ids it owes a reply
+  (``calls_in_flight``), which the I/O adapter bounds by not reading further (TCP backpressure).
+- After ``bye`` from a peer no new calls are accepted from it; pending replies still flow.
+- After any :class:`ProtocolError` the state is ERROR for good.
+
+No I/O, no clock, no trio: ``receive_data`` takes bytes (``b""`` is EOF), ``next_event``
+returns an event, :data:`NEED_DATA` or a :class:`Closed`, and ``send`` returns bytes to write.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Final, final
+
+from .._errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from ._events import (
+    Bye,
+    Call,
+    ErrorReply,
+    Event,
+    Hello,
+    Ping,
+    Pong,
+    Result,
+    Welcome,
+    from_body,
+    to_body,
+)
+from ._framing import FRAME_BYTES_MAX_DEFAULT, FrameDecoder, encode_frame
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class State(enum.Enum):
+    HANDSHAKE = "handshake"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+    ERROR = "error"
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA: Final = _NeedData()
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """The peer closed the stream (EOF)."""
+
+
+_CLIENT_SENDS = (Call, Ping, Pong, Bye)
+_SERVER_SENDS = (Result, ErrorReply, Ping, Pong, Bye)
+
+
+@final
+class Connection:
+    """One side of a facetrt protocol connection."""
+
+    def __init__(self, role: Role, *, frame_bytes_max: int = FRAME_BYTES_MAX_DEFAULT) -> None:
+        self.role = role
+        self.state = State.HANDSHAKE
+        self.frame_bytes_max = frame_bytes_max
+        self.peer_said_bye = False
+        self._decoder = FrameDecoder(frame_bytes_max)
+        self._eof = False
+        self._in_flight: set[int] = set()
+
+    @property
+    def calls_in_flight(self) -> int:
+        return len(self._in_flight)
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._decoder.buffered_bytes
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes read from the stream; ``b""`` means the peer closed it."""
+        if self.state is State.ERROR:
+            raise RemoteProtocolError("connection already failed")
+        if data:
+            if self._eof:
+                raise RemoteProtocolError("data after EOF")
+            self._decoder.feed(data)
+        else:
+            self._eof = True
+
+    def next_event(self) -> Event | _NeedData | Closed:
+        """The next event from the peer.
+
+        Raises:
+            RemoteProtocolError: the peer broke the protocol; close the connection.
+        """
+        if self.state is State.ERROR:
+            raise RemoteProtocolError("connection already failed")
+        try:
+            body = self._decoder.next_body()
+            if body is None:
+                if self._eof:
+                    if self._decoder.buffered_bytes:
+                        raise RemoteProtocolError("connection closed in the middle of a frame")
+                    self.state = State.CLOSED
+                    return Closed()
+                return NEED_DATA
+            event = from_body(body)
+            self._check_received(event)
+        except ProtocolError:
+            self.state = State.ERROR
+            raise
+        return event
+
+    def _check_received(self, event: Event) -> None:
+        if self.state is State.HANDSHAKE:
+            if self.role is Role.SERVER and isinstance(event, Hello):
+                return
+            if self.role is Role.CLIENT and isinstance(event, Welcome):
+                self.state = State.OPEN
+                return
+            if self.role is Role.CLIENT and isinstance(event, ErrorReply) and event.id is None:
+                return
+            raise RemoteProtocolError(f"{type(event).__name__} before the handshake completed")
+        allowed = _SERVER_SENDS if self.role is Role.CLIENT else _CLIENT_SENDS
+        if not isinstance(event, allowed):
+            raise RemoteProtocolError(f"{type(event).__name__} is not allowed from the peer")
+        if isinstance(event, Bye):
+            self.peer_said_bye = True
+            self.state = State.CLOSING
+        elif isinstance(event, Call):
+            if self.peer_said_bye:
+                raise RemoteProtocolError("call after bye")
+            if event.id in self._in_flight:
+                raise RemoteProtocolError(f"call id {event.id} is already in flight")
+            self._in_flight.add(event.id)
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def send(self, event: Event) -> bytes:
+        """The bytes that carry ``event`` to the peer.
+
+        Raises:
+            LocalProtocolError: the protocol does not allow sending ``event`` now.
+        """
+        if self.state is State.ERROR:
+            raise LocalProtocolError("connection already failed")
+        self._check_sent(event)
+        data = encode_frame(to_body(event))
+        if len(data) - 4 > self.frame_bytes_max:
+            raise LocalProtocolError(
+                f"frame of {len(data) - 4} bytes exceeds the limit of {self.frame_bytes_max}"
+            )
+        return data
+
+    def _check_sent(self, event: Event) -> None:
+        if self.state is State.HANDSHAKE:
+            if self.role is Role.CLIENT and isinstance(event, Hello):
+                return
+            if self.role is Role.SERVER and isinstance(event, Welcome):
+                self.state = State.OPEN
+                return
+            if self.role is Role.SERVER and isinstance(event, ErrorReply) and event.id is None:
+                return
+            raise LocalProtocolError(f"cannot send {type(event).__name__} before the handshake")
+        allowed = _CLIENT_SENDS if self.role is Role.CLIENT else _SERVER_SENDS
+        if not isinstance(event, allowed):
+            raise LocalProtocolError(f"a {self.role.value} cannot send {type(event).__name__}")
+        if isinstance(event, Bye):
+            self.state = State.CLOSING
+        elif isinstance(event, (Result, ErrorReply)) and event.id is not None:
+            if event.id not in self._in_flight:
+                raise LocalProtocolError(f"reply to call id {event.id}, which is not in flight")
+            self._in_flight.discard(event.id)
+
+    def send_failed(self) -> None:
+        """The stream broke while sending: nothing more can be sent or received."""
+        self.state = State.ERROR

@@ -1,0 +1,116 @@
+"""Frames: a 4-byte big-endian length, then that many bytes of one msgpack map.
+
+Layout::
+
+    +----------------+---------------------------------+
+    | length (u32 BE)| body: msgpack map, `length` bytes|
+    +----------------+---------------------------------+
+
+Rules and limits (why):
+- ``length`` is checked against ``frame_bytes_max`` *before* any body byte is buffered, so a
+  hostile peer cannot make us allocate more than the limit. A zero length is a violation.
+- The body is decoded with ``raw=False`` (str is UTF-8), ``strict_map_key=True`` (map keys are
+  str or bytes), no extension types (``ext_hook`` refuses them) and str/bin/array/map limits
+  equal to the frame limit; the input is one already size-checked frame, so decoding can never
+  expand past a bounded multiple of it.
+- Any decode failure is a :class:`RemoteProtocolError`: msgpack raises more than
+  ``UnpackException`` (ValueError, TypeError, OverflowError, ...), so this one boundary catches
+  ``Exception``.
+
+No sockets, no clocks, no trio here.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final
+
+import msgpack
+
+from .._errors import RemoteProtocolError
+
+HEADER: Final = struct.Struct(">I")
+HEADER_BYTES: Final = HEADER.size
+FRAME_BYTES_MAX_DEFAULT: Final = 4 * 1024 * 1024
+
+
+def _refuse_ext(code: int, data: bytes) -> object:
+    raise ValueError(f"msgpack extension type {code} is not allowed")
+
+
+def encode_frame(body: dict[str, object]) -> bytes:
+    """One frame holding ``body``; the caller checks the size against the peer's limit."""
+    payload: bytes = msgpack.packb(body, use_bin_type=True)
+    return HEADER.pack(len(payload)) + payload
+
+
+class FrameDecoder:
+    """Incremental frame decoder: feed bytes, take decoded bodies.
+
+    Args:
+        frame_bytes_max: the largest body accepted.
+    """
+
+    def __init__(self, frame_bytes_max: int = FRAME_BYTES_MAX_DEFAULT) -> None:
+        self.frame_bytes_max = frame_bytes_max
+        self._buffer = bytearray()
+        self._offset = 0
+
+    @property
+    def buffered_bytes(self) -> int:
+        return len(self._buffer) - self._offset
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def next_body(self) -> dict[str, object] | None:
+        """The next complete frame's decoded body, or None if more bytes are needed.
+
+        Raises:
+            RemoteProtocolError: bad length, undecodable body, or a body that is not a map.
+        """
+        available = len(self._buffer) - self._offset
+        if available < HEADER_BYTES:
+            self._compact()
+            return None
+        (length,) = HEADER.unpack_from(self._buffer, self._offset)
+        if length == 0 or length > self.frame_bytes_max:
+            raise RemoteProtocolError(
+                f"frame length {length} outside 1..{self.frame_bytes_max} bytes"
+            )
+        if available < HEADER_BYTES + length:
+            self._compact()
+            return None
+        start = self._offset + HEADER_BYTES
+        payload = bytes(self._buffer[start : start + length])
+        self._offset = start + length
+        body = self._decode(payload)
+        if not isinstance(body, dict):
+            raise RemoteProtocolError(
+                f"frame body must be a msgpack map, got {type(body).__name__}"
+            )
+        return body
+
+    def _decode(self, payload: bytes) -> object:
+        limit = self.frame_bytes_max
+        try:
+            return msgpack.unpackb(
+                payload,
+                raw=False,
+                strict_map_key=True,
+                use_list=True,
+                ext_hook=_refuse_ext,
+                max_str_len=limit,
+                max_bin_len=limit,
+                max_array_len=limit,
+                max_map_len=limit,
+                max_ext_len=0,
+            )
+        except Exception as exc:
+            raise RemoteProtocolError(f"undecodable frame body: {exc}") from exc
+
+    def _compact(self) -> None:
+        # Drop consumed bytes once they dominate, so the buffer stays bounded by one frame.
+        if self._offset and self._offset * 2 >= len(self._buffer):
+            del self._buffer[: self._offset]
+            self._offset = 0
