@@ -71,7 +71,10 @@ def encode_value(value: object, *, bytes_max: int, what: str = "value") -> bytes
         BadRequestError: not a msgpack value, or too large.
     """
     check_value(value, what)
-    data: bytes = msgpack.packb(value, use_bin_type=True)
+    try:
+        data: bytes = msgpack.packb(value, use_bin_type=True)
+    except UnicodeEncodeError as exc:  # a str with lone surrogates has no UTF-8 form
+        raise BadRequestError(f"{what}: a string is not valid Unicode ({exc.reason})") from None
     if len(data) > bytes_max:
         raise BadRequestError(f"{what}: {len(data)} bytes encoded, over the limit of {bytes_max}")
     return data

@@ -6,6 +6,7 @@ Every field has a default, a unit suffix and bounds: an unbounded queue or buffe
 from __future__ import annotations
 
 import tomllib
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -13,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ._errors import ConfigError
 
 if TYPE_CHECKING:
-    from pathlib import Path
+    from collections.abc import Mapping
 
 MIB = 1024 * 1024
 
@@ -68,6 +69,108 @@ class RuntimeConfig(BaseModel):
     shutdown_grace_seconds: float = Field(
         10.0, ge=0, le=3600, description="Time queued work may drain on close before it fails."
     )
+
+
+class ServerConfig(BaseModel):
+    """The daemon's network surfaces and their limits."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    listen: str = Field("127.0.0.1:7420", description="HOST:PORT of the msgpack TCP protocol.")
+    http: str | None = Field(
+        "127.0.0.1:7421", description="HOST:PORT of the HTTP gateway; empty disables it."
+    )
+    connections_max: int = Field(1024, gt=0, le=1_000_000, description="Open TCP connections.")
+    calls_in_flight_max: int = Field(
+        256, gt=0, le=100_000, description="Calls in flight per connection before reads pause."
+    )
+    frame_bytes_max: int = Field(
+        4 * MIB, ge=1024, le=256 * MIB, description="Largest frame body either way."
+    )
+    handshake_seconds: float = Field(10.0, gt=0, le=600, description="Time to send `hello`.")
+    frame_seconds: float = Field(
+        30.0, gt=0, le=3600, description="Time to finish a frame once its first byte arrived."
+    )
+    http_body_bytes_max: int = Field(
+        4 * MIB, ge=1024, le=256 * MIB, description="Largest HTTP request body."
+    )
+    auth_failures_free: int = Field(
+        5, ge=0, le=1000, description="Failed authentications per peer before slowing down."
+    )
+    auth_delay_seconds_max: float = Field(
+        5.0, ge=0, le=60, description="Longest delay imposed after repeated auth failures."
+    )
+    tls_cert_file: Path | None = Field(None, description="PEM certificate: enables TLS on TCP.")
+    tls_key_file: Path | None = Field(None, description="PEM private key for tls_cert_file.")
+
+
+EXAMPLE_CLASSES = {
+    "Counter": "facetrt.examples:Counter",
+    "AgentMemory": "facetrt.examples:AgentMemory",
+}
+
+
+class DaemonConfig(BaseModel):
+    """Everything `facetrt serve` needs; every field has a working default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data_dir: Path = Field(Path("facetrt-data"), description="Where all state lives.")
+    classes: dict[str, str] = Field(
+        default_factory=lambda: dict(EXAMPLE_CLASSES),
+        description="Facet class name -> 'module:attribute'.",
+    )
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+
+
+def load_daemon_config(
+    path: Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> DaemonConfig:
+    """Load settings: defaults < TOML file < ``FACETRT_*`` environment < ``overrides`` (flags).
+
+    Environment variables name a field by its path, sections joined with ``__``:
+    ``FACETRT_DATA_DIR``, ``FACETRT_SERVER__LISTEN``, ``FACETRT_RUNTIME__IDLE_TIMEOUT_SECONDS``.
+    Values are parsed as TOML values when they parse (numbers, booleans), else taken as text.
+
+    Raises:
+        ConfigError: unreadable file, bad TOML or invalid settings.
+    """
+    data: dict[str, object] = {}
+    try:
+        if path is not None:
+            data = tomllib.loads(path.read_text())
+        for name, raw in (environ or {}).items():
+            if not name.startswith("FACETRT_") or name == "FACETRT_CONFIG":
+                continue
+            parts = name.removeprefix("FACETRT_").lower().split("__")
+            _set_path(data, parts, _parse_scalar(raw))
+        for dotted, value in (overrides or {}).items():
+            if value is not None:
+                _set_path(data, dotted.split("."), value)
+        return DaemonConfig.model_validate(data)
+    except (OSError, tomllib.TOMLDecodeError, ValidationError, TypeError) as exc:
+        where = f" {str(path)!r}" if path else ""
+        raise ConfigError(f"invalid configuration{where}: {exc}") from exc
+
+
+def _parse_scalar(raw: str) -> object:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _set_path(data: dict[str, object], parts: list[str], value: object) -> None:
+    for part in parts[:-1]:
+        child = data.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise TypeError(f"setting {'.'.join(parts)!r} conflicts with a value")
+        data = child
+    data[parts[-1]] = value
 
 
 def load_runtime_config(path: Path) -> RuntimeConfig:

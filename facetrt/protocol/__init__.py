@@ -5,6 +5,7 @@ from __future__ import annotations
 from ._connection import NEED_DATA as NEED_DATA
 from ._connection import Closed as Closed
 from ._connection import Connection as Connection
+from ._connection import NeedData as NeedData
 from ._connection import Role as Role
 from ._connection import State as State
 from ._events import PROTOCOL_VERSION as PROTOCOL_VERSION
@@ -33,6 +34,7 @@ __all__ = [
     "Event",
     "FrameDecoder",
     "Hello",
+    "NeedData",
     "Ping",
     "Pong",
     "Result",

@@ -55,12 +55,12 @@ class State(enum.Enum):
     ERROR = "error"
 
 
-class _NeedData:
+class NeedData:
     def __repr__(self) -> str:
         return "NEED_DATA"
 
 
-NEED_DATA: Final = _NeedData()
+NEED_DATA: Final = NeedData()
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +95,7 @@ class Connection:
 
     # -- receiving -------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Feed bytes read from the stream; ``b""`` means the peer closed it."""
         if self.state is State.ERROR:
             raise RemoteProtocolError("connection already failed")
@@ -106,7 +106,7 @@ class Connection:
         else:
             self._eof = True
 
-    def next_event(self) -> Event | _NeedData | Closed:
+    def next_event(self) -> Event | NeedData | Closed:
         """The next event from the peer.
 
         Raises:

@@ -60,7 +60,7 @@ class FrameDecoder:
     def buffered_bytes(self) -> int:
         return len(self._buffer) - self._offset
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         self._buffer += data
 
     def next_body(self) -> dict[str, object] | None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from functools import partial
 from typing import TYPE_CHECKING, final
 
@@ -96,6 +97,7 @@ class Activation:
         self._pending: list[Layer] = [Layer()]
         self._accumulated: _Outcomes = []
         self._commit_running = False
+        self._commit_started = 0.0
         self._completed_seq = 0
         self._durable_seq = 0
         self._durable_lot = trio.lowlevel.ParkingLot()
@@ -249,6 +251,8 @@ class Activation:
     async def _run_message(self, envelope: Envelope) -> outcome.Outcome[Value]:
         storage = self._storage
         assert storage is not None
+        if envelope.internal:
+            return outcome.Value(self._inspect())
         try:
             facet = await self._facet_for(envelope)
             if envelope.method not in facet.rpc_methods:
@@ -283,6 +287,24 @@ class Activation:
             )
         self._pending[-1].absorb(layer)
         return outcome.Value(decode_value(encoded))
+
+    def _inspect(self) -> Value:
+        """What an operator sees of this facet (no stored values)."""
+        store = self._store
+        assert store is not None
+        created = store.get(b"created", META_DB)
+        return {
+            "tenant": self.address.tenant_id,
+            "agent": self.address.agent_id,
+            "class": self._bound_class,
+            "created": None if created is None else decode_value(created),
+            "keys": store.count(),
+            "idempotency_records": store.count(IDEM_DB),
+            "map_size_bytes": store.map_size_bytes,
+            "map_size_bytes_max": store.map_size_bytes_max,
+            "mailbox_depth": len(self.mailbox),
+            "commit_running": self._commit_running,
+        }
 
     async def _facet_for(self, envelope: Envelope) -> Facet:
         """The facet instance for ``envelope``, binding and activating it if needed."""
@@ -386,6 +408,7 @@ class Activation:
 
     def _submit(self, layer: Layer, outcomes: _Outcomes, seq: int) -> None:
         assert self._store is not None
+        self._commit_started = time.perf_counter()
         self._core.workers.submit(
             partial(self._store.commit, layer.to_batch()),
             partial(self._commit_done, layer, outcomes, seq),
@@ -410,6 +433,7 @@ class Activation:
         counters = self._core.counters
         counters.commits += 1
         counters.committed_envelopes += len(outcomes)
+        counters.commit_seconds += time.perf_counter() - self._commit_started
         removed = self._pending.pop(0)
         assert removed is layer
         self._release(outcomes, seq)

@@ -14,7 +14,9 @@ from ._mailbox import Envelope
 from ._reply import ReplySlot
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable, Mapping, Sequence
+
+    import outcome
 
     from .._ids import FacetAddress
     from ..config import RuntimeConfig
@@ -34,6 +36,7 @@ class Counters:
     resets: int = 0
     commits: int = 0
     committed_envelopes: int = 0
+    commit_seconds: float = 0.0
     commit_failures: int = 0
     map_grows: int = 0
     deactivations_cut_short: int = 0
@@ -68,7 +71,7 @@ class RuntimeCore:
         self,
         address: FacetAddress,
         method: str,
-        args: tuple[object, ...] | list[object],
+        args: Sequence[object],
         kwargs: Mapping[str, object],
         *,
         cls: str | None,
@@ -82,6 +85,32 @@ class RuntimeCore:
 
         Raises:
             FacetrtError: the call's outcome, with its code.
+        """
+        reply = self.submit(
+            address, method, args, kwargs, cls=cls, idempotency_key=idempotency_key, chain=chain
+        )
+        return await reply.wait()
+
+    def submit(
+        self,
+        address: FacetAddress,
+        method: str,
+        args: Sequence[object],
+        kwargs: Mapping[str, object],
+        *,
+        cls: str | None,
+        idempotency_key: str | None,
+        chain: tuple[FacetAddress, ...],
+        callback: Callable[[outcome.Outcome[Value]], None] | None = None,
+        internal: bool = False,
+    ) -> ReplySlot:
+        """Queue one message without waiting; never checkpoints.
+
+        The outcome goes to ``callback`` (on the loop thread) or to whoever awaits the returned
+        slot. Setting ``abandoned`` on the slot before the message starts skips it.
+
+        Raises:
+            FacetrtError: refused before queueing (bad input, not found, overloaded, closing).
         """
         if self.stopped or (self.closing and not chain):
             raise UnavailableError("runtime is closing")
@@ -103,13 +132,14 @@ class RuntimeCore:
             cls=cls,
             idempotency_key=idempotency_key,
             chain=chain,
-            reply=ReplySlot(),
+            reply=ReplySlot(callback),
             enqueued_at=trio.current_time(),
+            internal=internal,
         )
         assert self.router is not None
         self.counters.calls += 1
         self.router.submit(address, envelope)
-        return await envelope.reply.wait()
+        return envelope.reply
 
     def _check_idempotency_key(self, key: object) -> None:
         limit = self.config.idempotency_key_bytes_max

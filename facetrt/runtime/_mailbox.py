@@ -33,6 +33,7 @@ class Envelope:
     chain: tuple[FacetAddress, ...]
     reply: ReplySlot
     enqueued_at: float
+    internal: bool = False  # an operator's inspection, not a facet message
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, final
 import trio
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import outcome
 
     from .._values import Value
@@ -25,11 +27,14 @@ class ReplySlot:
     and commits, so a cancelled call may or may not have taken effect.
     """
 
-    __slots__ = ("_outcome", "_task", "abandoned")
+    __slots__ = ("_callback", "_outcome", "_task", "abandoned")
 
-    def __init__(self) -> None:
+    def __init__(self, callback: Callable[[outcome.Outcome[Value]], None] | None = None) -> None:
         self._outcome: outcome.Outcome[Value] | None = None
         self._task: trio.lowlevel.Task | None = None
+        # A callback instead of a waiting task: the server's batched path answers a call
+        # without a task per call. It runs on the loop thread and must not raise.
+        self._callback = callback
         self.abandoned = False
 
     @property
@@ -39,7 +44,9 @@ class ReplySlot:
     def set(self, result: outcome.Outcome[Value]) -> None:
         assert self._outcome is None, "reply set twice"
         self._outcome = result
-        if self._task is not None:
+        if self._callback is not None:
+            self._callback(result)
+        elif self._task is not None:
             task, self._task = self._task, None
             trio.lowlevel.reschedule(task, result)
 

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, final
 
 import trio
 
-from .._errors import ConfigError
-from .._ids import FacetAddress
+from .._errors import ConfigError, NotFoundError
+from .._ids import FacetAddress, validate_tenant_id
 from ..config import RuntimeConfig
 from ..storage import DataDirLock, StoreHooks, StoreRegistry
 from ._core import RuntimeCore
@@ -44,6 +44,7 @@ class RuntimeStatistics:
     resets: int
     commits: int
     committed_envelopes: int
+    commit_seconds: float
     commit_failures: int
     map_grows: int
     deactivations_cut_short: int
@@ -62,6 +63,11 @@ class Runtime:
     @property
     def config(self) -> RuntimeConfig:
         return self._core.config
+
+    @property
+    def core(self) -> RuntimeCore:
+        """Internal: the runtime's core, for facetrt's own server (the batched call path)."""
+        return self._core
 
     async def call(
         self,
@@ -92,6 +98,38 @@ class Runtime:
             address, method, args, kwargs, cls=cls, idempotency_key=idempotency_key, chain=()
         )
 
+    async def inspect(self, tenant: str, agent_id: str) -> dict[str, Value]:
+        """An operator's view of one facet: class, key count, map size, mailbox depth.
+
+        Goes through the facet's mailbox like a message (so it sees a consistent state and
+        activates the facet if needed); it never returns stored values.
+
+        Raises:
+            NotFoundError: the facet does not exist.
+        """
+        address = FacetAddress(tenant, agent_id)
+        reply = self._core.submit(
+            address, "inspect", (), {}, cls=None, idempotency_key=None, chain=(), internal=True
+        )
+        result = await reply.wait()
+        assert isinstance(result, dict)
+        if result["class"] is None:
+            raise NotFoundError(f"facet {str(address)!r} does not exist")
+        return result
+
+    def list_facets(
+        self, tenant: str, *, cursor: str | None = None, limit: int = 100
+    ) -> tuple[list[str], str | None]:
+        """A page of the agent ids of ``tenant``'s facets, without opening them.
+
+        Returns:
+            (agent ids, the cursor of the next page or None at the end).
+        """
+        validate_tenant_id(tenant)
+        page = self._core.registry.list_facets(tenant, start_after=cursor, limit=limit)
+        next_cursor = page[-1][0] if len(page) == limit else None
+        return [agent for _, agent in page], next_cursor
+
     def statistics(self) -> RuntimeStatistics:
         counters = self._core.counters
         return RuntimeStatistics(
@@ -104,6 +142,7 @@ class Runtime:
             resets=counters.resets,
             commits=counters.commits,
             committed_envelopes=counters.committed_envelopes,
+            commit_seconds=counters.commit_seconds,
             commit_failures=counters.commit_failures,
             map_grows=counters.map_grows,
             deactivations_cut_short=counters.deactivations_cut_short,

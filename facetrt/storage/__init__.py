@@ -11,6 +11,9 @@ from ._store import META_DB as META_DB
 from ._store import CommitBatch as CommitBatch
 from ._store import FacetStore as FacetStore
 from ._store import StoreHooks as StoreHooks
+from ._system import KeyRecord as KeyRecord
+from ._system import Principal as Principal
+from ._system import SystemStore as SystemStore
 
 __all__ = [
     "DATA_DB",
@@ -20,6 +23,9 @@ __all__ = [
     "CommitBatch",
     "DataDirLock",
     "FacetStore",
+    "KeyRecord",
+    "Principal",
     "StoreHooks",
     "StoreRegistry",
+    "SystemStore",
 ]

@@ -9,16 +9,17 @@ one (SPEC §6).
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 from typing import TYPE_CHECKING, Final
 
 from .._errors import ConfigError
+from .._ids import FacetAddress
 from ._store import FacetStore, StoreHooks, store_exists
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from .._ids import FacetAddress
 
 LOCK_FILE: Final = "facetrt.lock"
 
@@ -49,6 +50,35 @@ class DataDirLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = -1
+
+
+ID_HINT_FILE: Final = "facet.id"
+
+
+def _write_id_hint(path: Path, address: FacetAddress) -> None:
+    """Record the ids in the store directory, so listings need not open LMDB.
+
+    A hint, not the truth (the store's meta db is): written without fsync and rewritten on
+    every open, so a copy lost in a power failure comes back on the next activation.
+    """
+    hint = path / ID_HINT_FILE
+    data = json.dumps({"tenant": address.tenant_id, "agent": address.agent_id}).encode()
+    try:
+        if hint.read_bytes() == data:
+            return
+    except OSError:
+        pass
+    temporary = path / (ID_HINT_FILE + ".tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, hint)
+
+
+def _read_id_hint(path: Path) -> str | None:
+    try:
+        agent = json.loads((path / ID_HINT_FILE).read_bytes())["agent"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return agent if isinstance(agent, str) else None
 
 
 class StoreRegistry:
@@ -89,7 +119,33 @@ class StoreRegistry:
             hooks=self._hooks,
         )
         self._open[path] = store
+        _write_id_hint(path, address)
         return store
+
+    def list_facets(
+        self, tenant: str, *, start_after: str | None = None, limit: int = 100
+    ) -> list[tuple[str, str]]:
+        """Facets of ``tenant`` as (cursor, agent id), in cursor order, without opening them.
+
+        The cursor is the facet's directory name (a hash); pass the last one as
+        ``start_after`` for the next page. Reads each facet's ``facet.id`` hint file.
+        """
+        root = self.data_dir / FacetAddress(tenant, "x").relative_path().parent.parent
+        found: list[tuple[str, str]] = []
+        if not root.is_dir():
+            return found
+        for fanout in sorted(entry.name for entry in os.scandir(root) if entry.is_dir()):
+            if start_after is not None and fanout < start_after[:2]:
+                continue
+            for name in sorted(entry.name for entry in os.scandir(root / fanout)):
+                if start_after is not None and name <= start_after:
+                    continue
+                agent = _read_id_hint(root / fanout / name)
+                if agent is not None and store_exists(root / fanout / name):
+                    found.append((name, agent))
+                    if len(found) >= limit:
+                        return found
+        return found
 
     def close(self, store: FacetStore) -> None:
         removed = self._open.pop(store.path, None)

@@ -1,0 +1,118 @@
+"""FacetrtMetrics: every Prometheus metric of the daemon, on an injected registry.
+
+Names are ``facetrt_<subsystem>_<what>_<unit>``; label values come from closed sets (surface,
+error code, outcome). Tenant and agent ids are never labels. Live state (open facets, queued
+envelopes, commits) is read from ``Runtime.statistics()`` at scrape time by a collector.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from .runtime import RuntimeStatistics
+
+SURFACES = ("tcp", "http")
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+@final
+class _RuntimeCollector(Collector):
+    def __init__(self, statistics: Callable[[], RuntimeStatistics]) -> None:
+        self._statistics = statistics
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._statistics()
+        gauges = {
+            "facetrt_facets_open": ("Open activations (LMDB environments).", stats.open_facets),
+            "facetrt_facets_idle": ("Open activations with no work.", stats.idle_facets),
+            "facetrt_mailbox_envelopes": (
+                "Envelopes queued in all mailboxes.",
+                stats.queued_envelopes,
+            ),
+        }
+        for name, (text, value) in gauges.items():
+            yield GaugeMetricFamily(name, text, value=value)
+        counters: dict[str, tuple[str, float]] = {
+            "facetrt_activations": ("Facet activations.", stats.activations),
+            "facetrt_passivations": ("Facet passivations.", stats.passivations),
+            "facetrt_facet_resets": ("Facets reset after a storage failure.", stats.resets),
+            "facetrt_commits": ("Durable LMDB commits.", stats.commits),
+            "facetrt_committed_envelopes": (
+                "Messages made durable (divide by commits for the batch size).",
+                stats.committed_envelopes,
+            ),
+            "facetrt_commit_duration_seconds": (
+                "Time spent committing (divide by commits for the mean).",
+                stats.commit_seconds,
+            ),
+            "facetrt_commit_failures": ("Failed commits.", stats.commit_failures),
+            "facetrt_mailbox_overloaded": ("Messages shed by full mailboxes.", stats.overloaded),
+            "facetrt_deactivations_cut_short": (
+                "on_deactivate hooks cut short by their time limit.",
+                stats.deactivations_cut_short,
+            ),
+        }
+        for name, (text, total) in counters.items():
+            yield CounterMetricFamily(name, text, value=total)
+
+
+@final
+class FacetrtMetrics:
+    """The daemon's metrics. Create one per daemon with its own registry."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        statistics: Callable[[], RuntimeStatistics] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.calls = Counter(
+            "facetrt_calls",
+            "Calls answered, by surface and outcome code ('ok' for success).",
+            ["surface", "code"],
+            registry=registry,
+        )
+        self.call_latency = Histogram(
+            "facetrt_call_duration_seconds",
+            "Time from a call's arrival to its reply, by surface.",
+            ["surface"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.connections = Gauge(
+            "facetrt_connections_open", "Open client connections.", ["surface"], registry=registry
+        )
+        self.connections_accepted = Counter(
+            "facetrt_connections_accepted",
+            "Client connections accepted.",
+            ["surface"],
+            registry=registry,
+        )
+        self.auth_failures = Counter(
+            "facetrt_auth_failures",
+            "Refused credentials, by surface.",
+            ["surface"],
+            registry=registry,
+        )
+        self.protocol_errors = Counter(
+            "facetrt_protocol_errors",
+            "Connections closed for a protocol violation.",
+            registry=registry,
+        )
+        if statistics is not None:
+            registry.register(_RuntimeCollector(statistics))
+        # Pre-create the label sets so a scrape shows zeros rather than nothing.
+        for surface in SURFACES:
+            self.connections.labels(surface)
+            self.auth_failures.labels(surface)
+
+    def observe_call(self, surface: str, code: str, seconds: float) -> None:
+        self.calls.labels(surface, code).inc()
+        self.call_latency.labels(surface).observe(seconds)

@@ -1,0 +1,253 @@
+"""The daemon: builds every part from a DaemonConfig, serves, and owns shutdown.
+
+Startup: load classes → lock the data directory and open the runtime → open the system store
+(tenants, keys) and create the admin key on first start → listen (TCP, HTTP) → ready.
+
+Shutdown (SIGTERM, SIGINT or :meth:`Daemon.stop`): readiness off → stop accepting → every
+connection stops reading new calls and answers those in flight (within
+``shutdown_grace_seconds``; then they are cancelled and answered ``unavailable``) → the
+runtime drains its mailboxes, flushes commits and closes every environment → exit.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import signal
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, final
+
+import trio
+from prometheus_client import CollectorRegistry
+
+from .._errors import ConfigError
+from ..metrics import FacetrtMetrics
+from ..runtime import Facet, open_runtime
+from ..storage import SystemStore
+from ._auth import AuthThrottle
+from ._tcp import TcpServer
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from ..config import DaemonConfig
+    from ..runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+ADMIN_KEY_FILE = "admin.key"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DaemonInfo:
+    """Where a started daemon listens (ports resolved when 0 was asked for)."""
+
+    tcp_address: tuple[str, int]
+    http_address: tuple[str, int] | None
+    admin_key_path: Path
+    data_dir: Path
+
+
+@final
+class Health:
+    """Liveness and readiness, as `/healthz` and `/readyz` report them."""
+
+    def __init__(self) -> None:
+        self.ready = False
+        self.draining = False
+
+
+def resolve_classes(spec: Mapping[str, str]) -> dict[str, type[Facet]]:
+    """Import ``{"Name": "module:attribute"}``.
+
+    Raises:
+        ConfigError: a module or attribute is missing or not a Facet subclass.
+    """
+    classes: dict[str, type[Facet]] = {}
+    for name, target in spec.items():
+        module_name, _, attribute = target.partition(":")
+        try:
+            value = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise ConfigError(f"class {name!r}: cannot import {target!r}: {exc}") from exc
+        if not (isinstance(value, type) and issubclass(value, Facet)):
+            raise ConfigError(f"class {name!r}: {target!r} is not a Facet subclass")
+        classes[name] = value
+    return classes
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def ensure_admin_key(system: SystemStore, data_dir: Path) -> Path:
+    """Create the admin key on first start, in ``<data dir>/admin.key`` (mode 0600)."""
+    path = data_dir / ADMIN_KEY_FILE
+    if any(record.is_admin and record.revoked is None for record in system.list_keys()):
+        if path.exists():
+            return path
+        logger.warning("admin key file %s is missing; create a new key with the CLI", path)
+        return path
+    _, key = system.create_key(None)
+    temporary = path.with_suffix(".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, key.encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+    logger.info("created the admin key in %s (mode 0600)", path)
+    return path
+
+
+@final
+class Daemon:
+    """One `facetrt serve` process. ``await nursery.start(daemon.run)`` returns DaemonInfo."""
+
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.health = Health()
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.runtime: Runtime | None = None  # set while running (for embedding and tests)
+        self.system: SystemStore | None = None
+        self._stop = trio.Event()
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown (what SIGTERM does)."""
+        self._stop.set()
+
+    async def run(
+        self,
+        *,
+        handle_signals: bool = False,
+        task_status: trio.TaskStatus[DaemonInfo] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        config = self.config
+        classes = resolve_classes(config.classes)
+        data_dir = Path(config.data_dir)
+        async with open_runtime(data_dir, classes=classes, config=config.runtime) as runtime:
+            system = SystemStore(data_dir / "system")
+            self.runtime, self.system = runtime, system
+            try:
+                await self._serve(runtime, system, data_dir, handle_signals, task_status)
+            finally:
+                self.runtime = self.system = None
+                system.close()
+        logger.info("facetrt stopped")
+
+    async def _serve(
+        self,
+        runtime: Runtime,
+        system: SystemStore,
+        data_dir: Path,
+        handle_signals: bool,
+        task_status: trio.TaskStatus[DaemonInfo],
+    ) -> None:
+        config = self.config.server
+        admin_key_path = ensure_admin_key(system, data_dir)
+        metrics = FacetrtMetrics(self.registry, runtime.statistics)
+        throttle = AuthThrottle(
+            failures_free=config.auth_failures_free,
+            delay_seconds_max=config.auth_delay_seconds_max,
+        )
+        tcp = TcpServer(
+            runtime=runtime, system=system, config=config, metrics=metrics, throttle=throttle
+        )
+        http_shutdown = trio.Event()
+        async with trio.open_nursery() as nursery:
+            host, port = parse_host_port(config.listen)
+            listeners: list[trio.SocketListener] = await trio.open_tcp_listeners(port, host=host)
+            tcp_address = listeners[0].socket.getsockname()[:2]
+            accept_scope = trio.CancelScope()
+            nursery.start_soon(self._accept, tcp, self._wrap_tls(listeners), nursery, accept_scope)
+            http_address = None
+            http_done = trio.Event()
+            if not config.http:
+                http_done.set()
+            else:
+                from ._http import build_app, serve_http
+
+                bind = config.http
+
+                app = build_app(
+                    runtime=runtime,
+                    system=system,
+                    metrics=metrics,
+                    health=self.health,
+                    config=config,
+                    throttle=throttle,
+                )
+
+                async def run_http(task_status: trio.TaskStatus[tuple[str, int]]) -> None:
+                    try:
+                        await serve_http(app, bind, http_shutdown, task_status=task_status)
+                    finally:
+                        http_done.set()
+
+                http_address = await nursery.start(run_http)
+            if handle_signals:
+                nursery.start_soon(self._watch_signals)
+            self.health.ready = True
+            logger.info(
+                "facetrt serving: protocol on %s:%d, HTTP on %s, data in %s, admin key in %s",
+                tcp_address[0],
+                tcp_address[1],
+                http_address,
+                data_dir,
+                admin_key_path,
+            )
+            task_status.started(
+                DaemonInfo(
+                    tcp_address=(str(tcp_address[0]), int(tcp_address[1])),
+                    http_address=http_address,
+                    admin_key_path=admin_key_path,
+                    data_dir=data_dir,
+                )
+            )
+            await self._stop.wait()
+            logger.info("facetrt draining")
+            self.health.ready = False
+            self.health.draining = True
+            accept_scope.cancel()
+            http_shutdown.set()  # stop accepting; requests in progress finish
+            with trio.move_on_after(self.config.runtime.shutdown_grace_seconds):
+                await tcp.drain()
+                await http_done.wait()
+            nursery.cancel_scope.cancel()
+
+    async def _accept(
+        self,
+        tcp: TcpServer,
+        listeners: list[trio.abc.Listener[trio.abc.Stream]],
+        connections: trio.Nursery,
+        scope: trio.CancelScope,
+    ) -> None:
+        with scope:
+            await tcp.serve(listeners, connections)
+
+    def _wrap_tls(
+        self, listeners: list[trio.SocketListener]
+    ) -> list[trio.abc.Listener[trio.abc.Stream]]:
+        config = self.config.server
+        if config.tls_cert_file is None:
+            return list(listeners)
+        if config.tls_key_file is None:
+            raise ConfigError("tls_cert_file needs tls_key_file")
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
+        return [
+            trio.SSLListener(listener, context, https_compatible=False) for listener in listeners
+        ]
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                self.stop()
+                return

@@ -1,0 +1,373 @@
+"""The msgpack-over-TCP surface: one session per connection, batched end to end.
+
+Per connection there is one reader (this session's task) and one writer task, the only caller
+of ``send_all``. The reader decodes every frame a read returned and submits each call to the
+runtime without a task per call: the reply comes back as a callback on the loop thread, is
+encoded at once and appended to the outbox; the writer sends everything queued with one
+``send_all``. A connection stops reading at ``calls_in_flight_max`` calls in flight (TCP
+backpressure), and a frame must be finished ``frame_seconds`` after its first byte arrived
+(slow senders). A protocol violation closes that connection only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from functools import partial
+from typing import TYPE_CHECKING, final
+
+import outcome
+import trio
+
+from .._errors import (
+    BadRequestError,
+    DeadlineExceededError,
+    FacetrtError,
+    ForbiddenError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    UnauthorizedError,
+    UnavailableError,
+)
+from .._ids import FacetAddress
+from ..protocol import (
+    PROTOCOL_VERSION,
+    Bye,
+    Call,
+    Closed,
+    Connection,
+    ErrorReply,
+    Hello,
+    NeedData,
+    Ping,
+    Pong,
+    Result,
+    Role,
+    Welcome,
+)
+
+if TYPE_CHECKING:
+    from .._values import Value
+    from ..config import ServerConfig
+    from ..metrics import FacetrtMetrics
+    from ..protocol import Event
+    from ..runtime import Runtime
+    from ..runtime._reply import ReplySlot
+    from ..storage import Principal, SystemStore
+    from ._auth import AuthThrottle
+
+logger = logging.getLogger(__name__)
+
+RECEIVE_BYTES_MAX = 256 * 1024
+CLOSE_SECONDS = 5.0
+
+
+def _peer_host(stream: trio.abc.Stream) -> str:
+    """The peer's address, for auth throttling (through TLS too)."""
+    transport = getattr(stream, "transport_stream", stream)
+    socket = getattr(transport, "socket", None)
+    try:
+        return str(socket.getpeername()[0]) if socket is not None else "?"
+    except OSError:  # pragma: no cover - the socket died before we looked
+        return "?"
+
+
+def error_reply(call_id: int | None, error: FacetrtError) -> ErrorReply:
+    return ErrorReply(
+        id=call_id, code=error.code.value, message=error.message, retryable=error.retryable
+    )
+
+
+@final
+class TcpServer:
+    """Serves the wire protocol for one runtime; start with ``nursery.start(server.serve, ...)``."""
+
+    def __init__(
+        self,
+        *,
+        runtime: Runtime,
+        system: SystemStore,
+        config: ServerConfig,
+        metrics: FacetrtMetrics,
+        throttle: AuthThrottle,
+    ) -> None:
+        self.runtime = runtime
+        self.system = system
+        self.config = config
+        self.metrics = metrics
+        self.throttle = throttle
+        self.draining = False
+        self._sessions: set[_Session] = set()
+        self._idle = trio.Event()
+        self._idle.set()
+
+    async def serve(
+        self,
+        listeners: list[trio.abc.Listener[trio.abc.Stream]],
+        connections: trio.Nursery,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept connections into the ``connections`` nursery until cancelled.
+
+        Cancelling this task stops accepting; the connections live on in their own nursery
+        so that they can drain (their owner bounds that with the shutdown grace).
+        """
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(self._accept_loop, listener, connections)
+            task_status.started()
+
+    async def _accept_loop(
+        self, listener: trio.abc.Listener[trio.abc.Stream], connections: trio.Nursery
+    ) -> None:
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:  # e.g. EMFILE: back off instead of spinning
+                    logger.warning("accept failed: %s", exc)
+                    await trio.sleep(0.1)
+                    continue
+                connections.start_soon(self._handle, stream)
+
+    async def drain(self) -> None:
+        """Stop reading new calls on every connection; return when their replies are sent."""
+        self.draining = True
+        for session in list(self._sessions):
+            session.stop_reading()
+        await self._idle.wait()
+
+    async def _handle(self, stream: trio.abc.Stream) -> None:
+        surface = "tcp"
+        if len(self._sessions) >= self.config.connections_max or self.draining:
+            await trio.aclose_forcefully(stream)
+            return
+        self.metrics.connections_accepted.labels(surface).inc()
+        self.metrics.connections.labels(surface).inc()
+        session = _Session(self, stream)
+        self._sessions.add(session)
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        try:
+            await session.run()
+        except* RemoteProtocolError as group:
+            self.metrics.protocol_errors.inc()
+            error = group.exceptions[0]
+            assert isinstance(error, RemoteProtocolError)
+            logger.info("closing a connection after a protocol error: %s", error.message)
+            await session.send_final(error_reply(None, error))
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the peer went away; its in-flight calls still commit
+        except* trio.TooSlowError:
+            logger.info("closing a connection that sent too slowly")
+        finally:
+            self._sessions.discard(session)
+            if not self._sessions:
+                self._idle.set()
+            self.metrics.connections.labels(surface).dec()
+            await trio.aclose_forcefully(stream)
+
+
+@final
+class _Session:
+    def __init__(self, server: TcpServer, stream: trio.abc.Stream) -> None:
+        self._server = server
+        self._stream = stream
+        self._config = server.config
+        self._conn = Connection(Role.SERVER, frame_bytes_max=server.config.frame_bytes_max)
+        self._core = server.runtime.core
+        self._outbox: list[bytes] = []
+        self._writer_lot = trio.lowlevel.ParkingLot()
+        self._room_lot = trio.lowlevel.ParkingLot()
+        self._pending: dict[int, trio.CancelScope | None] = {}
+        self._reading = True
+        self._read_scope = trio.CancelScope()
+        self._principal: Principal | None = None
+        self._tenant = ""
+        self._peer = _peer_host(stream)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        with trio.fail_after(self._config.handshake_seconds):
+            hello = await self._next_event()
+        if not isinstance(hello, Hello):
+            return  # EOF before the handshake
+        if not await self._authenticate(hello):
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._write_loop)
+            try:
+                with self._read_scope:
+                    await self._read_loop(nursery)
+                # EOF, bye or drain: answer what is in flight, then close.
+                while self._pending:
+                    await self._room_lot.park()
+            finally:
+                self._reading = False
+                self._writer_lot.unpark_all()
+
+    def stop_reading(self) -> None:
+        self._read_scope.cancel()
+
+    async def send_final(self, reply: ErrorReply) -> None:
+        """Best effort: tell the peer why we close (protocol violations)."""
+        # The session's connection is in ERROR; a fresh one may still send a
+        # connection-level error frame.
+        frame = Connection(Role.SERVER).send(reply)
+        with trio.move_on_after(CLOSE_SECONDS):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._stream.send_all(frame)
+
+    async def _authenticate(self, hello: Hello) -> bool:
+        server = self._server
+        error: FacetrtError | None = None
+        if hello.version != PROTOCOL_VERSION:
+            error = BadRequestError(
+                f"unsupported protocol version {hello.version}; this server speaks "
+                f"{PROTOCOL_VERSION}"
+            )
+        else:
+            try:
+                principal = server.system.authenticate(hello.key)
+            except UnauthorizedError as exc:
+                server.metrics.auth_failures.labels("tcp").inc()
+                await server.throttle.failed(self._peer)
+                error = exc
+            else:
+                if principal.tenant is None:
+                    error = ForbiddenError("the admin key cannot call facets; use a tenant key")
+                else:
+                    server.throttle.succeeded(self._peer)
+                    self._principal = principal
+                    self._tenant = principal.tenant
+        if error is not None:
+            await self._stream.send_all(self._conn.send(error_reply(None, error)))
+            return False
+        welcome = Welcome(
+            tenant=self._tenant,
+            calls_in_flight_max=self._config.calls_in_flight_max,
+            frame_bytes_max=self._config.frame_bytes_max,
+        )
+        await self._stream.send_all(self._conn.send(welcome))
+        return True
+
+    # -- reading -----------------------------------------------------------------------
+
+    async def _next_event(self) -> Event | Closed:
+        while True:
+            event = self._conn.next_event()
+            if not isinstance(event, NeedData):
+                return event
+            if self._conn.buffered_bytes:
+                with trio.fail_after(self._config.frame_seconds):
+                    data = await self._stream.receive_some(RECEIVE_BYTES_MAX)
+            else:
+                data = await self._stream.receive_some(RECEIVE_BYTES_MAX)
+            self._conn.receive_data(data)
+
+    async def _read_loop(self, nursery: trio.Nursery) -> None:
+        bound = self._config.calls_in_flight_max
+        while True:
+            while len(self._pending) >= bound:
+                await self._room_lot.park()
+            event = await self._next_event()
+            if isinstance(event, Call):
+                self._dispatch(event, nursery)
+            elif isinstance(event, Ping):
+                self._queue(Pong(id=event.id))
+            elif isinstance(event, (Closed, Bye)):
+                return
+            # Pong: nothing to do (we never ping first yet).
+
+    # -- calls -------------------------------------------------------------------------
+
+    def _dispatch(self, call: Call, nursery: trio.Nursery) -> None:
+        started = trio.current_time()
+        assert self._principal is not None
+        if not self._server.system.is_active(self._principal):
+            self._server.metrics.auth_failures.labels("tcp").inc()
+            self._answer(call.id, started, outcome.Error(UnauthorizedError("key was revoked")))
+            return
+        try:
+            address = FacetAddress(self._tenant, call.agent)
+            reply = self._core.submit(
+                address,
+                call.method,
+                call.args,
+                call.kwargs,
+                cls=call.cls,
+                idempotency_key=call.idempotency_key,
+                chain=(),
+                callback=partial(self._answer, call.id, started),
+            )
+        except FacetrtError as exc:
+            self._answer(call.id, started, outcome.Error(exc))
+            return
+        assert not reply.is_set, "replies never arrive synchronously"
+        if call.deadline_ms is None:
+            self._pending[call.id] = None
+            return
+        scope = trio.CancelScope(deadline=started + call.deadline_ms / 1000)
+        self._pending[call.id] = scope
+        nursery.start_soon(self._expire, call.id, started, scope, reply)
+
+    async def _expire(
+        self, call_id: int, started: float, scope: trio.CancelScope, reply: ReplySlot
+    ) -> None:
+        with scope:
+            await trio.sleep_forever()
+        if scope.cancelled_caught and self._pending.get(call_id) is scope:
+            # Not started yet: it is skipped. Already running: it completes, outcome unknown.
+            reply.abandoned = True
+            error = DeadlineExceededError("the call's deadline passed; it may or may not have run")
+            self._answer(call_id, started, outcome.Error(error))
+
+    def _answer(self, call_id: int, started: float, result: outcome.Outcome[Value]) -> None:
+        """Encode the reply of ``call_id`` now and queue it (runs as the runtime's callback)."""
+        scope = self._pending.pop(call_id, None)
+        if scope is not None:
+            scope.cancel()
+        self._room_lot.unpark_all()
+        if isinstance(result, outcome.Value):
+            event: Result | ErrorReply = Result(id=call_id, value=result.value)
+            code = "ok"
+        else:
+            assert isinstance(result, outcome.Error)
+            error = result.error
+            if not isinstance(error, FacetrtError):  # pragma: no cover - a bug elsewhere
+                logger.error("non-facetrt error answered a call: %r", error)
+                error = UnavailableError("internal error")
+            event = error_reply(call_id, error)
+            code = error.code.value
+        self._server.metrics.observe_call("tcp", code, trio.current_time() - started)
+        try:
+            data = self._conn.send(event)
+        except LocalProtocolError as exc:
+            if isinstance(event, Result) and "exceeds" in exc.message:
+                data = self._conn.send(error_reply(call_id, BadRequestError(exc.message)))
+            else:
+                return  # the connection already failed: nobody to answer
+        self._outbox.append(data)
+        self._writer_lot.unpark_all()
+
+    def _queue(self, event: Event) -> None:
+        self._outbox.append(self._conn.send(event))
+        self._writer_lot.unpark_all()
+
+    # -- writing -----------------------------------------------------------------------
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                if not self._outbox:
+                    if not self._reading and not self._pending:
+                        return
+                    await self._writer_lot.park()
+                    continue
+                data = b"".join(self._outbox)
+                self._outbox.clear()
+                await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._conn.send_failed()
+            self._read_scope.cancel()

@@ -1,0 +1,224 @@
+"""SystemStore: the node-level LMDB environment holding tenants and hashed keys.
+
+Layout (``<data dir>/system/``, one LMDB environment)::
+
+    db tenants   tenant id (UTF-8)  -> JSON {"created": unix seconds}
+    db keys      key id (ASCII hex) -> JSON {"tenant": str | null (admin), "hash": hex str,
+                                             "created": float, "revoked": float | null}
+
+A key is shown once, as ``frt_<key id>_<secret>``: 16 hex digits naming the record, then 43
+URL-safe characters (32 random bytes). Only SHA-256 of the secret is stored; the secret has
+256 bits of entropy, so a plain hash cannot be brute-forced and needs no salt. Comparison is
+constant-time. Revocation is recorded (not deleted) so that it is auditable.
+
+All methods are synchronous and short; writes commit durably (``sync=True``).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+import lmdb
+
+from .._errors import ConflictError, NotFoundError, StorageError, UnauthorizedError
+from .._ids import validate_tenant_id
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+KEY_PATTERN: Final = re.compile(r"frt_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
+_TENANTS: Final = b"tenants"
+_KEYS: Final = b"keys"
+
+
+def _dump(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _load(raw: bytes) -> Any:
+    return json.loads(raw)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeyRecord:
+    key_id: str
+    tenant: str | None  # None: the admin key
+    created: float
+    revoked: float | None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.tenant is None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Principal:
+    """Who a credential belongs to: a tenant, or the operator (admin)."""
+
+    key_id: str
+    tenant: str | None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.tenant is None
+
+
+class SystemStore:
+    """Tenants and keys of one data directory. Open one per process (the daemon's)."""
+
+    def __init__(self, path: Path) -> None:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            self._env = lmdb.open(
+                str(path),
+                map_size=256 * 1024 * 1024,
+                subdir=True,
+                readonly=False,
+                metasync=True,
+                sync=True,
+                map_async=False,
+                mode=0o600,
+                create=True,
+                readahead=False,
+                writemap=False,
+                meminit=True,
+                max_readers=64,
+                max_dbs=4,
+                max_spare_txns=1,
+                lock=True,
+            )
+            self._tenants = self._env.open_db(_TENANTS)
+            self._keys = self._env.open_db(_KEYS)
+        except lmdb.Error as exc:
+            raise StorageError(f"cannot open the system store at {str(path)!r}: {exc}") from exc
+        # key id -> (hash, tenant) of every active key: authentication is a dict lookup, and a
+        # revocation (which goes through this object) takes effect on the very next call.
+        self._active: dict[str, tuple[bytes, str | None]] = {}
+        with self._env.begin() as txn:
+            for key_id, raw in txn.cursor(self._keys):
+                record = _load(raw)
+                if record["revoked"] is None:
+                    self._active[key_id.decode()] = (
+                        bytes.fromhex(record["hash"]),
+                        record["tenant"],
+                    )
+
+    def close(self) -> None:
+        self._env.close()
+
+    # -- tenants ---------------------------------------------------------------------------
+
+    def create_tenant(self, tenant: str) -> None:
+        """Raises: AddressError (bad id), ConflictError (exists)."""
+        validate_tenant_id(tenant)
+        with self._write() as txn:
+            if txn.get(tenant.encode(), db=self._tenants) is not None:
+                raise ConflictError(f"tenant {tenant!r} already exists")
+            txn.put(tenant.encode(), _dump({"created": time.time()}), db=self._tenants)
+
+    def tenant_exists(self, tenant: str) -> bool:
+        with self._env.begin(db=self._tenants) as txn:
+            return txn.get(tenant.encode()) is not None
+
+    def list_tenants(self) -> list[str]:
+        with self._env.begin() as txn:
+            return [key.decode() for key, _ in txn.cursor(self._tenants)]
+
+    def delete_tenant(self, tenant: str) -> int:
+        """Remove the tenant and revoke its keys; return how many keys were revoked.
+
+        Raises: NotFoundError.
+        """
+        revoked = 0
+        now = time.time()
+        with self._write() as txn:
+            if not txn.delete(tenant.encode(), db=self._tenants):
+                raise NotFoundError(f"tenant {tenant!r} does not exist")
+            for key_id, raw in list(txn.cursor(self._keys)):
+                record = _load(raw)
+                if record["tenant"] == tenant and record["revoked"] is None:
+                    record["revoked"] = now
+                    txn.put(key_id, _dump(record), db=self._keys)
+                    revoked += 1
+        for active_id, (_, owner) in list(self._active.items()):
+            if owner == tenant:
+                del self._active[active_id]
+        return revoked
+
+    # -- keys ------------------------------------------------------------------------------
+
+    def create_key(self, tenant: str | None) -> tuple[str, str]:
+        """Create a key for ``tenant`` (None: an admin key); return (key id, the key).
+
+        The key itself is returned only here and never stored.
+
+        Raises: NotFoundError (no such tenant).
+        """
+        key_id = secrets.token_hex(8)
+        secret = base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
+        digest = hashlib.sha256(secret.encode()).digest()
+        record = {"tenant": tenant, "hash": digest.hex(), "created": time.time(), "revoked": None}
+        with self._write() as txn:
+            if tenant is not None and txn.get(tenant.encode(), db=self._tenants) is None:
+                raise NotFoundError(f"tenant {tenant!r} does not exist")
+            txn.put(key_id.encode(), _dump(record), db=self._keys)
+        self._active[key_id] = (digest, tenant)
+        return key_id, f"frt_{key_id}_{secret}"
+
+    def revoke_key(self, key_id: str) -> None:
+        """Raises: NotFoundError (unknown or already revoked key id)."""
+        with self._write() as txn:
+            raw = txn.get(key_id.encode(), db=self._keys)
+            if raw is None:
+                raise NotFoundError(f"no key with id {key_id!r}")
+            record = _load(raw)
+            if record["revoked"] is not None:
+                raise NotFoundError(f"key {key_id!r} is already revoked")
+            record["revoked"] = time.time()
+            txn.put(key_id.encode(), _dump(record), db=self._keys)
+        self._active.pop(key_id, None)
+
+    def list_keys(self, tenant: str | None = None) -> list[KeyRecord]:
+        with self._env.begin() as txn:
+            records = [(key_id.decode(), _load(raw)) for key_id, raw in txn.cursor(self._keys)]
+        return [
+            KeyRecord(
+                key_id=key_id,
+                tenant=record["tenant"],
+                created=record["created"],
+                revoked=record["revoked"],
+            )
+            for key_id, record in records
+            if tenant is None or record["tenant"] == tenant
+        ]
+
+    def authenticate(self, key: object) -> Principal:
+        """The principal a key belongs to.
+
+        Raises:
+            UnauthorizedError: malformed, unknown, revoked or wrong key (one message for all,
+                so a caller learns nothing about which).
+        """
+        match = KEY_PATTERN.fullmatch(key) if isinstance(key, str) else None
+        entry = self._active.get(match.group(1)) if match else None
+        if match is None or entry is None:
+            raise UnauthorizedError("invalid or revoked key")
+        digest = hashlib.sha256(match.group(2).encode()).digest()
+        if not hmac.compare_digest(digest, entry[0]):
+            raise UnauthorizedError("invalid or revoked key")
+        return Principal(key_id=match.group(1), tenant=entry[1])
+
+    def is_active(self, principal: Principal) -> bool:
+        """Whether the key is still valid (checked on every call: revocation is immediate)."""
+        return principal.key_id in self._active
+
+    def _write(self) -> lmdb.Transaction[bytes]:
+        return self._env.begin(write=True)

@@ -1,0 +1,300 @@
+"""The msgpack TCP surface end to end: a real daemon, real loopback sockets, a raw client.
+
+The raw client here is the sans-IO ``Connection`` over a trio socket, so these tests pin the
+wire behaviour independently of ``facetrt.client``.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+import trio.testing
+
+from facetrt.config import load_daemon_config
+from facetrt.protocol import (
+    Bye,
+    Call,
+    Closed,
+    Connection,
+    ErrorReply,
+    Event,
+    Hello,
+    NeedData,
+    Ping,
+    Pong,
+    Result,
+    Role,
+    Welcome,
+)
+from facetrt.server._daemon import Daemon, DaemonInfo
+from facetrt.storage import SystemStore
+from tests.facets import Gate
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+    from facetrt import Value
+
+CLASSES = {"Counter": "facetrt.examples:Counter", "Gate": "tests.facets:Gate"}
+
+
+class RawClient:
+    opened: list[trio.SocketStream] = []  # noqa: RUF012 - closed after each test
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        RawClient.opened.append(stream)
+        self.stream = stream
+        self.conn = Connection(Role.CLIENT)
+        self.next_id = 0
+
+    @classmethod
+    async def connect(cls, info: DaemonInfo, key: str) -> tuple[RawClient, Event | Closed]:
+        stream = await trio.open_tcp_stream(*info.tcp_address)
+        client = cls(stream)
+        await stream.send_all(client.conn.send(Hello(key=key)))
+        return client, await client.receive()
+
+    async def receive(self) -> Event | Closed:
+        while True:
+            event = self.conn.next_event()
+            if not isinstance(event, NeedData):
+                return event
+            self.conn.receive_data(await self.stream.receive_some(65536))
+
+    async def send(self, *events: Event) -> None:
+        await self.stream.send_all(b"".join(self.conn.send(event) for event in events))
+
+    def call(self, agent: str, method: str, *args: Value, **options: object) -> Call:
+        self.next_id += 1
+        return Call(id=self.next_id, agent=agent, method=method, args=list(args), **options)  # type: ignore[arg-type]
+
+    async def call_once(
+        self, agent: str, method: str, *args: Value, **options: object
+    ) -> Event | Closed:
+        await self.send(self.call(agent, method, *args, **options))
+        return await self.receive()
+
+
+@pytest.fixture(autouse=True)
+async def _close_raw_clients() -> AsyncIterator[None]:
+    yield
+    for stream in RawClient.opened:
+        await trio.aclose_forcefully(stream)
+    RawClient.opened.clear()
+
+
+@pytest.fixture
+def tenant_keys(data_dir: Path) -> dict[str, str]:
+    system = SystemStore(data_dir / "system")
+    keys = {}
+    for tenant in ("acme", "globex"):
+        system.create_tenant(tenant)
+        keys[tenant] = system.create_key(tenant)[1]
+    system.close()
+    return keys
+
+
+async def _start(
+    nursery: trio.Nursery, data_dir: Path, **overrides: object
+) -> tuple[Daemon, DaemonInfo]:
+    config = load_daemon_config(
+        overrides={
+            "data_dir": str(data_dir),
+            "server.listen": "127.0.0.1:0",
+            "server.http": "",
+            "classes": CLASSES,
+            **overrides,
+        }
+    )
+    daemon = Daemon(config)
+    info: DaemonInfo = await nursery.start(daemon.run)
+    return daemon, info
+
+
+@pytest.fixture
+async def served(
+    data_dir: Path, tenant_keys: dict[str, str]
+) -> AsyncIterator[tuple[Daemon, DaemonInfo, dict[str, str]]]:
+    async with trio.open_nursery() as nursery:
+        daemon, info = await _start(nursery, data_dir)
+        yield daemon, info, tenant_keys
+        daemon.stop()
+
+
+async def test_handshake_and_calls(served: tuple[Daemon, DaemonInfo, dict[str, str]]) -> None:
+    _, info, keys = served
+    client, welcome = await RawClient.connect(info, keys["acme"])
+    assert isinstance(welcome, Welcome)
+    assert welcome.tenant == "acme"
+    reply = await client.call_once("c", "increment", 2, cls="Counter")
+    assert reply == Result(id=1, value=2)
+    await client.send(Ping(id=9))
+    assert await client.receive() == Pong(id=9)
+    reply = await client.call_once("c", "nope")
+    assert isinstance(reply, ErrorReply)
+    assert (reply.code, reply.retryable) == ("not_found", False)
+    await client.send(Bye())
+    assert isinstance(await client.receive(), Closed)
+
+
+async def test_pipelined_calls_get_their_own_replies(
+    served: tuple[Daemon, DaemonInfo, dict[str, str]],
+) -> None:
+    _, info, keys = served
+    client, _ = await RawClient.connect(info, keys["acme"])
+    calls = [client.call(f"c{index % 7}", "increment", cls="Counter") for index in range(300)]
+    await client.send(*calls)
+    replies: dict[int, Value] = {}
+    while len(replies) < len(calls):
+        event = await client.receive()
+        assert isinstance(event, Result)
+        replies[event.id] = event.value
+    for agent in range(7):
+        values = sorted(replies[c.id] for c in calls if c.agent == f"c{agent}")  # type: ignore[type-var]
+        assert values == list(range(1, len(values) + 1))
+
+
+async def test_tenant_is_taken_from_the_key(
+    served: tuple[Daemon, DaemonInfo, dict[str, str]],
+) -> None:
+    _, info, keys = served
+    acme, _ = await RawClient.connect(info, keys["acme"])
+    globex, _ = await RawClient.connect(info, keys["globex"])
+    assert await acme.call_once("shared", "increment", cls="Counter") == Result(id=1, value=1)
+    assert await globex.call_once("shared", "increment", cls="Counter") == Result(id=1, value=1)
+    assert await acme.call_once("shared", "get") == Result(id=2, value=1)
+
+
+@pytest.mark.parametrize("key", ["", "nope", "frt_0000000000000000_" + "a" * 43])
+async def test_bad_keys_are_refused_at_the_handshake(
+    served: tuple[Daemon, DaemonInfo, dict[str, str]], key: str
+) -> None:
+    _, info, _ = served
+    client, reply = await RawClient.connect(info, key)
+    assert isinstance(reply, ErrorReply)
+    assert (reply.id, reply.code) == (None, "unauthorized")
+    assert isinstance(await client.receive(), Closed)
+
+
+async def test_admin_key_cannot_call_facets(
+    served: tuple[Daemon, DaemonInfo, dict[str, str]],
+) -> None:
+    _, info, _ = served
+    admin_key = info.admin_key_path.read_text().strip()
+    _, reply = await RawClient.connect(info, admin_key)
+    assert isinstance(reply, ErrorReply)
+    assert reply.code == "forbidden"
+
+
+async def test_revoked_key_fails_on_the_next_call(
+    served: tuple[Daemon, DaemonInfo, dict[str, str]],
+) -> None:
+    daemon, info, keys = served
+    client, _ = await RawClient.connect(info, keys["acme"])
+    assert isinstance(await client.call_once("c", "increment", cls="Counter"), Result)
+    assert daemon.system is not None
+    key_id = keys["acme"].split("_")[1]
+    daemon.system.revoke_key(key_id)
+    reply = await client.call_once("c", "increment", cls="Counter")
+    assert isinstance(reply, ErrorReply)
+    assert reply.code == "unauthorized"
+    assert daemon.runtime is not None
+    assert await daemon.runtime.call("acme", "c", "get") == 1  # nothing written
+
+
+async def test_protocol_error_closes_only_that_connection(
+    served: tuple[Daemon, DaemonInfo, dict[str, str]],
+) -> None:
+    _, info, keys = served
+    good, _ = await RawClient.connect(info, keys["acme"])
+    bad, _ = await RawClient.connect(info, keys["acme"])
+    await bad.stream.send_all(struct.pack(">I", 2**31) + b"garbage")
+    reply = await bad.receive()
+    assert isinstance(reply, ErrorReply)
+    assert reply.code == "bad_request"
+    assert isinstance(await good.call_once("c", "increment", cls="Counter"), Result)
+
+
+async def test_calls_in_flight_are_bounded_per_connection(
+    data_dir: Path, tenant_keys: dict[str, str]
+) -> None:
+    Gate.events["g"] = trio.Event()
+    async with trio.open_nursery() as nursery:
+        daemon, info = await _start(nursery, data_dir, **{"server.calls_in_flight_max": 4})
+        client, _ = await RawClient.connect(info, tenant_keys["acme"])
+        assert isinstance(await client.call_once("g", "put", "k", 0, cls="Gate"), Result)
+        calls = [client.call("g", "wait_and_put", "k", index) for index in range(10)]
+        await client.send(*calls)
+        assert daemon.runtime is not None
+        for _ in range(100):
+            await trio.sleep(0.01)
+        # One running, three queued; the other six are still in the socket.
+        assert daemon.runtime.statistics().queued_envelopes == 3
+        Gate.events["g"].set()
+        got = {
+            event.id
+            for event in [await client.receive() for _ in calls]
+            if isinstance(event, Result)
+        }
+        assert got == {call.id for call in calls}
+        daemon.stop()
+
+
+async def test_deadline_answers_timeout(data_dir: Path, tenant_keys: dict[str, str]) -> None:
+    Gate.events["d"] = trio.Event()
+    async with trio.open_nursery() as nursery:
+        daemon, info = await _start(nursery, data_dir)
+        client, _ = await RawClient.connect(info, tenant_keys["acme"])
+        reply = await client.call_once("d", "wait_and_put", "k", 1, cls="Gate", deadline_ms=50)
+        assert isinstance(reply, ErrorReply)
+        assert (reply.code, reply.retryable) == ("timeout", True)
+        Gate.events["d"].set()
+        assert isinstance(await client.call_once("d", "get", "k"), Result)
+        daemon.stop()
+
+
+async def test_slow_sender_is_disconnected(data_dir: Path, tenant_keys: dict[str, str]) -> None:
+    async with trio.open_nursery() as nursery:
+        daemon, info = await _start(nursery, data_dir, **{"server.frame_seconds": 0.2})
+        client, _ = await RawClient.connect(info, tenant_keys["acme"])
+        await client.stream.send_all(b"\x00\x00\x00\x10abc")  # 16 bytes announced, 3 sent
+        with trio.fail_after(5):
+            assert await client.stream.receive_some(100) == b""
+        daemon.stop()
+
+
+async def test_stop_drains_calls_in_flight(data_dir: Path, tenant_keys: dict[str, str]) -> None:
+    Gate.events["s"] = trio.Event()
+    async with trio.open_nursery() as nursery:
+        daemon, info = await _start(nursery, data_dir)
+        client, _ = await RawClient.connect(info, tenant_keys["acme"])
+        assert isinstance(await client.call_once("s", "put", "k", 0, cls="Gate"), Result)
+        await client.send(client.call("s", "wait_and_put", "k", 1))
+        await trio.sleep(0.05)
+        daemon.stop()
+        await trio.sleep(0.05)
+        assert not daemon.health.ready
+        Gate.events["s"].set()
+        reply = await client.receive()
+        assert isinstance(reply, Result), reply
+        assert isinstance(await client.receive(), Closed)
+    # The acknowledged write is on disk.
+    system_free = load_daemon_config(overrides={"data_dir": str(data_dir), "classes": CLASSES})
+    async with trio.open_nursery() as nursery:
+        daemon = Daemon(
+            system_free.model_copy(
+                update={
+                    "server": system_free.server.model_copy(
+                        update={"listen": "127.0.0.1:0", "http": ""}
+                    )
+                }
+            )
+        )
+        await nursery.start(daemon.run)
+        assert daemon.runtime is not None
+        assert await daemon.runtime.call("acme", "s", "get", "k") == 1
+        daemon.stop()
