@@ -13,6 +13,7 @@ STDLIB = set(sys.stdlib_module_names)
 
 # layer -> third-party modules and facetrt modules it may import
 RULES: dict[str, tuple[set[str], set[str]]] = {
+    "client": ({"anyio", "msgpack"}, {"_errors", "_values", "protocol", "client"}),
     "protocol": ({"msgpack"}, {"_errors", "_ids", "_values", "protocol"}),
     "storage": ({"lmdb"}, {"_errors", "_ids", "storage"}),
     "runtime": (

@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 
 import facetrt
+import facetrt.client
+import facetrt.protocol
 import facetrt.runtime
 import facetrt.storage
 import facetrt.testing
@@ -16,7 +18,15 @@ def _isort_key(name: str) -> tuple[int, str]:
 
 
 def test_all_is_sorted_and_complete() -> None:
-    for module in (facetrt, facetrt.runtime, facetrt.storage, facetrt.testing):
+    modules = (
+        facetrt,
+        facetrt.client,
+        facetrt.protocol,
+        facetrt.runtime,
+        facetrt.storage,
+        facetrt.testing,
+    )
+    for module in modules:
         names = module.__all__
         assert names == sorted(names, key=_isort_key), module.__name__
         public = {
