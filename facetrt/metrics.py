@@ -113,6 +113,13 @@ class FacetrtMetrics:
             self.connections.labels(surface)
             self.auth_failures.labels(surface)
 
+        # Children cached per label set: labels() costs microseconds on every call.
+        self._call_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
+
     def observe_call(self, surface: str, code: str, seconds: float) -> None:
-        self.calls.labels(surface, code).inc()
-        self.call_latency.labels(surface).observe(seconds)
+        children = self._call_children.get((surface, code))
+        if children is None:
+            children = (self.calls.labels(surface, code), self.call_latency.labels(surface))
+            self._call_children[(surface, code)] = children
+        children[0].inc()
+        children[1].observe(seconds)

@@ -60,6 +60,7 @@ logger = logging.getLogger(__name__)
 
 RECEIVE_BYTES_MAX = 256 * 1024
 CLOSE_SECONDS = 5.0
+ADDRESS_CACHE_MAX = 4096
 
 
 def _peer_host(stream: trio.abc.Stream) -> str:
@@ -183,6 +184,8 @@ class _Session:
         self._reading = True
         self._read_scope = trio.CancelScope()
         self._principal: Principal | None = None
+        # Validated addresses of this connection's agents: the id regex runs once per agent.
+        self._addresses: dict[str, FacetAddress] = {}
         self._tenant = ""
         self._peer = _peer_host(stream)
 
@@ -290,7 +293,11 @@ class _Session:
             self._answer(call.id, started, outcome.Error(UnauthorizedError("key was revoked")))
             return
         try:
-            address = FacetAddress(self._tenant, call.agent)
+            address = self._addresses.get(call.agent)
+            if address is None:
+                address = FacetAddress(self._tenant, call.agent)
+                if len(self._addresses) < ADDRESS_CACHE_MAX:
+                    self._addresses[call.agent] = address
             reply = self._core.submit(
                 address,
                 call.method,
