@@ -36,6 +36,12 @@ class RuntimeConfig(BaseModel):
     open_facets_max: int = Field(
         1000, gt=0, le=1_000_000, description="Activations (open LMDB environments) per node."
     )
+    activation_wait_seconds_max: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="Time a new activation waits for an open slot before `overloaded`.",
+    )
     idle_timeout_seconds: float = Field(
         60.0, gt=0, le=86_400, description="An activation with no work passivates after this."
     )

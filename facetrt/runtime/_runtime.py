@@ -218,7 +218,9 @@ async def open_runtime(
                     workers=workers,
                     wall_clock=wall_clock,
                 )
-                supervisor = Supervisor(config.open_facets_max)
+                supervisor = Supervisor(
+                    config.open_facets_max, wait_seconds_max=config.activation_wait_seconds_max
+                )
                 router = Router(core=core, supervisor=supervisor, nursery=nursery)
                 core.router = router
                 runtime = Runtime(core, router, supervisor)

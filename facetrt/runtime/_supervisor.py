@@ -1,9 +1,10 @@
 """Supervisor: bounds open activations at ``open_facets_max`` and evicts idle ones (LRU).
 
 An activation takes a permit before it opens its store and gives it back after the store is
-closed. When none is free, the least recently idle activation is asked to passivate; if no
-activation is idle (every open facet is busy), the new one is refused with ``overloaded``
-rather than waiting, since waiting could deadlock facets that call each other.
+closed. When none is free, the least recently idle activation is asked to passivate, or the
+next one to become idle is; a new activation waits at most ``activation_wait_seconds_max``
+for a permit and is then refused with ``overloaded`` (facets that call each other could
+otherwise wait forever).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ if TYPE_CHECKING:
 
 @final
 class Supervisor:
-    def __init__(self, open_facets_max: int) -> None:
+    def __init__(self, open_facets_max: int, *, wait_seconds_max: float) -> None:
         self._open_max = open_facets_max
+        self._wait_seconds_max = wait_seconds_max
         self._open = 0
         self._stopping = 0
         self._idle: OrderedDict[FacetAddress, Activation] = OrderedDict()
@@ -36,19 +38,30 @@ class Supervisor:
     async def acquire(self) -> None:
         """Take an open permit, evicting the least recently used idle activation if needed.
 
+        Waits at most ``wait_seconds_max`` for one (a burst of new facets queues briefly while
+        busy ones finish); past that the activation is refused, since facets waiting on each
+        other could otherwise wait forever.
+
         Raises:
-            OverloadedError: every open activation is busy.
+            OverloadedError: no permit came free in time.
         """
-        while self._open >= self._open_max:
-            if self._idle:
-                _, victim = self._idle.popitem(last=False)
-                self._stopping += 1
-                victim.request_stop(evicted=True)
-            elif self._stopping == 0:
-                raise OverloadedError(f"node has {self._open_max} open facets and none is idle")
-            await self._lot.park()
+        # Checkpoint first: between the final check and the increment below there must be
+        # no await, or activations starting together would all pass the check.
         await trio.lowlevel.checkpoint()
-        self._open += 1
+        with trio.move_on_after(self._wait_seconds_max) as waited:
+            while self._open >= self._open_max:
+                waiting = len(self._lot) + 1  # the parked ones and this one
+                if self._stopping < waiting and self._idle:
+                    _, victim = self._idle.popitem(last=False)
+                    self._stopping += 1
+                    victim.request_stop(evicted=True)
+                await self._lot.park()
+            self._open += 1
+        if waited.cancelled_caught:
+            raise OverloadedError(
+                f"node has {self._open_max} open facets and none became idle within "
+                f"{self._wait_seconds_max} s"
+            )
 
     def release(self, *, evicted: bool) -> None:
         self._open -= 1
@@ -59,8 +72,8 @@ class Supervisor:
     def mark_idle(self, activation: Activation) -> None:
         self._idle[activation.address] = activation
         self._idle.move_to_end(activation.address)
-        if self._lot:
-            # Someone is waiting for a permit: this activation is now the cheapest to evict.
+        if len(self._lot) > self._stopping:
+            # More waiters than evictions under way: this one is now the cheapest to evict.
             self._idle.pop(activation.address)
             self._stopping += 1
             activation.request_stop(evicted=True)

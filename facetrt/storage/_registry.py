@@ -13,7 +13,7 @@ import json
 import os
 from typing import TYPE_CHECKING, Final
 
-from .._errors import ConfigError
+from .._errors import ConfigError, StorageError
 from .._ids import FacetAddress
 from ._store import FacetStore, StoreHooks, store_exists
 
@@ -118,8 +118,12 @@ class StoreRegistry:
             map_size_bytes_max=self._map_size_bytes_max,
             hooks=self._hooks,
         )
+        try:
+            _write_id_hint(path, address)
+        except OSError as exc:
+            store.close()
+            raise StorageError(f"cannot write the id hint of {str(path)!r}: {exc}") from exc
         self._open[path] = store
-        _write_id_hint(path, address)
         return store
 
     def list_facets(

@@ -92,6 +92,12 @@ class FacetStore:
         self.path = path
         self.map_size_bytes_max = map_size_bytes_max
         self._hooks = hooks or StoreHooks()
+        try:
+            self._open(path, map_size_bytes)
+        except OSError as exc:  # mkdir, fsync, EMFILE, ENOSPC...: this facet fails, not the node
+            raise StorageError(f"cannot open store {str(path)!r}: {exc}") from exc
+
+    def _open(self, path: Path, map_size_bytes: int) -> None:
         created = _make_dirs(path)
         try:
             existing = _file_size(path / DATA_FILE)
@@ -114,12 +120,22 @@ class FacetStore:
                 max_spare_txns=1,
                 lock=True,
             )
-            self._data = self._env.open_db(DATA_DB)
-            self._dbs = {DATA_DB: self._data}
-            for name in SYSTEM_DBS:
-                self._dbs[name] = self._env.open_db(name)
+            # One write transaction for all named dbs: one commit, not one per db.
+            with self._env.begin(write=True) as txn:
+                self._data = self._env.open_db(DATA_DB, txn=txn)
+                self._dbs = {DATA_DB: self._data}
+                for name in SYSTEM_DBS:
+                    self._dbs[name] = self._env.open_db(name, txn=txn)
         except lmdb.Error as exc:
             raise StorageError(f"cannot open store {str(path)!r}: {exc}") from exc
+        try:
+            self._sync_new_dirs(path, created)
+        except OSError:
+            self._env.close()
+            raise
+
+    @staticmethod
+    def _sync_new_dirs(path: Path, created: list[Path]) -> None:
         # A new directory entry is durable only once its parent directory is fsynced; do it
         # now so that the first acknowledged commit cannot vanish with its directory.
         for directory in created:

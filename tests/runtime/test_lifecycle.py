@@ -85,7 +85,7 @@ async def test_lru_passivation_keeps_open_facets_at_the_bound(data_dir: Path) ->
 async def test_all_open_facets_busy_refuses_new_activation_with_overloaded(
     data_dir: Path,
 ) -> None:
-    config = RuntimeConfig(open_facets_max=1, commit_threads=2)
+    config = RuntimeConfig(open_facets_max=1, activation_wait_seconds_max=0.2, commit_threads=2)
     Gate.events["busy"] = trio.Event()
     async with open_runtime(data_dir, classes=CLASSES, config=config) as rt:
         await rt.call(TENANT, "busy", "put", "open", True, cls="Gate")
@@ -208,3 +208,37 @@ async def test_close_past_grace_fails_queued_messages_as_retryable(
     async with open_runtime(data_dir, classes=CLASSES) as rt:
         assert await rt.call(TENANT, "z", "get", "w") is None
         assert await rt.call(TENANT, "z", "get", "k0") is None
+
+
+async def test_open_facets_max_holds_for_activations_starting_together(data_dir: Path) -> None:
+    config = RuntimeConfig(open_facets_max=8, commit_threads=4)
+    peak = 0
+    async with open_runtime(data_dir, classes=CLASSES, config=config) as rt:
+
+        async def call(index: int) -> None:
+            nonlocal peak
+            await rt.call(TENANT, f"a{index}", "increment", cls="Counter")
+            peak = max(peak, rt.statistics().open_facets)
+
+        async with trio.open_nursery() as nursery:
+            for index in range(64):
+                nursery.start_soon(call, index)
+            while rt.statistics().calls < 64 or rt.statistics().queued_envelopes:
+                peak = max(peak, rt.statistics().open_facets)
+                await trio.sleep(0.001)
+        for index in range(64):
+            assert await rt.call(TENANT, f"a{index}", "get") == 1
+    assert 0 < peak <= 8
+
+
+async def test_failing_store_open_fails_that_facet_only(data_dir: Path) -> None:
+    from facetrt import FacetAddress, InternalError
+
+    async with open_runtime(data_dir, classes=CLASSES) as rt:
+        await rt.call(TENANT, "healthy", "increment", cls="Counter")
+        fanout = data_dir / FacetAddress(TENANT, "victim").relative_path().parent
+        fanout.parent.mkdir(parents=True, exist_ok=True)
+        fanout.write_text("not a directory")  # mkdir of the store will fail (ENOTDIR)
+        with pytest.raises(InternalError, match="cannot open store"):
+            await rt.call(TENANT, "victim", "increment", cls="Counter")
+        assert await rt.call(TENANT, "healthy", "increment") == 2
