@@ -12,11 +12,14 @@ facet's state, nor a facet a stored value.
 
 from __future__ import annotations
 
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 import msgpack
 
 from ._errors import BadRequestError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 Value: TypeAlias = (
     bool
@@ -34,6 +37,7 @@ DEPTH_MAX = 64
 _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1
 _SCALARS = (type(None), bool, float, str, bytes)
+_CHEAP = (type(None), bool, float)
 
 
 def check_value(value: object, what: str = "value") -> None:
@@ -62,6 +66,33 @@ def _check(value: object, what: str, depth: int) -> None:
             _check(item, what, depth + 1)
         return
     raise BadRequestError(f"{what}: {kind.__name__} is not a msgpack value")
+
+
+def scalars_size(values: Iterable[object]) -> int | None:
+    """An upper bound of the encoded size of ``values`` if all are cheap scalars, else None.
+
+    The fast path of the call path: ASCII str, bytes, 64-bit int, float, bool and None are
+    immutable and need no copy; anything else (containers, non-ASCII text, which must be
+    checked for valid UTF-8, out-of-range ints) returns None and takes the full check and copy.
+    """
+    size = 0
+    for value in values:
+        kind = type(value)
+        if kind is str:
+            if not value.isascii():  # type: ignore[attr-defined]  # kind is str here
+                return None
+            size += len(value) + 5  # type: ignore[arg-type]  # kind is str here
+        elif kind is bytes:
+            size += len(value) + 5  # type: ignore[arg-type]  # kind is bytes here
+        elif kind is int:
+            if not _INT_MIN <= value <= _INT_MAX:  # type: ignore[operator]  # kind is int
+                return None
+            size += 9
+        elif kind in _CHEAP:
+            size += 9
+        else:
+            return None
+    return size
 
 
 def encode_value(value: object, *, bytes_max: int, what: str = "value") -> bytes:

@@ -45,7 +45,7 @@ from .._errors import (
     UnavailableError,
 )
 from .._ids import FacetAddress
-from .._values import Value, decode_value, encode_value
+from .._values import Value, decode_value, encode_value, scalars_size
 from ..storage import IDEM_DB, META_DB
 from ._facet import Facet, instantiate
 from ._layers import MISSING, Layer, lookup_system
@@ -272,9 +272,13 @@ class Activation:
                 except TypeError as exc:
                     raise BadRequestError(f"bad arguments for {envelope.method!r}: {exc}") from None
                 value = await coroutine
-                encoded = _encode_result(value, self._config.value_bytes_max)
-                if key is not None:
-                    self._store_result(layer, key, envelope.method, encoded)
+                size = scalars_size((value,)) if key is None else None
+                if size is not None and size <= self._config.value_bytes_max:
+                    encoded = None  # an immutable scalar: no copy needed
+                else:
+                    encoded = _encode_result(value, self._config.value_bytes_max)
+                    if key is not None:
+                        self._store_result(layer, key, envelope.method, encoded)
             finally:
                 storage.end_message()
         except StorageError:
@@ -286,7 +290,7 @@ class Activation:
                 HandlerError(f"{type(exc).__name__}: {exc}", type_name=type(exc).__name__)
             )
         self._pending[-1].absorb(layer)
-        return outcome.Value(decode_value(encoded))
+        return outcome.Value(value if encoded is None else decode_value(encoded))
 
     def _inspect(self) -> Value:
         """What an operator sees of this facet (no stored values)."""

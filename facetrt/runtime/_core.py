@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, final
@@ -9,7 +10,7 @@ from typing import TYPE_CHECKING, final
 import trio
 
 from .._errors import BadRequestError, NotFoundError, UnavailableError
-from .._values import Value, copy_value
+from .._values import Value, copy_value, scalars_size
 from ._mailbox import Envelope
 from ._reply import ReplySlot
 
@@ -120,11 +121,7 @@ class RuntimeCore:
             raise NotFoundError(f"unknown facet class {cls!r}")
         if idempotency_key is not None:
             self._check_idempotency_key(idempotency_key)
-        copied = copy_value([args, kwargs], bytes_max=self.config.value_bytes_max, what="arguments")
-        assert isinstance(copied, list)
-        call_args, call_kwargs = copied
-        assert isinstance(call_args, list)
-        assert isinstance(call_kwargs, dict)
+        call_args, call_kwargs = self._arguments(args, kwargs)
         envelope = Envelope(
             method=method,
             args=call_args,
@@ -140,6 +137,22 @@ class RuntimeCore:
         self.counters.calls += 1
         self.router.submit(address, envelope)
         return envelope.reply
+
+    def _arguments(
+        self, args: Sequence[object], kwargs: Mapping[str, object]
+    ) -> tuple[list[Value], dict[str, Value]]:
+        """Checked arguments the handler may keep: scalars as they are, the rest deep-copied."""
+        bytes_max = self.config.value_bytes_max
+        if all(type(key) is str for key in kwargs):
+            size = scalars_size(itertools.chain(args, kwargs.values()))
+            if size is not None and size <= bytes_max:
+                return list(args), dict(kwargs)  # type: ignore[arg-type]  # checked scalars
+        copied = copy_value([args, kwargs], bytes_max=bytes_max, what="arguments")
+        assert isinstance(copied, list)
+        call_args, call_kwargs = copied
+        assert isinstance(call_args, list)
+        assert isinstance(call_kwargs, dict)
+        return call_args, call_kwargs
 
     def _check_idempotency_key(self, key: object) -> None:
         limit = self.config.idempotency_key_bytes_max
