@@ -51,7 +51,10 @@ def cmd_serve(options: argparse.Namespace) -> int:
         "server.listen": options.listen,
         "server.http": options.http,
     }
-    config = load_daemon_config(options.config, environ=os.environ, overrides=overrides)
+    path = options.config or (
+        Path(os.environ["FACETRT_CONFIG"]) if os.environ.get("FACETRT_CONFIG") else None
+    )
+    config = load_daemon_config(path, environ=os.environ, overrides=overrides)
     daemon = Daemon(config)
 
     async def main() -> None:
@@ -75,7 +78,10 @@ def cmd_serve(options: argparse.Namespace) -> int:
 
 
 def cmd_config_check(options: argparse.Namespace) -> int:
-    config = load_daemon_config(options.file)
+    import os
+
+    # The environment applies as it would to `serve`, so this shows what would run.
+    config = load_daemon_config(options.file, environ=os.environ)
     from .server._daemon import resolve_classes
 
     resolve_classes(config.classes)

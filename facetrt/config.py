@@ -9,7 +9,7 @@ import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ._errors import ConfigError
 
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
 MIB = 1024 * 1024
+FRAME_OVERHEAD_BYTES = 64 * 1024
 
 
 class RuntimeConfig(BaseModel):
@@ -128,6 +129,17 @@ class DaemonConfig(BaseModel):
     )
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+
+    @model_validator(mode="after")
+    def _frames_carry_values(self) -> DaemonConfig:
+        # A result or argument of value_bytes_max must fit in one frame with its envelope.
+        needed = self.runtime.value_bytes_max + FRAME_OVERHEAD_BYTES
+        if self.server.frame_bytes_max < needed:
+            raise ValueError(
+                f"server.frame_bytes_max ({self.server.frame_bytes_max}) must be at least "
+                f"runtime.value_bytes_max + {FRAME_OVERHEAD_BYTES} ({needed})"
+            )
+        return self
 
 
 def load_daemon_config(

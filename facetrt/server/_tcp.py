@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from functools import partial
 from typing import TYPE_CHECKING, final
 
@@ -24,6 +25,7 @@ from .._errors import (
     DeadlineExceededError,
     FacetrtError,
     ForbiddenError,
+    InternalError,
     LocalProtocolError,
     RemoteProtocolError,
     UnauthorizedError,
@@ -43,6 +45,7 @@ from ..protocol import (
     Pong,
     Result,
     Role,
+    State,
     Welcome,
 )
 
@@ -61,6 +64,7 @@ logger = logging.getLogger(__name__)
 RECEIVE_BYTES_MAX = 256 * 1024
 CLOSE_SECONDS = 5.0
 ADDRESS_CACHE_MAX = 4096
+TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
 def _peer_host(stream: trio.abc.Stream) -> str:
@@ -142,6 +146,10 @@ class TcpServer:
     async def _handle(self, stream: trio.abc.Stream) -> None:
         surface = "tcp"
         if len(self._sessions) >= self.config.connections_max or self.draining:
+            reason = "draining" if self.draining else "at its connection limit"
+            refusal = error_reply(None, UnavailableError(f"server is {reason}; retry later"))
+            with trio.move_on_after(CLOSE_SECONDS), contextlib.suppress(trio.BrokenResourceError):
+                await stream.send_all(Connection(Role.SERVER).send(refusal))
             await trio.aclose_forcefully(stream)
             return
         self.metrics.connections_accepted.labels(surface).inc()
@@ -178,6 +186,9 @@ class _Session:
         self._conn = Connection(Role.SERVER, frame_bytes_max=server.config.frame_bytes_max)
         self._core = server.runtime.core
         self._outbox: list[bytes] = []
+        self._outbox_bytes = 0
+        self._unwritten = 0  # frames queued or being sent, not yet handed to the kernel
+        self._frame_deadline: float | None = None
         self._writer_lot = trio.lowlevel.ParkingLot()
         self._room_lot = trio.lowlevel.ParkingLot()
         self._pending: dict[int, trio.CancelScope | None] = {}
@@ -203,9 +214,11 @@ class _Session:
             try:
                 with self._read_scope:
                     await self._read_loop(nursery)
-                # EOF, bye or drain: answer what is in flight, then close.
+                # EOF, bye or drain: answer what is in flight, then say bye and close.
                 while self._pending:
                     await self._room_lot.park()
+                if self._conn.state is State.OPEN:
+                    self._queue(Bye())
             finally:
                 self._reading = False
                 self._writer_lot.unpark_all()
@@ -259,20 +272,32 @@ class _Session:
 
     async def _next_event(self) -> Event | Closed:
         while True:
+            if self._conn.state is State.ERROR:
+                # Our writer found the stream broken: the peer is gone, not misbehaving.
+                raise trio.BrokenResourceError("connection lost while sending")
             event = self._conn.next_event()
             if not isinstance(event, NeedData):
+                self._frame_deadline = None
                 return event
             if self._conn.buffered_bytes:
-                with trio.fail_after(self._config.frame_seconds):
+                # One deadline per frame, set when its first byte arrived: a sender dribbling
+                # a byte at a time cannot hold the connection open.
+                if self._frame_deadline is None:
+                    self._frame_deadline = trio.current_time() + self._config.frame_seconds
+                with trio.fail_at(self._frame_deadline):
                     data = await self._stream.receive_some(RECEIVE_BYTES_MAX)
             else:
+                self._frame_deadline = None
                 data = await self._stream.receive_some(RECEIVE_BYTES_MAX)
             self._conn.receive_data(data)
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
         bound = self._config.calls_in_flight_max
+        # A call holds its slot until its reply is written, not just queued: a client that
+        # sends but never reads can make us hold at most calls_in_flight_max replies.
+        outbox_max = self._config.frame_bytes_max * 2
         while True:
-            while len(self._pending) >= bound:
+            while len(self._pending) + self._unwritten >= bound or self._outbox_bytes > outbox_max:
                 await self._room_lot.park()
             event = await self._next_event()
             if isinstance(event, Call):
@@ -291,6 +316,12 @@ class _Session:
         if not self._server.system.is_active(self._principal):
             self._server.metrics.auth_failures.labels("tcp").inc()
             self._answer(call.id, started, outcome.Error(UnauthorizedError("key was revoked")))
+            return
+        if call.traceparent is not None and TRACEPARENT.fullmatch(call.traceparent) is None:
+            error = BadRequestError(
+                "trace must be a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)"
+            )
+            self._answer(call.id, started, outcome.Error(error))
             return
         try:
             address = self._addresses.get(call.agent)
@@ -344,7 +375,7 @@ class _Session:
             error = result.error
             if not isinstance(error, FacetrtError):  # pragma: no cover - a bug elsewhere
                 logger.error("non-facetrt error answered a call: %r", error)
-                error = UnavailableError("internal error")
+                error = InternalError("internal error")
             event = error_reply(call_id, error)
             code = error.code.value
         self._server.metrics.observe_call("tcp", code, trio.current_time() - started)
@@ -352,14 +383,22 @@ class _Session:
             data = self._conn.send(event)
         except LocalProtocolError as exc:
             if isinstance(event, Result) and "exceeds" in exc.message:
-                data = self._conn.send(error_reply(call_id, BadRequestError(exc.message)))
+                # Unreachable with a valid config (frame_bytes_max leaves room for the
+                # largest value), kept as a guard: the call ran, its result cannot travel.
+                error = InternalError(f"the result does not fit in a frame: {exc.message}")
+                data = self._conn.send(error_reply(call_id, error))
             else:
                 return  # the connection already failed: nobody to answer
         self._outbox.append(data)
+        self._outbox_bytes += len(data)
+        self._unwritten += 1
         self._writer_lot.unpark_all()
 
     def _queue(self, event: Event) -> None:
-        self._outbox.append(self._conn.send(event))
+        data = self._conn.send(event)
+        self._outbox.append(data)
+        self._outbox_bytes += len(data)
+        self._unwritten += 1
         self._writer_lot.unpark_all()
 
     # -- writing -----------------------------------------------------------------------
@@ -372,9 +411,13 @@ class _Session:
                         return
                     await self._writer_lot.park()
                     continue
+                frames = len(self._outbox)
                 data = b"".join(self._outbox)
                 self._outbox.clear()
                 await self._stream.send_all(data)
+                self._outbox_bytes -= len(data)
+                self._unwritten -= frames
+                self._room_lot.unpark_all()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._conn.send_failed()
             self._read_scope.cancel()

@@ -39,7 +39,11 @@ if TYPE_CHECKING:
 
     from facetrt import Value
 
-CLASSES = {"Counter": "facetrt.examples:Counter", "Gate": "tests.facets:Gate"}
+CLASSES = {
+    "Counter": "facetrt.examples:Counter",
+    "Gate": "tests.facets:Gate",
+    "Register": "tests.facets:Register",
+}
 
 
 class RawClient:
@@ -281,6 +285,7 @@ async def test_stop_drains_calls_in_flight(data_dir: Path, tenant_keys: dict[str
         Gate.events["s"].set()
         reply = await client.receive()
         assert isinstance(reply, Result), reply
+        assert isinstance(await client.receive(), Bye)
         assert isinstance(await client.receive(), Closed)
     # The acknowledged write is on disk.
     system_free = load_daemon_config(overrides={"data_dir": str(data_dir), "classes": CLASSES})
@@ -298,3 +303,59 @@ async def test_stop_drains_calls_in_flight(data_dir: Path, tenant_keys: dict[str
         assert daemon.runtime is not None
         assert await daemon.runtime.call("acme", "s", "get", "k") == 1
         daemon.stop()
+
+
+async def test_dribbled_frame_is_cut_off_by_one_deadline(
+    data_dir: Path, tenant_keys: dict[str, str]
+) -> None:
+    async with trio.open_nursery() as nursery:
+        daemon, info = await _start(nursery, data_dir, **{"server.frame_seconds": 0.3})
+        client, _ = await RawClient.connect(info, tenant_keys["acme"])
+        frame = client.conn.send(client.call("c", "increment", cls="Counter"))
+        with trio.fail_after(5):
+            for byte in frame:
+                try:
+                    await client.stream.send_all(bytes([byte]))
+                except trio.BrokenResourceError:
+                    break
+                await trio.sleep(0.1)  # each byte well within 0.3 s, the frame not
+            assert await client.stream.receive_some(100) == b""
+        daemon.stop()
+
+
+async def test_malformed_traceparent_is_bad_request(
+    served: tuple[Daemon, DaemonInfo, dict[str, str]],
+) -> None:
+    _, info, keys = served
+    client, _ = await RawClient.connect(info, keys["acme"])
+    reply = await client.call_once("c", "increment", cls="Counter", traceparent="garbage")
+    assert isinstance(reply, ErrorReply)
+    assert reply.code == "bad_request"
+    good = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    reply = await client.call_once("c", "increment", cls="Counter", traceparent=good)
+    assert reply == Result(id=2, value=1)
+
+
+async def test_client_that_never_reads_stops_being_read(
+    data_dir: Path, tenant_keys: dict[str, str]
+) -> None:
+    """Replies waiting to be written count against the connection: no unbounded buffering."""
+    async with trio.open_nursery() as nursery:
+        daemon, info = await _start(nursery, data_dir, **{"server.calls_in_flight_max": 8})
+        await _never_reads(daemon, info, tenant_keys["acme"])
+        daemon.stop()
+
+
+async def _never_reads(daemon: Daemon, info: DaemonInfo, key: str) -> None:
+    client, _ = await RawClient.connect(info, key)
+    assert isinstance(
+        await client.call_once("big", "put", "v", "x" * 300_000, cls="Register"), Result
+    )
+    assert daemon.runtime is not None
+    before = daemon.runtime.statistics().calls
+    calls = [client.call("big", "get", "v") for _ in range(200)]
+    with trio.move_on_after(2):
+        await client.send(*calls)  # may block: the server stopped reading, buffers are full
+    await trio.sleep(0.3)
+    handled = daemon.runtime.statistics().calls - before
+    assert handled < 100, handled
