@@ -359,3 +359,59 @@ async def _never_reads(daemon: Daemon, info: DaemonInfo, key: str) -> None:
     await trio.sleep(0.3)
     handled = daemon.runtime.statistics().calls - before
     assert handled < 100, handled
+
+
+async def test_error_codes_reach_the_wire(data_dir: Path, tenant_keys: dict[str, str]) -> None:
+    """Every SPEC §4 code the runtime can produce arrives over TCP with its retryable flag."""
+    overrides: dict[str, object] = {
+        "runtime.mailbox_envelopes_max": 1,
+        "runtime.map_size_bytes_initial": 65536,
+        "runtime.map_size_bytes_max": 65536,
+    }
+    Gate.events["busy"] = trio.Event()
+    async with trio.open_nursery() as nursery:
+        daemon, info = await _start(nursery, data_dir, **overrides)
+        client, _ = await RawClient.connect(info, tenant_keys["acme"])
+        codes: dict[str, tuple[str, bool]] = {}
+
+        async def expect(
+            name: str, agent: str, method: str, *args: Value, **options: object
+        ) -> None:
+            reply = await client.call_once(agent, method, *args, **options)
+            assert isinstance(reply, ErrorReply), (name, reply)
+            codes[name] = (reply.code, reply.retryable)
+
+        await client.call_once("c", "increment", cls="Counter")
+        await expect("conflict", "c", "put", "k", 1, cls="Register")
+        await expect("handler_error", "r", "put_then_fail", "k", 1, cls="Register")
+        await expect("reentrancy", "r", "call", "r", "get", ["k"], None)
+        await expect("bad_request", "r", "put", "k" * 600, 1)  # key over 511 bytes
+        await expect("quota_exceeded", "r", "put", "big", "x" * 60_000)
+        # A full mailbox: one message running, one queued, the third is shed.
+        await client.call_once("busy", "put", "k", 0, cls="Gate")
+        await client.send(
+            client.call("busy", "wait_and_put", "k", 1), client.call("busy", "put", "k", 2)
+        )
+        await trio.sleep(0.1)
+        await expect("overloaded", "busy", "put", "k", 3)
+        Gate.events["busy"].set()
+        for _ in range(2):
+            assert isinstance(await client.receive(), Result)
+        # A store that cannot be created: internal, and the node keeps serving.
+        from facetrt import FacetAddress
+
+        fanout = data_dir / FacetAddress("acme", "broken").relative_path().parent
+        fanout.parent.mkdir(parents=True, exist_ok=True)
+        fanout.write_text("not a directory")
+        await expect("internal", "broken", "increment", cls="Counter")
+        assert isinstance(await client.call_once("c", "get"), Result)
+        daemon.stop()
+    assert codes == {
+        "conflict": ("conflict", False),
+        "handler_error": ("handler_error", False),
+        "reentrancy": ("reentrancy", False),
+        "bad_request": ("bad_request", False),
+        "quota_exceeded": ("quota_exceeded", False),
+        "overloaded": ("overloaded", True),
+        "internal": ("internal", True),
+    }
