@@ -243,8 +243,12 @@ def _bounds(
     if prefix is not None:
         if type(prefix) is not str:
             raise BadRequestError("list: prefix must be str")
-        low = prefix.encode() or None
-        high = _prefix_end(prefix.encode())
+        try:
+            encoded = prefix.encode()
+        except UnicodeEncodeError as exc:
+            raise BadRequestError(f"list: prefix is not valid UTF-8: {exc.reason}") from None
+        low = encoded or None
+        high = _prefix_end(encoded)
     if start is not None:
         candidate = encode_key(start)
         low = candidate if low is None else max(low, candidate)

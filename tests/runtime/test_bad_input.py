@@ -12,12 +12,14 @@ from facetrt import (
     BadRequestError,
     ConflictError,
     ErrorCode,
+    Facet,
     FacetrtError,
     HandlerError,
     NotFoundError,
     RuntimeConfig,
     StoreFullError,
     open_runtime,
+    rpc,
 )
 from tests.facets import CLASSES
 
@@ -196,3 +198,14 @@ def test_every_error_class_has_its_code_and_retryable_flag() -> None:
         assert issubclass(cls, FacetrtError)
         assert cls.code is code
         assert cls.retryable is (code in retryable)
+
+
+async def test_list_with_a_non_utf8_prefix_is_bad_request(data_dir: Path) -> None:
+    class Lister(Facet):
+        @rpc
+        async def probe(self) -> None:
+            self.storage.list(prefix="\ud800")  # made here: arguments could not carry it
+
+    async with open_runtime(data_dir, classes={"Lister": Lister}) as rt:
+        with pytest.raises(BadRequestError, match="prefix"):
+            await rt.call(TENANT, "l", "probe", cls="Lister")

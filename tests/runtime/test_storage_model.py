@@ -703,16 +703,21 @@ LARGE_VALUES: st.SearchStrategy[Value] = st.builds(
 )
 
 
+def _often_none(strategy: st.SearchStrategy[T]) -> st.SearchStrategy[T | None]:
+    return weighted((2, st.none()), (1, strategy))
+
+
 @st.composite
 def list_ranges(draw: st.DrawFn) -> ListRange:
-    lower = draw(st.sampled_from(["none", "start", "start_after", "both"]))
+    lower = draw(weighted((4, st.just("none")), (2, st.just("start")), (2, st.just("after"))))
+    both = draw(weighted((6, st.just(False)), (1, st.just(True))))
     return ListRange(
-        prefix=draw(st.none() | PREFIXES),
-        start=draw(KEYS) if lower in ("start", "both") else None,
-        start_after=draw(KEYS) if lower in ("start_after", "both") else None,
-        end=draw(st.none() | KEYS),
+        prefix=draw(_often_none(PREFIXES)),
+        start=draw(KEYS) if lower == "start" or both else None,
+        start_after=draw(KEYS) if lower == "after" or both else None,
+        end=draw(_often_none(KEYS)),
         reverse=draw(st.booleans()),
-        limit=draw(weighted((4, st.none()), (4, st.integers(1, 6)), (1, st.sampled_from([0, -1])))),
+        limit=draw(weighted((8, st.none()), (4, st.integers(1, 6)), (1, st.sampled_from([0, -1])))),
     )
 
 
@@ -724,7 +729,8 @@ SIMPLE_OPS: st.SearchStrategy[Op] = weighted(
     (3, st.builds(Delete, KEYS)),
     (2, st.builds(DeleteMany, st.lists(KEYS, max_size=5))),
     (8, list_ranges()),
-    (1, st.just(DeleteAll())),
+    (3, st.builds(ListRange, reverse=st.booleans())),  # everything
+    (2, st.just(DeleteAll())),
     (2, st.just(Checkpoint())),
 )
 TXN_MODES: st.SearchStrategy[TxnMode] = weighted(
