@@ -11,6 +11,7 @@ runtime drains its mailboxes, flushes commits and closes every environment → e
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import os
@@ -194,6 +195,9 @@ class Daemon:
                 http_address = await nursery.start(run_http)
             if handle_signals:
                 nursery.start_soon(self._watch_signals)
+            # Everything allocated so far (modules, config, classes) lives as long as the
+            # process: move it out of the collector's sight so full collections stay short.
+            gc.freeze()
             self.health.ready = True
             logger.info(
                 "facetrt serving: protocol on %s:%d, HTTP on %s, data in %s, admin key in %s",
