@@ -1,6 +1,7 @@
-"""Benchmarks of facetrt: ``python -m benchmarks.inprocess`` (see ``docs/performance.md``).
+"""Benchmarks of facetrt (see ``docs/performance.md``).
 
-They drive only the public API (``facetrt.open_runtime``, ``facetrt.RuntimeConfig``,
-``facetrt.examples``) and measure their baselines (raw LMDB, trio, an ideal group-commit actor)
+``python -m benchmarks.inprocess`` drives the embedded runtime through the public API;
+``python -m benchmarks.daemon`` drives a real ``facetrt serve`` process over loopback (TCP and
+HTTP) from separate load-generator processes. Both measure their baselines (raw LMDB, trio, an ideal group-commit actor)
 in the same run, so that figures from different machines can be compared as ratios.
 """
