@@ -55,7 +55,7 @@ def cmd_serve(options: argparse.Namespace) -> int:
         Path(os.environ["FACETRT_CONFIG"]) if os.environ.get("FACETRT_CONFIG") else None
     )
     config = load_daemon_config(path, environ=os.environ, overrides=overrides)
-    daemon = Daemon(config)
+    daemon = Daemon(config, tune_gc=True)  # this process is the daemon's
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
