@@ -191,6 +191,24 @@ class Connection:
                 raise LocalProtocolError(f"reply to call id {event.id}, which is not in flight")
             self._in_flight.discard(event.id)
 
+    def send_result(self, call_id: int, value: object) -> bytes:
+        """``send(Result(id=call_id, value=value))`` without building the event: the hot path.
+
+        Raises:
+            LocalProtocolError: not a server, not open, ``call_id`` not in flight, or too big.
+        """
+        if self.role is not Role.SERVER or self.state not in (State.OPEN, State.CLOSING):
+            raise LocalProtocolError(f"cannot send a result in state {self.state.value}")
+        if call_id not in self._in_flight:
+            raise LocalProtocolError(f"reply to call id {call_id}, which is not in flight")
+        data = encode_frame({"t": "result", "id": call_id, "value": value})
+        if len(data) - 4 > self.frame_bytes_max:
+            raise LocalProtocolError(
+                f"frame of {len(data) - 4} bytes exceeds the limit of {self.frame_bytes_max}"
+            )
+        self._in_flight.discard(call_id)
+        return data
+
     def send_failed(self) -> None:
         """The stream broke while sending: nothing more can be sent or received."""
         self.state = State.ERROR

@@ -43,7 +43,6 @@ from ..protocol import (
     NeedData,
     Ping,
     Pong,
-    Result,
     Role,
     State,
     Welcome,
@@ -368,27 +367,33 @@ class _Session:
             scope.cancel()
         self._room_lot.unpark_all()
         if isinstance(result, outcome.Value):
-            event: Result | ErrorReply = Result(id=call_id, value=result.value)
             code = "ok"
-        else:
-            assert isinstance(result, outcome.Error)
-            error = result.error
-            if not isinstance(error, FacetrtError):  # pragma: no cover - a bug elsewhere
-                logger.error("non-facetrt error answered a call: %r", error)
-                error = InternalError("internal error")
-            event = error_reply(call_id, error)
-            code = error.code.value
-        self._server.metrics.observe_call("tcp", code, trio.current_time() - started)
-        try:
-            data = self._conn.send(event)
-        except LocalProtocolError as exc:
-            if isinstance(event, Result) and "exceeds" in exc.message:
+            try:
+                data = self._conn.send_result(call_id, result.value)
+            except LocalProtocolError as exc:
+                if "exceeds" not in exc.message:
+                    return  # the connection already failed: nobody to answer
                 # Unreachable with a valid config (frame_bytes_max leaves room for the
                 # largest value), kept as a guard: the call ran, its result cannot travel.
-                error = InternalError(f"the result does not fit in a frame: {exc.message}")
+                error: FacetrtError = InternalError(
+                    f"the result does not fit in a frame: {exc.message}"
+                )
+                code = error.code.value
                 data = self._conn.send(error_reply(call_id, error))
-            else:
+        else:
+            assert isinstance(result, outcome.Error)
+            caught = result.error
+            if isinstance(caught, FacetrtError):
+                error = caught
+            else:  # pragma: no cover - a bug elsewhere
+                logger.error("non-facetrt error answered a call: %r", caught)
+                error = InternalError("internal error")
+            code = error.code.value
+            try:
+                data = self._conn.send(error_reply(call_id, error))
+            except LocalProtocolError:
                 return  # the connection already failed: nobody to answer
+        self._server.metrics.observe_call("tcp", code, trio.current_time() - started)
         self._outbox.append(data)
         self._outbox_bytes += len(data)
         self._unwritten += 1

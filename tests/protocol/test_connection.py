@@ -237,3 +237,21 @@ def test_eof_mid_frame_is_a_protocol_error() -> None:
     server.receive_data(b"")
     with pytest.raises(RemoteProtocolError, match="middle of a frame"):
         server.next_event()
+
+
+@settings(max_examples=100)
+@given(values)
+def test_send_result_equals_send_of_a_result_event(value: object) -> None:
+    client, server = _open_pair()
+    server.receive_data(client.send(Call(id=1, agent="a", method="m")))
+    server.receive_data(client.send(Call(id=2, agent="a", method="m")))
+    server.next_event()
+    server.next_event()
+    fast = server.send_result(1, value)
+    slow = server.send(Result(id=2, value=value))  # type: ignore[arg-type]  # any msgpack value
+    client.receive_data(fast + slow)
+    assert client.next_event() == Result(id=1, value=value)  # type: ignore[arg-type]
+    assert client.next_event() == Result(id=2, value=value)  # type: ignore[arg-type]
+    assert server.calls_in_flight == 0
+    with pytest.raises(LocalProtocolError, match="not in flight"):
+        server.send_result(1, value)
