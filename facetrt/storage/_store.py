@@ -102,23 +102,8 @@ class FacetStore:
         try:
             existing = _file_size(path / DATA_FILE)
             self.map_size_bytes = max(map_size_bytes, _pow2_at_least(existing))
-            self._env = lmdb.open(
-                str(path),
-                map_size=self.map_size_bytes,
-                subdir=True,
-                readonly=False,
-                metasync=True,
-                sync=True,
-                map_async=False,
-                mode=0o600,
-                create=True,
-                readahead=False,
-                writemap=False,
-                meminit=True,
-                max_readers=16,
-                max_dbs=len(SYSTEM_DBS) + 2,
-                max_spare_txns=1,
-                lock=True,
+            self._env = open_environment(
+                path, map_size_bytes=self.map_size_bytes, max_dbs=len(SYSTEM_DBS) + 2
             )
             # One write transaction for all named dbs: one commit, not one per db.
             with self._env.begin(write=True) as txn:
@@ -232,6 +217,35 @@ class FacetStore:
 
     def close(self) -> None:
         self._env.close()
+
+
+def open_environment(
+    path: Path, *, map_size_bytes: int, max_dbs: int, max_readers: int = 16
+) -> lmdb.Environment:
+    """Open one durable LMDB environment with every option explicit (STYLE §8).
+
+    Durable: a commit returns after fsync of data and meta (``sync``, ``metasync``), through
+    ``write()`` rather than a writable map (``writemap=False``: a stray pointer cannot scribble
+    on the file). Files are private (0600). Raises ``lmdb.Error``.
+    """
+    return lmdb.open(
+        str(path),
+        map_size=map_size_bytes,
+        subdir=True,
+        readonly=False,
+        metasync=True,
+        sync=True,
+        map_async=False,
+        mode=0o600,
+        create=True,
+        readahead=False,
+        writemap=False,
+        meminit=True,
+        max_readers=max_readers,
+        max_dbs=max_dbs,
+        max_spare_txns=1,
+        lock=True,
+    )
 
 
 def _apply(txn: lmdb.Transaction[bytes], db: object, ops: dict[bytes, bytes | None]) -> None:

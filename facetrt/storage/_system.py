@@ -30,6 +30,7 @@ import lmdb
 
 from .._errors import ConflictError, NotFoundError, StorageError, UnauthorizedError
 from .._ids import validate_tenant_id
+from ._store import open_environment
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -77,23 +78,8 @@ class SystemStore:
     def __init__(self, path: Path) -> None:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
-            self._env = lmdb.open(
-                str(path),
-                map_size=256 * 1024 * 1024,
-                subdir=True,
-                readonly=False,
-                metasync=True,
-                sync=True,
-                map_async=False,
-                mode=0o600,
-                create=True,
-                readahead=False,
-                writemap=False,
-                meminit=True,
-                max_readers=64,
-                max_dbs=4,
-                max_spare_txns=1,
-                lock=True,
+            self._env = open_environment(
+                path, map_size_bytes=256 * 1024 * 1024, max_dbs=4, max_readers=64
             )
             self._tenants = self._env.open_db(_TENANTS)
             self._keys = self._env.open_db(_KEYS)
