@@ -44,7 +44,6 @@ from .._errors import (
     StoreFullError,
     UnavailableError,
 )
-from .._ids import FacetAddress
 from .._values import Value, decode_value, encode_value, scalars_size
 from ..storage import IDEM_DB, META_DB
 from ._facet import Facet, instantiate
@@ -54,6 +53,7 @@ from ._storage_api import Storage
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
+    from .._ids import FacetAddress
     from ..storage import FacetStore
     from ._core import RuntimeCore
     from ._mailbox import Envelope, Mailbox
@@ -495,7 +495,7 @@ class Activation:
         cls: str | None,
         idempotency_key: str | None,
     ) -> Value:
-        target = FacetAddress(self.address.tenant_id, agent_id)
+        target = self._core.address_of(self.address.tenant_id, agent_id)
         chain = (*(self._current.chain if self._current else ()), self.address)
         if target in chain:
             path = " -> ".join(str(address) for address in (*chain, target))

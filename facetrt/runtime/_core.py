@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, final
 import trio
 
 from .._errors import BadRequestError, NotFoundError, UnavailableError
+from .._ids import FacetAddress
 from .._values import Value, copy_value, scalars_size
 from ._mailbox import Envelope
 from ._reply import ReplySlot
@@ -19,12 +20,14 @@ if TYPE_CHECKING:
 
     import outcome
 
-    from .._ids import FacetAddress
     from ..config import RuntimeConfig
     from ..storage import StoreRegistry
     from ._facet import Facet
     from ._router import Router
     from ._storage_bridge import StoreWorkers
+
+
+ADDRESS_CACHE_MAX = 65_536
 
 
 @dataclass(slots=True)
@@ -67,6 +70,7 @@ class RuntimeCore:
         self.closing = False
         self.stopped = False
         self.router: Router | None = None
+        self._addresses: dict[tuple[str, str], FacetAddress] = {}
 
     async def call(
         self,
@@ -137,6 +141,21 @@ class RuntimeCore:
         self.counters.calls += 1
         self.router.submit(address, envelope)
         return envelope.reply
+
+    def address_of(self, tenant: str, agent_id: str) -> FacetAddress:
+        """The validated address of ``tenant/agent_id``, cached: validation is two regex
+        matches, and the same few agents are called again and again.
+
+        Raises:
+            AddressError: an id breaks SPEC §2.
+        """
+        address = self._addresses.get((tenant, agent_id))
+        if address is None:
+            address = FacetAddress(tenant, agent_id)
+            if len(self._addresses) >= ADDRESS_CACHE_MAX:
+                self._addresses.clear()  # bounded; a refill costs one validation per id
+            self._addresses[(tenant, agent_id)] = address
+        return address
 
     def _arguments(
         self, args: Sequence[object], kwargs: Mapping[str, object]

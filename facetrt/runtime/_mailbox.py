@@ -65,9 +65,6 @@ class Mailbox:
     def get_nowait(self) -> Envelope | None:
         return self._items.popleft() if self._items else None
 
-    def peek(self) -> Envelope | None:
-        return self._items[0] if self._items else None
-
     def wake(self) -> None:
         """Wake the consumer without an envelope (a stop request)."""
         self._lot.unpark_all()

@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from .._values import Value
 
 CLEANUP_SECONDS = 30.0
-ADDRESS_CACHE_MAX = 65_536
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -60,7 +59,6 @@ class Runtime:
         self._core = core
         self._router = router
         self._supervisor = supervisor
-        self._addresses: dict[tuple[str, str], FacetAddress] = {}
 
     @property
     def config(self) -> RuntimeConfig:
@@ -95,12 +93,7 @@ class Runtime:
         Raises:
             FacetrtError: a subclass carrying the SPEC §4 ``code`` and ``retryable``.
         """
-        address = self._addresses.get((tenant, agent_id))
-        if address is None:
-            address = FacetAddress(tenant, agent_id)  # validates: two regex matches
-            if len(self._addresses) >= ADDRESS_CACHE_MAX:
-                self._addresses.clear()
-            self._addresses[(tenant, agent_id)] = address
+        address = self._core.address_of(tenant, agent_id)
         return await self._core.call(
             address, method, args, kwargs, cls=cls, idempotency_key=idempotency_key, chain=()
         )

@@ -31,7 +31,6 @@ from .._errors import (
     UnauthorizedError,
     UnavailableError,
 )
-from .._ids import FacetAddress
 from ..protocol import (
     PROTOCOL_VERSION,
     Bye,
@@ -62,7 +61,6 @@ logger = logging.getLogger(__name__)
 
 RECEIVE_BYTES_MAX = 256 * 1024
 CLOSE_SECONDS = 5.0
-ADDRESS_CACHE_MAX = 4096
 TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
@@ -194,8 +192,6 @@ class _Session:
         self._reading = True
         self._read_scope = trio.CancelScope()
         self._principal: Principal | None = None
-        # Validated addresses of this connection's agents: the id regex runs once per agent.
-        self._addresses: dict[str, FacetAddress] = {}
         self._tenant = ""
         self._peer = _peer_host(stream)
 
@@ -323,11 +319,7 @@ class _Session:
             self._answer(call.id, started, outcome.Error(error))
             return
         try:
-            address = self._addresses.get(call.agent)
-            if address is None:
-                address = FacetAddress(self._tenant, call.agent)
-                if len(self._addresses) < ADDRESS_CACHE_MAX:
-                    self._addresses[call.agent] = address
+            address = self._core.address_of(self._tenant, call.agent)
             reply = self._core.submit(
                 address,
                 call.method,
