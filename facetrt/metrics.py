@@ -59,6 +59,10 @@ class _RuntimeCollector(Collector):
                 "Time spent committing (divide by commits for the mean).",
                 stats.commit_seconds,
             ),
+            "facetrt_commits_inline": (
+                "Commits run on the loop thread because nothing else was ready to run.",
+                stats.commits_inline,
+            ),
             "facetrt_commit_failures": ("Failed commits.", stats.commit_failures),
             "facetrt_mailbox_overloaded": ("Messages shed by full mailboxes.", stats.overloaded),
             "facetrt_deactivations_cut_short": (

@@ -41,6 +41,7 @@ class Counters:
     commits: int = 0
     committed_envelopes: int = 0
     commit_seconds: float = 0.0
+    commits_inline: int = 0
     commit_failures: int = 0
     map_grows: int = 0
     deactivations_cut_short: int = 0
@@ -71,6 +72,21 @@ class RuntimeCore:
         self.stopped = False
         self.router: Router | None = None
         self._addresses: dict[tuple[str, str], FacetAddress] = {}
+        # Called after an activation released a batch of replies (their callbacks ran): the
+        # server sends what those callbacks queued at once, coalesced, without a task switch.
+        self.after_release: list[Callable[[], None]] = []
+        # Fault-injection hooks may block inside a commit: keep those on the writer threads.
+        self._inline_commits = config.commit_inline_when_idle and not registry.has_hooks
+
+    def loop_is_idle(self) -> bool:
+        """Whether a commit may run on the loop thread: inline commits are enabled, no
+        store job is in flight and no other task is ready to run (the caller's own task is
+        not counted). Work that arrives during the fsync waits at most that long."""
+        return (
+            self._inline_commits
+            and not self.workers.jobs_in_flight
+            and trio.lowlevel.current_statistics().tasks_runnable == 0
+        )
 
     async def call(
         self,

@@ -45,6 +45,7 @@ class RuntimeStatistics:
     commits: int
     committed_envelopes: int
     commit_seconds: float
+    commits_inline: int
     commit_failures: int
     map_grows: int
     deactivations_cut_short: int
@@ -143,6 +144,7 @@ class Runtime:
             commits=counters.commits,
             committed_envelopes=counters.committed_envelopes,
             commit_seconds=counters.commit_seconds,
+            commits_inline=counters.commits_inline,
             commit_failures=counters.commit_failures,
             map_grows=counters.map_grows,
             deactivations_cut_short=counters.deactivations_cut_short,

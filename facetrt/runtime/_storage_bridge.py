@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from functools import partial
 from typing import TYPE_CHECKING, TypeVar, final
 
 import outcome
@@ -37,6 +38,7 @@ class StoreWorkers:
         self._threads: list[threading.Thread] = []
         self._token: trio.lowlevel.TrioToken | None = None
         self.jobs_started = 0
+        self.jobs_in_flight = 0  # submitted, completion not yet run on the loop thread
 
     def start(self) -> None:
         """Start the threads; must be called from the trio thread that will receive results."""
@@ -65,7 +67,14 @@ class StoreWorkers:
         """
         assert self._threads, "StoreWorkers not started"
         self.jobs_started += 1
-        self._jobs.put((job, on_done))  # type: ignore[arg-type]  # T erased in the queue
+        self.jobs_in_flight += 1
+        self._jobs.put((job, partial(self._done, on_done)))
+
+    def _done(
+        self, on_done: Callable[[outcome.Outcome[T]], None], result: outcome.Outcome[T]
+    ) -> None:
+        self.jobs_in_flight -= 1
+        on_done(result)
 
     async def call(self, job: Callable[[], T]) -> T:
         """Run ``job`` on a writer thread and return (or raise) its result.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 from functools import partial
 from typing import TYPE_CHECKING, final
@@ -101,6 +102,13 @@ class TcpServer:
         self._sessions: set[_Session] = set()
         self._idle = trio.Event()
         self._idle.set()
+        self.dirty: list[_Session] = []  # sessions with replies queued since the last flush
+        runtime.core.after_release.append(self._flush_dirty)
+
+    def _flush_dirty(self) -> None:
+        dirty, self.dirty = self.dirty, []
+        for session in dirty:
+            session.flush()
 
     async def serve(
         self,
@@ -166,6 +174,7 @@ class TcpServer:
         except* trio.TooSlowError:
             logger.info("closing a connection that sent too slowly")
         finally:
+            session.detach()
             self._sessions.discard(session)
             if not self._sessions:
                 self._idle.set()
@@ -183,7 +192,12 @@ class _Session:
         self._core = server.runtime.core
         self._outbox: list[bytes] = []
         self._outbox_bytes = 0
+        self._outbox_frames = 0  # frames in the outbox (a partly sent chunk may hold many)
         self._unwritten = 0  # frames queued or being sent, not yet handed to the kernel
+        self._sending = False  # the writer task is inside send_all
+        self._flush_scheduled = False
+        # Plain TCP can be written from a reply callback directly (see flush); TLS cannot.
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         self._frame_deadline: float | None = None
         self._writer_lot = trio.lowlevel.ParkingLot()
         self._room_lot = trio.lowlevel.ParkingLot()
@@ -408,18 +422,54 @@ class _Session:
             except LocalProtocolError:
                 return  # the connection already failed: nobody to answer
         self._server.metrics.observe_call("tcp", code, trio.current_time() - started)
+        self._append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._server.dirty.append(self)
+
+    def _queue(self, event: Event) -> None:
+        self._append(self._conn.send(event))
+
+    def _append(self, data: bytes) -> None:
         self._outbox.append(data)
         self._outbox_bytes += len(data)
+        self._outbox_frames += 1
         self._unwritten += 1
+        # Always wake the writer: a reply not followed by a flush (an error answered at
+        # once, an expired deadline) must still go out. After a flush it finds nothing.
         if self._writer_lot:
             self._writer_lot.unpark_all()
 
-    def _queue(self, event: Event) -> None:
-        data = self._conn.send(event)
-        self._outbox.append(data)
-        self._outbox_bytes += len(data)
-        self._unwritten += 1
-        self._writer_lot.unpark_all()
+    def detach(self) -> None:
+        """The stream is about to close: never write to its descriptor again (the number
+        may be reused by another file at once); late replies are dropped with the stream."""
+        self._fd = -1
+
+    def flush(self) -> None:
+        """Write the outbox now from the loop thread, if the writer task is not sending.
+
+        Runs after the runtime released a batch of replies: one ``write`` for all of them,
+        without waiting a scheduler pass for the writer task (the latency of one call at a
+        time). What the socket does not take at once is left to the writer task.
+        """
+        self._flush_scheduled = False
+        if self._fd < 0 or self._sending or not self._outbox:
+            return
+        data = self._outbox[0] if len(self._outbox) == 1 else b"".join(self._outbox)
+        try:
+            sent = os.write(self._fd, data)
+        except OSError:
+            return  # full (EAGAIN) or broken: the writer task finds out and handles it
+        if sent == len(data):
+            self._outbox.clear()
+            self._unwritten -= self._outbox_frames
+            self._outbox_frames = 0
+            if self._room_lot:
+                self._room_lot.unpark_all()
+        else:
+            # Its frames stay unwritten until the writer task sent the rest.
+            self._outbox[:] = [data[sent:]]
+        self._outbox_bytes -= sent
 
     # -- writing -----------------------------------------------------------------------
 
@@ -431,10 +481,14 @@ class _Session:
                         return
                     await self._writer_lot.park()
                     continue
-                frames = len(self._outbox)
+                frames, self._outbox_frames = self._outbox_frames, 0
                 data = b"".join(self._outbox)
                 self._outbox.clear()
-                await self._stream.send_all(data)
+                self._sending = True
+                try:
+                    await self._stream.send_all(data)
+                finally:
+                    self._sending = False
                 self._outbox_bytes -= len(data)
                 self._unwritten -= frames
                 self._room_lot.unpark_all()

@@ -98,6 +98,11 @@ class StoreRegistry:
         self._hooks = hooks
         self._open: dict[Path, FacetStore] = {}
 
+    @property
+    def has_hooks(self) -> bool:
+        """Whether fault or delay injection is installed (tests)."""
+        return self._hooks is not None and self._hooks.before_commit is not None
+
     def path_of(self, address: FacetAddress) -> Path:
         return self.data_dir / address.relative_path()
 
