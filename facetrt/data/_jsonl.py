@@ -7,8 +7,10 @@ Format (UTF-8, one JSON object per line)::
     {"db": "data", "key": "count", "value": 3}
     {"db": "data", "key": "blob", "value": {"$bytes": "AAEC"}}
     {"db": "idem", "key": "k1", "raw": {"$bytes": "lJMB..."}}
+    {"end": true, "entries": 7}
 
-The header comes first; then every entry of every named db of the store, db by db in name
+The header comes first and the end line last (an import refuses input without it: a truncated
+export is never installed); then every entry of every named db of the store, db by db in name
 order, keys in LMDB order. Keys are strings (UTF-8) or ``{"$bytes": base64}`` markers (the
 HTTP gateway's convention, ``facetrt._json``). A value is ``"value"`` (the stored msgpack value
 as JSON) when that JSON encodes back to exactly the stored bytes, else ``"raw"`` (the stored
@@ -79,9 +81,12 @@ def export_lines(directory: Path, address: FacetAddress) -> Generator[bytes, Non
                 "entries": entries,
             }
             yield dump_json(header) + b"\n"
+            count = 0
             for name, db in dbs.items():
                 for key, raw in txn.cursor(db):
                     yield _entry_line(name.decode(), key, raw)
+                    count += 1
+            yield dump_json({"end": True, "entries": count}) + b"\n"
     finally:
         env.close()
 
@@ -178,6 +183,7 @@ class ImportBuilder:
         )
         self._dbs: dict[str, Any] = {}
         self._header: dict[str, object] | None = None
+        self._ended = False
         self.entries = 0
 
     def write(self, lines: list[bytes], first_line: int) -> None:
@@ -204,6 +210,13 @@ class ImportBuilder:
             raise BadRequestError(f"line {number} is not JSON: {exc}") from None
         if self._header is None:
             self._header = _check_header(document, number)
+            return
+        if self._ended:
+            raise BadRequestError(f"line {number} follows the end line")
+        if isinstance(document, dict) and "end" in document:
+            if document != {"end": True, "entries": self.entries}:
+                raise BadRequestError(f"line {number}: the end line does not count {self.entries}")
+            self._ended = True
             return
         if not isinstance(document, dict) or not {"db", "key"} <= set(document):
             raise BadRequestError(f'line {number}: expected {{"db", "key", "value" or "raw"}}')
@@ -243,6 +256,8 @@ class ImportBuilder:
         """
         if self._header is None:
             raise BadRequestError("the import is empty: no header line")
+        if not self._ended:
+            raise BadRequestError("the import is truncated: no end line")
         with self._env.begin(write=True) as txn:
             meta = self._db(txn, "meta", 0)
             if txn.get(b"class", db=meta) is None:

@@ -142,6 +142,15 @@ class DataOperations:
             "open": live is not None,
         }
 
+    async def inspect(self, tenant: str, agent: str) -> dict[str, Value]:
+        """``Runtime.inspect`` of a facet of a known tenant.
+
+        Raises:
+            NotFoundError: unknown tenant or facet.
+        """
+        self.address(tenant, agent)
+        return await self._runtime.inspect(tenant, agent)
+
     # -- export and import ---------------------------------------------------------------
 
     @contextlib.asynccontextmanager

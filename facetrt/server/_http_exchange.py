@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Final, Protocol, TypeAlias, cast, final
 from urllib.parse import parse_qs, unquote
 
@@ -172,9 +172,41 @@ class Exchange:
             raise Refusal(415, BadRequestError("send the body as application/json"))
         return parse_json(body)
 
-    def _too_large(self) -> Refusal:
-        limit = self._body_bytes_max
+    def _too_large(self, limit: int | None = None) -> Refusal:
+        limit = limit or self._body_bytes_max
         return Refusal(413, BadRequestError(f"the request body is over {limit} bytes"))
+
+    async def body_chunks(
+        self, bytes_max: int, media_types: tuple[bytes, ...]
+    ) -> AsyncIterator[bytes]:
+        """The body as it arrives (a data import), at most ``bytes_max`` in all; each chunk
+        must come within ``frame_seconds`` (the whole body may take longer).
+
+        Raises:
+            Refusal: 415 (another media type), 413 (over ``bytes_max``).
+            BadRequestError: a chunk did not arrive in time.
+        """
+        media_type = (self.headers.get(b"content-type") or b"").partition(b";")[0].strip()
+        if media_type.lower() not in media_types:
+            accepted = " or ".join(kind.decode() for kind in media_types)
+            raise Refusal(415, BadRequestError(f"send the body as {accepted}"))
+        if self.content_length is not None and self.content_length > bytes_max:
+            raise self._too_large(bytes_max)
+        size = 0
+        while not self._body_done:
+            with trio.move_on_after(self._body_seconds) as scope:
+                chunk = await self._next_chunk()
+            if scope.cancelled_caught:
+                raise BadRequestError(f"no body data for {self._body_seconds:g} s")
+            size += len(chunk)
+            if size > bytes_max:
+                raise self._too_large(bytes_max)
+            if chunk:
+                yield chunk
+
+    def accepts(self, media_type: bytes) -> bool:
+        """Whether the Accept header names ``media_type``."""
+        return media_type in (self.headers.get(b"accept") or b"").lower()
 
     async def _read_body(self) -> bytes:
         chunks: list[bytes] = []
@@ -263,6 +295,23 @@ class Exchange:
             nursery.start_soon(self._discard_until_closed)
             await self._send_response(status, body, all_headers)
             nursery.cancel_scope.cancel()
+
+    async def respond_stream(
+        self, status: int, content_type: bytes, chunks: AsyncIterator[bytes]
+    ) -> None:
+        """Answer with a body sent as ``chunks`` come (chunked transfer); the request body
+        must have been read (these routes take none, or read it all first)."""
+        if not self._body_done:
+            with trio.move_on_after(DISCARD_SECONDS):
+                await self._discard_body(2 * self._body_bytes_max)
+        headers = [(b"content-type", content_type), (b"cache-control", b"no-store")]
+        if not self._body_done:
+            headers.append((b"connection", b"close"))
+        self.started = True
+        await self._send({"type": "http.response.start", "status": status, "headers": headers})
+        async for chunk in chunks:
+            await self._send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await self._send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _send_response(
         self, status: int, body: bytes, headers: list[tuple[bytes, bytes]]

@@ -48,12 +48,18 @@ async def export_text(ops: DataOperations, agent: str, tenant: str = T) -> list[
 
 
 def entries(lines: list[dict[str, object]]) -> list[dict[str, object]]:
-    """The entries of an export, without the header and the facet's own ids."""
+    """The entries of an export, without the header, the end line and the facet's own ids."""
+    assert lines[-1]["end"] is True
     return [
         line
-        for line in lines[1:]
+        for line in lines[1:-1]
         if not (line["db"] == "meta" and line["key"] in ("tenant", "agent"))
     ]
+
+
+def with_line(export: bytes, line: bytes) -> bytes:
+    header, rest = export.split(b"\n", 1)
+    return header + b"\n" + line + b"\n" + rest
 
 
 async def chunks_of(data: bytes, size: int = 7) -> AsyncIterator[bytes]:
@@ -74,7 +80,7 @@ async def test_export_then_import_equals_the_original(rt: Runtime, ops: DataOper
     exported = await export_text(ops, "src")
     assert exported[0]["format"] == "facetrt-export"
     assert exported[0]["class"] == "Register"
-    assert {line["db"] for line in exported[1:]} == {"data", "idem", "meta"}
+    assert {line["db"] for line in exported[1:-1]} == {"data", "idem", "meta"}
     data = b"".join(json.dumps(line).encode() + b"\n" for line in exported)
 
     result = await ops.import_facet(T, "copy", chunks_of(data), force=False)
@@ -91,15 +97,16 @@ async def test_import_refuses_bad_lines_and_changes_nothing(
     rt: Runtime, ops: DataOperations
 ) -> None:
     await fill(rt, "src")
-    good = b"".join(
-        json.dumps(line).encode() + b"\n" for line in await export_text(ops, "src")
-    )
+    good = b"".join(json.dumps(line).encode() + b"\n" for line in await export_text(ops, "src"))
     bad_inputs = {
         b"": "no header",
         b"not json\n": "line 1",
-        good + b'{"db": "data", "key": "x"}\n': "line",
-        good + b'{"db": "Bad", "key": "x", "value": 1}\n': "bad db name",
-        good + b'{"db": "data", "key": "", "value": 1}\n': "1 to 511",
+        good.rsplit(b"\n", 2)[0] + b"\n": "truncated",
+        good + b'{"db": "data", "key": "x", "value": 1}\n': "follows the end line",
+        good.replace(b'"key": "n", "value": 1}', b'"key": "n"}'): "line",
+        with_line(good, b'{"db": "Bad", "key": "x", "value": 1}'): "bad db name",
+        with_line(good, b'{"db": "data", "key": "", "value": 1}'): "1 to 511",
+        with_line(good, b'{"db": "data", "key": "x", "raw": 3}'): "line 2",
         good.replace(b'"version": 1', b'"version": 9'): "header",
     }
     for data, message in bad_inputs.items():
