@@ -177,7 +177,10 @@ class _Admin:
             DataDirLock(self.data_dir).release()
         except ConfigError:
             return through_daemon()  # a daemon holds the directory
-        return trio.run(self._direct_data, direct)
+        result = trio.run(self._direct_data, direct)
+        if isinstance(result, FacetrtError):
+            raise result
+        return result
 
     async def _direct_data(self, direct: Callable[[DataOperations], Awaitable[Any]]) -> Any:
         from .config import RuntimeConfig
@@ -191,7 +194,11 @@ class _Admin:
             try:
                 operations = DataOperations(runtime, system=system, check_classes=False)
                 await operations.start()
-                return await direct(operations)
+                # Returned, not raised: the runtime's nursery would wrap it in a group.
+                try:
+                    return await direct(operations)
+                except FacetrtError as exc:
+                    return exc
             finally:
                 system.close()
 

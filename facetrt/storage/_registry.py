@@ -196,7 +196,7 @@ class StoreRegistry:
         root = self.data_dir / "tenants"
         if not root.is_dir():
             return []
-        return sorted(root / entry.name for entry in os.scandir(root) if entry.is_dir())
+        return sorted(root / entry.name / "facets" for entry in os.scandir(root) if entry.is_dir())
 
     def close(self, store: FacetStore, address: FacetAddress | None = None) -> None:
         """Close ``store``; with its ``address``, first refresh its listing hint."""
