@@ -108,11 +108,13 @@ class RuntimeCore:
         chain: tuple[FacetAddress, ...],
         callback: Callable[[outcome.Outcome[Value]], None] | None = None,
         internal: bool = False,
+        enqueued_at: float | None = None,
     ) -> ReplySlot:
         """Queue one message without waiting; never checkpoints.
 
         The outcome goes to ``callback`` (on the loop thread) or to whoever awaits the returned
         slot. Setting ``abandoned`` on the slot before the message starts skips it.
+        ``enqueued_at`` (trio time) lets a caller submitting a batch read the clock once.
 
         Raises:
             FacetrtError: refused before queueing (bad input, not found, overloaded, closing).
@@ -134,7 +136,7 @@ class RuntimeCore:
             idempotency_key=idempotency_key,
             chain=chain,
             reply=ReplySlot(callback),
-            enqueued_at=trio.current_time(),
+            enqueued_at=trio.current_time() if enqueued_at is None else enqueued_at,
             internal=internal,
         )
         assert self.router is not None

@@ -39,7 +39,6 @@ from ..protocol import (
     Connection,
     ErrorReply,
     Hello,
-    NeedData,
     Ping,
     Pong,
     Role,
@@ -266,52 +265,73 @@ class _Session:
     # -- reading -----------------------------------------------------------------------
 
     async def _next_event(self) -> Event | Closed:
+        """The next event, one at a time (the handshake)."""
         while True:
-            if self._conn.state is State.ERROR:
-                # Our writer found the stream broken: the peer is gone, not misbehaving.
-                raise trio.BrokenResourceError("connection lost while sending")
-            event = self._conn.next_event()
-            if not isinstance(event, NeedData):
+            events = self._conn.next_events(1)
+            if events:
                 self._frame_deadline = None
-                return event
-            if self._conn.buffered_bytes:
-                # One deadline per frame, set when its first byte arrived: a sender dribbling
-                # a byte at a time cannot hold the connection open.
-                if self._frame_deadline is None:
-                    self._frame_deadline = trio.current_time() + self._config.frame_seconds
-                with trio.fail_at(self._frame_deadline):
-                    data = await self._stream.receive_some(RECEIVE_BYTES_MAX)
-            else:
-                self._frame_deadline = None
+                return events[0]
+            await self._receive()
+
+    async def _receive(self) -> None:
+        """Read once from the stream into the connection."""
+        if self._conn.state is State.ERROR:
+            # Our writer found the stream broken: the peer is gone, not misbehaving.
+            raise trio.BrokenResourceError("connection lost while sending")
+        if self._conn.buffered_bytes:
+            # One deadline per frame, set when its first byte arrived: a sender dribbling
+            # a byte at a time cannot hold the connection open.
+            if self._frame_deadline is None:
+                self._frame_deadline = trio.current_time() + self._config.frame_seconds
+            with trio.fail_at(self._frame_deadline):
                 data = await self._stream.receive_some(RECEIVE_BYTES_MAX)
-            self._conn.receive_data(data)
+        else:
+            self._frame_deadline = None
+            data = await self._stream.receive_some(RECEIVE_BYTES_MAX)
+        self._conn.receive_data(data)
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
         bound = self._config.calls_in_flight_max
         # A call holds its slot until its reply is written, not just queued: a client that
         # sends but never reads can make us hold at most calls_in_flight_max replies.
         outbox_max = self._config.frame_bytes_max * 2
+        conn = self._conn
         while True:
             while len(self._pending) + self._unwritten >= bound or self._outbox_bytes > outbox_max:
                 await self._room_lot.park()
-            event = await self._next_event()
-            if isinstance(event, Call):
-                self._dispatch(event, nursery)
+            # Every complete frame of what was read, as one batch (up to the free slots).
+            events = conn.next_events(bound - len(self._pending) - self._unwritten)
+            if not events:
+                await self._receive()
+                continue
+            self._frame_deadline = None  # a frame completed; the next one gets its own
+            if not self._dispatch_batch(events, nursery):
+                return
+
+    def _dispatch_batch(self, events: list[Event | Closed], nursery: trio.Nursery) -> bool:
+        """Hand every event of one read to the runtime; False once the peer is done."""
+        started = trio.current_time()  # one arrival time for the batch
+        assert self._principal is not None
+        # Revocation takes effect on the next batch read: a batch arrived at one instant.
+        revoked = not self._server.system.is_active(self._principal)
+        for event in events:
+            if type(event) is Call:
+                if revoked:
+                    self._server.metrics.auth_failures.labels("tcp").inc()
+                    error = UnauthorizedError("key was revoked")
+                    self._answer(event.id, started, outcome.Error(error))
+                else:
+                    self._dispatch(event, nursery, started)
             elif isinstance(event, Ping):
                 self._queue(Pong(id=event.id))
             elif isinstance(event, (Closed, Bye)):
-                return
+                return False
             # Pong: nothing to do (we never ping first yet).
+        return True
 
     # -- calls -------------------------------------------------------------------------
 
-    def _dispatch(self, call: Call, nursery: trio.Nursery) -> None:
-        started = trio.current_time()
-        assert self._principal is not None
-        if not self._server.system.is_active(self._principal):
-            self._server.metrics.auth_failures.labels("tcp").inc()
-            self._answer(call.id, started, outcome.Error(UnauthorizedError("key was revoked")))
-            return
+    def _dispatch(self, call: Call, nursery: trio.Nursery, started: float) -> None:
         if call.traceparent is not None and TRACEPARENT.fullmatch(call.traceparent) is None:
             error = BadRequestError(
                 "trace must be a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)"
@@ -329,6 +349,7 @@ class _Session:
                 idempotency_key=call.idempotency_key,
                 chain=(),
                 callback=partial(self._answer, call.id, started),
+                enqueued_at=started,
             )
         except FacetrtError as exc:
             self._answer(call.id, started, outcome.Error(exc))
@@ -357,8 +378,9 @@ class _Session:
         scope = self._pending.pop(call_id, None)
         if scope is not None:
             scope.cancel()
-        self._room_lot.unpark_all()
-        if isinstance(result, outcome.Value):
+        if self._room_lot:
+            self._room_lot.unpark_all()
+        if type(result) is outcome.Value:
             code = "ok"
             try:
                 data = self._conn.send_result(call_id, result.value)
@@ -389,7 +411,8 @@ class _Session:
         self._outbox.append(data)
         self._outbox_bytes += len(data)
         self._unwritten += 1
-        self._writer_lot.unpark_all()
+        if self._writer_lot:
+            self._writer_lot.unpark_all()
 
     def _queue(self, event: Event) -> None:
         data = self._conn.send(event)
