@@ -163,6 +163,8 @@ class RuntimeCore:
         self, args: Sequence[object], kwargs: Mapping[str, object]
     ) -> tuple[list[Value], dict[str, Value]]:
         """Checked arguments the handler may keep: scalars as they are, the rest deep-copied."""
+        if not args and not kwargs:
+            return [], {}
         bytes_max = self.config.value_bytes_max
         if all(type(key) is str for key in kwargs):
             size = scalars_size(itertools.chain(args, kwargs.values()))
