@@ -18,6 +18,12 @@ turn loop (the running message fails too) and stops the activation: its writes w
 durable, so the next activation starts from disk. Queued envelopes stay in the mailbox for it.
 
 Lifecycle: STARTING -> RUNNING -> DRAINING -> STOPPED, each transition in one place.
+
+Pins (operators' snapshots, decision 0008). A data operation may *pin* a starting or running
+activation to read its open store from a writer thread (LMDB's compacting copy) while the
+facet keeps serving. While pinned the store is neither closed (``_close`` waits for the last
+pin) nor remapped (a full map's regrow waits for the last pin: ``mdb_env_set_mapsize`` under
+another thread's read transaction would pull the map from under it).
 """
 
 from __future__ import annotations
@@ -106,6 +112,10 @@ class Activation:
         self._scope = trio.CancelScope()
         self._stop_requested = False
         self._evicted = False
+        self._pins = 0
+        self._grow_deferred: Callable[[], None] | None = None
+        # Woken when the state leaves STARTING and when the last pin goes: rare events only.
+        self._maintenance_lot = trio.lowlevel.ParkingLot()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -122,6 +132,37 @@ class Activation:
         """Stop at the next checkpoint (shutdown past its grace period)."""
         self._scope.cancel()
 
+    @property
+    def bound_class(self) -> str | None:
+        return self._bound_class
+
+    # -- pins (data operations) ----------------------------------------------------------
+
+    def pin(self) -> None:
+        """Keep the store open and its map size fixed until :meth:`unpin`; never checkpoints."""
+        assert self.state in (ActivationState.STARTING, ActivationState.RUNNING), self.state
+        self._pins += 1
+
+    def unpin(self) -> None:
+        assert self._pins > 0
+        self._pins -= 1
+        if self._pins:
+            return
+        self._maintenance_lot.unpark_all()
+        if self._grow_deferred is not None:
+            deferred, self._grow_deferred = self._grow_deferred, None
+            deferred()
+
+    async def wait_open(self) -> FacetStore | None:
+        """The open store once the activation runs; None if it stopped before opening one.
+
+        Call with a pin held (so that the store stays open once returned).
+        """
+        await trio.lowlevel.checkpoint()
+        while self.state is ActivationState.STARTING:
+            await self._maintenance_lot.park()
+        return self._store if self.state is ActivationState.RUNNING else None
+
     async def run(self) -> None:
         """The activation task: open, serve the mailbox, passivate. Never raises FacetrtError."""
         try:
@@ -129,6 +170,7 @@ class Activation:
         except FacetrtError as exc:
             self._fail_mailbox(exc)
             self.state = ActivationState.STOPPED
+            self._maintenance_lot.unpark_all()
             return
         try:
             try:
@@ -145,6 +187,7 @@ class Activation:
             self._failure = InternalError(f"storage failed; the facet was reset: {exc}")
         finally:
             self.state = ActivationState.DRAINING
+            self._maintenance_lot.unpark_all()
             self._supervisor.mark_busy(self)
             # Shielded without a deadline on purpose: what remains after the time-bounded
             # on_deactivate are writer-thread jobs (a commit, the close), which cannot be
@@ -167,6 +210,7 @@ class Activation:
         self._purge_expired_idempotency_records()
         self._core.counters.activations += 1
         self.state = ActivationState.RUNNING
+        self._maintenance_lot.unpark_all()
 
     async def _serve(self) -> None:
         handled = 0
@@ -217,9 +261,11 @@ class Activation:
             error = self._failure or UnavailableError("facet stopped before commit")
             for envelope, _ in failed:
                 envelope.reply.set(outcome.Error(error))
+        while self._pins:  # a snapshot still reads the store (bounded by the disk)
+            await self._maintenance_lot.park()
         if self._store is not None:
             store, self._store = self._store, None
-            await self._core.workers.call(partial(self._core.registry.close, store))
+            await self._core.workers.call(partial(self._core.registry.close, store, self.address))
 
     async def _deactivate(self, facet: Facet) -> None:
         """Run ``on_deactivate``, bounded in time; a failure or overrun is logged and counted."""
@@ -429,6 +475,10 @@ class Activation:
         if isinstance(result, outcome.Error):
             error = result.error
             store = self._store
+            if isinstance(error, StoreFullError) and self._pins:
+                # A snapshot reads this map on a writer thread: grow once it is done.
+                self._grow_deferred = partial(self._commit_done, layer, outcomes, seq, result)
+                return
             # Growing is legal here: callbacks run between task steps, so no read is open.
             if isinstance(error, StoreFullError) and store is not None and store.grow():
                 self._core.counters.map_grows += 1

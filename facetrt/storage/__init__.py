@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ._registry import DataDirLock as DataDirLock
+from ._registry import FacetRecord as FacetRecord
 from ._registry import StoreRegistry as StoreRegistry
 from ._store import DATA_DB as DATA_DB
 from ._store import IDEM_DB as IDEM_DB
@@ -22,6 +23,7 @@ __all__ = [
     "META_DB",
     "CommitBatch",
     "DataDirLock",
+    "FacetRecord",
     "FacetStore",
     "KeyRecord",
     "Principal",
