@@ -42,11 +42,14 @@ from ._errors import UnavailableError as UnavailableError
 from ._ids import FacetAddress as FacetAddress
 from ._values import Value as Value
 from .config import RuntimeConfig as RuntimeConfig
+from .config import TenantQuotaSettings as TenantQuotaSettings
 from .runtime import Facet as Facet
 from .runtime import FacetCalls as FacetCalls
 from .runtime import Runtime as Runtime
 from .runtime import RuntimeStatistics as RuntimeStatistics
+from .runtime import Saturation as Saturation
 from .runtime import Storage as Storage
+from .runtime import TenantQuotas as TenantQuotas
 from .runtime import open_runtime as open_runtime
 from .runtime import rpc as rpc
 
@@ -73,9 +76,12 @@ __all__ = [
     "Runtime",
     "RuntimeConfig",
     "RuntimeStatistics",
+    "Saturation",
     "Storage",
     "StorageError",
     "StoreFullError",
+    "TenantQuotaSettings",
+    "TenantQuotas",
     "UnauthorizedError",
     "UnavailableError",
     "Value",

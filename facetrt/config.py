@@ -11,13 +11,20 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ._errors import ConfigError
+from ._errors import BadRequestError, ConfigError
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
 MIB = 1024 * 1024
 FRAME_OVERHEAD_BYTES = 64 * 1024
+# Upper bounds shared by the node defaults and the per-tenant quotas that override them.
+MAILBOX_ENVELOPES_LIMIT = 1_000_000
+MAP_SIZE_BYTES_MIN = 64 * 1024
+MAP_SIZE_BYTES_LIMIT = 1 << 40
+FACETS_LIMIT = 1 << 32
+CALLS_PER_SECOND_LIMIT = 10_000_000.0
+CALLS_BURST_LIMIT = 10_000_000
 
 
 class RuntimeConfig(BaseModel):
@@ -26,7 +33,18 @@ class RuntimeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     mailbox_envelopes_max: int = Field(
-        1024, gt=0, le=1_000_000, description="Messages queued per facet before `overloaded`."
+        1024,
+        gt=0,
+        le=MAILBOX_ENVELOPES_LIMIT,
+        description="Messages queued per facet before `overloaded` (every tenant's default "
+        "mailbox quota).",
+    )
+    mailbox_age_seconds_max: float = Field(
+        30.0,
+        gt=0,
+        le=86_400,
+        description="A facet whose oldest queued message waited longer sheds new ones with "
+        "`overloaded`.",
     )
     batch_envelopes_max: int = Field(
         1024,
@@ -53,7 +71,10 @@ class RuntimeConfig(BaseModel):
         4 * MIB, ge=64 * 1024, le=1 << 40, description="LMDB map size of a new facet store."
     )
     map_size_bytes_max: int = Field(
-        1024 * MIB, ge=64 * 1024, le=1 << 40, description="Map size a store may grow to."
+        1024 * MIB,
+        ge=MAP_SIZE_BYTES_MIN,
+        le=MAP_SIZE_BYTES_LIMIT,
+        description="Map size a store may grow to (every tenant's default bytes-per-facet quota).",
     )
     commit_threads: int = Field(
         32, gt=0, le=256, description="Writer threads that open, commit and close stores."
@@ -81,6 +102,78 @@ class RuntimeConfig(BaseModel):
     shutdown_grace_seconds: float = Field(
         10.0, ge=0, le=3600, description="Time queued work may drain on close before it fails."
     )
+    tenant_facets_max: int = Field(
+        1_000_000,
+        gt=0,
+        le=FACETS_LIMIT,
+        description="Facets one tenant may have on this node (default quota) before "
+        "`quota_exceeded`.",
+    )
+    tenant_calls_per_second: float | None = Field(
+        None,
+        gt=0,
+        le=CALLS_PER_SECOND_LIMIT,
+        description="Calls per second one tenant may send from outside (default quota; a token "
+        "bucket); unset: no rate limit.",
+    )
+    tenant_calls_burst: int | None = Field(
+        None,
+        gt=0,
+        le=CALLS_BURST_LIMIT,
+        description="Calls a tenant may send at once above its rate (default quota); unset: "
+        "one second's worth.",
+    )
+
+
+class TenantQuotaSettings(BaseModel):
+    """One tenant's quota overrides, as the operator sets them (admin API, CLI).
+
+    A field left unset (None) follows the node default in :class:`RuntimeConfig`
+    (``tenant_facets_max``, ``map_size_bytes_max``, ``mailbox_envelopes_max``,
+    ``tenant_calls_per_second``, ``tenant_calls_burst``). Stored with the tenant's record in
+    the system store; validated here, never on the call path.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    facets_max: int | None = Field(
+        None, gt=0, le=FACETS_LIMIT, description="Facets the tenant may have on this node."
+    )
+    facet_bytes_max: int | None = Field(
+        None,
+        ge=MAP_SIZE_BYTES_MIN,
+        le=MAP_SIZE_BYTES_LIMIT,
+        description="LMDB map size each of its facets may grow to.",
+    )
+    mailbox_envelopes_max: int | None = Field(
+        None, gt=0, le=MAILBOX_ENVELOPES_LIMIT, description="Messages queued per facet."
+    )
+    calls_per_second: float | None = Field(
+        None, gt=0, le=CALLS_PER_SECOND_LIMIT, description="Sustained calls per second."
+    )
+    calls_burst: int | None = Field(
+        None, gt=0, le=CALLS_BURST_LIMIT, description="Calls at once above the rate."
+    )
+
+    def overrides(self) -> dict[str, int | float]:
+        """The fields that are set, for storage and display."""
+        return {name: value for name, value in self.model_dump().items() if value is not None}
+
+    @classmethod
+    def parse(cls, data: object) -> TenantQuotaSettings:
+        """Validate overrides from JSON (the admin API, the system store).
+
+        Raises:
+            BadRequestError: unknown field or a value out of bounds.
+        """
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            details = "; ".join(
+                f"{'.'.join(str(part) for part in error['loc']) or 'quotas'}: {error['msg']}"
+                for error in exc.errors()
+            )
+            raise BadRequestError(f"invalid quotas: {details}") from None
 
 
 class ServerConfig(BaseModel):

@@ -23,7 +23,7 @@ from prometheus_client.utils import floatToGoString
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
-    from .runtime import RuntimeStatistics
+    from .runtime import HistogramSnapshot, RuntimeStatistics
 
 SURFACES = ("tcp", "http")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -43,6 +43,18 @@ class _RuntimeCollector(Collector):
                 "Envelopes queued in all mailboxes.",
                 stats.queued_envelopes,
             ),
+            "facetrt_mailbox_oldest_age_seconds": (
+                "Age of the oldest message queued in any mailbox (0 when none is queued).",
+                stats.mailbox_oldest_age_seconds,
+            ),
+            "facetrt_mailboxes_full": (
+                "Mailboxes at their bound (shedding new messages).",
+                stats.mailboxes_full,
+            ),
+            "facetrt_activations_waiting": (
+                "Activations waiting for an open permit at open_facets_max.",
+                stats.activations_waiting,
+            ),
         }
         for name, (text, value) in gauges.items():
             yield GaugeMetricFamily(name, text, value=value)
@@ -54,10 +66,6 @@ class _RuntimeCollector(Collector):
             "facetrt_committed_envelopes": (
                 "Messages made durable (divide by commits for the batch size).",
                 stats.committed_envelopes,
-            ),
-            "facetrt_commit_duration_seconds": (
-                "Time spent committing (divide by commits for the mean).",
-                stats.commit_seconds,
             ),
             "facetrt_commits_inline": (
                 "Commits run on the loop thread because nothing else was ready to run.",
@@ -72,6 +80,34 @@ class _RuntimeCollector(Collector):
         }
         for name, (text, total) in counters.items():
             yield CounterMetricFamily(name, text, value=total)
+        refusals = CounterMetricFamily(
+            "facetrt_refusals",
+            "Calls refused by a quota or an overload bound, by reason (facets, facet_bytes, "
+            "mailbox, mailbox_age, rate).",
+            labels=["reason"],
+        )
+        for reason, count in stats.refusals.items():
+            refusals.add_metric([reason], count)
+        yield refusals
+        yield _histogram(
+            "facetrt_commit_batch_envelopes",
+            "Messages made durable per commit (group-commit batch size).",
+            stats.commit_batch_envelopes,
+        )
+        yield _histogram(
+            "facetrt_commit_duration_seconds",
+            "Time of one durable commit (writer thread, including fsync).",
+            stats.commit_durations,
+        )
+
+
+def _histogram(name: str, text: str, snapshot: HistogramSnapshot) -> HistogramMetricFamily:
+    cumulative = 0
+    buckets: list[tuple[str, float]] = []
+    for bound, count in zip((*snapshot.bounds, float("inf")), snapshot.counts, strict=True):
+        cumulative += count
+        buckets.append((floatToGoString(bound), cumulative))  # type: ignore[no-untyped-call]
+    return HistogramMetricFamily(name, text, buckets=buckets, sum_value=snapshot.total)
 
 
 @final

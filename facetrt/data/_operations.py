@@ -251,6 +251,8 @@ class DataOperations:
         address = self.address(tenant, agent)
         async with self._router.hold(address):
             removed = await self._run(remove_store, self._registry.path_of(address), self._data_dir)
+            if removed:
+                self._core.quotas.facet_removed(tenant)
         if not removed:
             raise NotFoundError(f"facet {str(address)!r} does not exist")
         return {"agent": agent, "deleted": True}
@@ -345,6 +347,9 @@ class DataOperations:
             cursor = page[-1].cursor
         if not self._router.has_tenant(tenant):
             await self._run(remove_tree, root)
+        # Its quota overrides went with its record; its facet count is read afresh if a
+        # tenant of that name is created again.
+        self._core.quotas.forget_tenant(tenant)
         return {"tenant": tenant, "revoked_keys": revoked, "deleted_facets": deleted}
 
     # -- backup and restore --------------------------------------------------------------
@@ -543,9 +548,14 @@ class DataOperations:
         """Swap the verified store in ``staged`` in at ``address`` under a hold."""
         await self._run(write_hint, staged, address, {"class": class_name})
         async with self._router.hold(address):
-            if not force and self._registry.exists(address):
+            existed = self._registry.exists(address)
+            if not force and existed:
                 raise ConflictError(f"facet {str(address)!r} exists; pass force to replace it")
             await self._run(install_store, staged, self._registry.path_of(address))
+            if not existed:
+                # Operators' copies are not refused by the tenant's facet quota (decision
+                # 0010), but they count against it from now on.
+                self._core.quotas.facet_created(address.tenant_id)
 
 
 def _fsync_upper_dirs(target: Path) -> None:

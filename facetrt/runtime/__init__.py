@@ -5,9 +5,23 @@ from __future__ import annotations
 from ._facet import Facet as Facet
 from ._facet import FacetCalls as FacetCalls
 from ._facet import rpc as rpc
+from ._load import HistogramSnapshot as HistogramSnapshot
+from ._quotas import TenantQuotas as TenantQuotas
 from ._runtime import Runtime as Runtime
 from ._runtime import RuntimeStatistics as RuntimeStatistics
+from ._runtime import Saturation as Saturation
 from ._runtime import open_runtime as open_runtime
 from ._storage_api import Storage as Storage
 
-__all__ = ["Facet", "FacetCalls", "Runtime", "RuntimeStatistics", "Storage", "open_runtime", "rpc"]
+__all__ = [
+    "Facet",
+    "FacetCalls",
+    "HistogramSnapshot",
+    "Runtime",
+    "RuntimeStatistics",
+    "Saturation",
+    "Storage",
+    "TenantQuotas",
+    "open_runtime",
+    "rpc",
+]

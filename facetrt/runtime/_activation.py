@@ -54,6 +54,7 @@ from .._values import Value, decode_value, encode_value, scalars_size
 from ..storage import IDEM_DB, META_DB
 from ._facet import Facet, instantiate
 from ._layers import MISSING, Layer, lookup_system
+from ._load import describe_recent, recent_commits
 from ._storage_api import Storage
 
 if TYPE_CHECKING:
@@ -116,6 +117,10 @@ class Activation:
         self._grow_deferred: Callable[[], None] | None = None
         # Woken when the state leaves STARTING and when the last pin goes: rare events only.
         self._maintenance_lot = trio.lowlevel.ParkingLot()
+        # This activation counted a new facet against the tenant's quota and has not yet
+        # created its store: undone if it stops before it does.
+        self._reserved = False
+        self._recent = recent_commits()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -166,9 +171,11 @@ class Activation:
     async def run(self) -> None:
         """The activation task: open, serve the mailbox, passivate. Never raises FacetrtError."""
         try:
+            await self._reserve_new_facet()
             await self._supervisor.acquire()
         except FacetrtError as exc:
             self._fail_mailbox(exc)
+            self._unreserve()
             self.state = ActivationState.STOPPED
             self._maintenance_lot.unpark_all()
             return
@@ -194,14 +201,45 @@ class Activation:
             # abandoned and are bounded by the disk; leaving early would leak an open store.
             with trio.CancelScope(shield=True):
                 await self._close()
+            self._unreserve()
             self.state = ActivationState.STOPPED
             self._supervisor.release(evicted=self._evicted)
             self._core.counters.passivations += 1
 
+    async def _reserve_new_facet(self) -> None:
+        """Count the facet against its tenant's quota if this activation would create it.
+
+        Checked here, where stores are created, and not per call: an existing facet costs
+        one ``stat``. Before the open permit, so a refused facet evicts nobody.
+
+        Raises:
+            QuotaExceededError: the tenant has all the facets its quota allows.
+        """
+        core = self._core
+        if core.registry.exists(self.address):
+            await trio.lowlevel.checkpoint()
+            return
+        tenant = self.address.tenant_id
+        registry, workers = core.registry, core.workers
+        scan = partial(workers.call, partial(registry.count_facets, tenant))
+        await core.quotas.reserve_facet(tenant, scan)
+        self._reserved = True
+
+    def _unreserve(self) -> None:
+        """Give back the quota of a facet this activation counted but did not create."""
+        if self._reserved:
+            self._reserved = False
+            if not self._core.registry.exists(self.address):
+                self._core.quotas.facet_removed(self.address.tenant_id)
+
     async def _open(self) -> None:
         assert self.state is ActivationState.STARTING
         registry = self._core.registry
-        self._store = await self._core.workers.call(partial(registry.open, self.address))
+        bytes_max = self._core.quotas.effective(self.address.tenant_id).facet_bytes_max
+        self._store = await self._core.workers.call(
+            partial(registry.open, self.address, map_size_bytes_max=bytes_max)
+        )
+        self._reserved = False  # the store exists now: the facet stays counted
         self._storage = Storage(
             self._store, self._pending, value_bytes_max=self._config.value_bytes_max
         )
@@ -298,7 +336,7 @@ class Activation:
         storage = self._storage
         assert storage is not None
         if envelope.internal:
-            return outcome.Value(self._inspect())
+            return outcome.Value(self.inspect())
         try:
             facet = await self._facet_for(envelope)
             if envelope.method not in facet.rpc_methods:
@@ -338,11 +376,16 @@ class Activation:
         self._pending[-1].absorb(layer)
         return outcome.Value(value if encoded is None else decode_value(encoded))
 
-    def _inspect(self) -> Value:
-        """What an operator sees of this facet (no stored values)."""
+    def inspect(self) -> dict[str, Value]:
+        """What an operator sees of this facet (no stored values), load signals included.
+
+        Synchronous reads of committed state on the loop thread: callable between any two
+        messages while the activation runs (the store is open).
+        """
         store = self._store
         assert store is not None
         created = store.get(b"created", META_DB)
+        oldest = self.mailbox.oldest_enqueued_at()
         return {
             "tenant": self.address.tenant_id,
             "agent": self.address.agent_id,
@@ -353,7 +396,12 @@ class Activation:
             "map_size_bytes": store.map_size_bytes,
             "map_size_bytes_max": store.map_size_bytes_max,
             "mailbox_depth": len(self.mailbox),
+            "mailbox_depth_max": self.mailbox.envelopes_max,
+            "mailbox_oldest_age_seconds": (
+                0.0 if oldest is None else round(trio.current_time() - oldest, 6)
+            ),
             "commit_running": self._commit_running,
+            **describe_recent(self._recent),
         }
 
     async def _facet_for(self, envelope: Envelope) -> Facet:
@@ -480,7 +528,7 @@ class Activation:
                 self._grow_deferred = partial(self._commit_done, layer, outcomes, seq, result)
                 return
             # Growing is legal here: callbacks run between task steps, so no read is open.
-            if isinstance(error, StoreFullError) and store is not None and store.grow():
+            if isinstance(error, StoreFullError) and store is not None and self._grow(store):
                 self._core.counters.map_grows += 1
                 self._submit(layer, outcomes, seq)
                 return
@@ -489,9 +537,12 @@ class Activation:
             return
         self._commit_running = False
         counters = self._core.counters
+        seconds = time.perf_counter() - self._commit_started
         counters.commits += 1
         counters.committed_envelopes += len(outcomes)
-        counters.commit_seconds += time.perf_counter() - self._commit_started
+        counters.commit_seconds += seconds
+        self._core.commit_stats.observe(len(outcomes), seconds)
+        self._recent.append((len(outcomes), seconds))
         removed = self._pending.pop(0)
         assert removed is layer
         self._release(outcomes, seq)
@@ -499,6 +550,13 @@ class Activation:
             self._start_commit()
         else:
             self.mailbox.wake()  # the turn loop may now start its idle timer
+
+    def _grow(self, store: FacetStore) -> bool:
+        """Double the map within the tenant's bytes-per-facet quota as it is now (the
+        operator may have changed it since the store opened); False at the quota."""
+        quota = self._core.quotas.effective(self.address.tenant_id).facet_bytes_max
+        store.map_size_bytes_max = quota
+        return store.grow()
 
     def _release(self, outcomes: _Outcomes, seq: int) -> None:
         self._durable_seq = seq
@@ -513,6 +571,7 @@ class Activation:
         self._core.counters.commit_failures += 1
         self._core.counters.resets += 1
         if isinstance(error, StoreFullError):
+            self._core.quotas.refused("facet_bytes")
             failure: FacetrtError = error
         else:
             logger.error("commit failed for a facet store; resetting it: %s", error)

@@ -9,10 +9,12 @@ from typing import TYPE_CHECKING, final
 
 import trio
 
-from .._errors import BadRequestError, NotFoundError, UnavailableError
+from .._errors import BadRequestError, FacetrtError, NotFoundError, UnavailableError
 from .._ids import FacetAddress
 from .._values import Value, copy_value, scalars_size
+from ._load import CommitStats
 from ._mailbox import Envelope
+from ._quotas import Quotas
 from ._reply import ReplySlot
 
 if TYPE_CHECKING:
@@ -67,6 +69,8 @@ class RuntimeCore:
         self.workers = workers
         self.wall_clock = wall_clock
         self.counters = Counters()
+        self.quotas = Quotas(config)
+        self.commit_stats = CommitStats()
         # closing: refuse new calls from outside; stopped: the grace period is over, refuse all.
         self.closing = False
         self.stopped = False
@@ -144,6 +148,12 @@ class RuntimeCore:
         if idempotency_key is not None:
             self._check_idempotency_key(idempotency_key)
         call_args, call_kwargs = self._arguments(args, kwargs)
+        now = trio.current_time() if enqueued_at is None else enqueued_at
+        bucket = None
+        # Only calls from outside spend the tenant's rate: a facet's own calls were admitted
+        # with the call that made them, and operators' messages are not the tenant's.
+        if self.quotas.rate_limited and not chain and not internal:
+            bucket = self.quotas.take_call(address.tenant_id, now)
         envelope = Envelope(
             method=method,
             args=call_args,
@@ -152,12 +162,17 @@ class RuntimeCore:
             idempotency_key=idempotency_key,
             chain=chain,
             reply=ReplySlot(callback),
-            enqueued_at=trio.current_time() if enqueued_at is None else enqueued_at,
+            enqueued_at=now,
             internal=internal,
         )
         assert self.router is not None
         self.counters.calls += 1
-        self.router.submit(address, envelope)
+        try:
+            self.router.submit(address, envelope)
+        except FacetrtError:
+            if bucket is not None:
+                bucket.refund()  # refused: it changed nothing, so it costs nothing
+            raise
         return envelope.reply
 
     def address_of(self, tenant: str, agent_id: str) -> FacetAddress:

@@ -2,7 +2,11 @@
 
 A mailbox belongs to the facet's slot in the router, not to one activation, so envelopes queued
 while an activation passivates or resets are handled by the next activation instead of lost.
-``put_nowait`` sheds with :class:`OverloadedError` before anything is queued past the bound.
+``put_nowait`` sheds with :class:`OverloadedError` before anything is queued past either bound:
+the length (the tenant's mailbox quota) or the age of the oldest queued envelope
+(``mailbox_age_seconds_max``). The age bound sheds as soon as the facet is known to be that
+far behind, rather than once its mailbox has filled up: a caller learns at once that it
+should back off, and no memory is spent on messages that would wait longer than the bound.
 """
 
 from __future__ import annotations
@@ -42,27 +46,55 @@ class Envelope:
 class MailboxStatistics:
     depth: int
     depth_max: int
+    oldest_enqueued_at: float | None  # trio time; None when empty
 
 
 @final
 class Mailbox:
-    """A bounded FIFO of envelopes with one consumer (the current activation)."""
+    """A bounded FIFO of envelopes with one consumer (the current activation).
 
-    def __init__(self, envelopes_max: int) -> None:
+    Args:
+        envelopes_max: most envelopes queued (the tenant's mailbox quota).
+        age_seconds_max: shed new envelopes while the oldest queued one is older than this.
+    """
+
+    def __init__(self, envelopes_max: int, *, age_seconds_max: float) -> None:
         self._items: deque[Envelope] = deque()
-        self._envelopes_max = envelopes_max
+        self.envelopes_max = envelopes_max
+        self._age_seconds_max = age_seconds_max
         self._lot = trio.lowlevel.ParkingLot()
 
     def __len__(self) -> int:
         return len(self._items)
 
+    def is_full(self) -> bool:
+        return len(self._items) >= self.envelopes_max
+
     def put_nowait(self, envelope: Envelope) -> None:
-        """Queue ``envelope`` or raise :class:`OverloadedError`; never checkpoints."""
-        if len(self._items) >= self._envelopes_max:
-            raise OverloadedError(f"facet mailbox is full ({self._envelopes_max} envelopes queued)")
-        self._items.append(envelope)
+        """Queue ``envelope`` or raise :class:`OverloadedError`; never checkpoints.
+
+        The age is measured at ``envelope.enqueued_at`` (its arrival, read once by the caller),
+        so the check costs no clock read.
+        """
+        items = self._items
+        if items:  # both bounds need a queued envelope (envelopes_max >= 1)
+            if len(items) >= self.envelopes_max:
+                raise OverloadedError(
+                    f"facet mailbox is full ({self.envelopes_max} envelopes queued)"
+                )
+            waited = envelope.enqueued_at - items[0].enqueued_at
+            if waited > self._age_seconds_max:
+                raise OverloadedError(
+                    f"facet is behind: its oldest queued message has waited {waited:.3g} s "
+                    f"(more than {self._age_seconds_max:g} s)"
+                )
+        items.append(envelope)
         if self._lot:
             self._lot.unpark_all()
+
+    def oldest_enqueued_at(self) -> float | None:
+        """When the oldest queued envelope arrived (trio time); None when empty."""
+        return self._items[0].enqueued_at if self._items else None
 
     def get_nowait(self) -> Envelope | None:
         return self._items.popleft() if self._items else None
@@ -93,4 +125,8 @@ class Mailbox:
         await self._lot.park()
 
     def statistics(self) -> MailboxStatistics:
-        return MailboxStatistics(depth=len(self._items), depth_max=self._envelopes_max)
+        return MailboxStatistics(
+            depth=len(self._items),
+            depth_max=self.envelopes_max,
+            oldest_enqueued_at=self.oldest_enqueued_at(),
+        )

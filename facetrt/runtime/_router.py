@@ -66,21 +66,43 @@ class Router:
 
         Raises:
             NotFoundError: no class given and the facet was never created.
-            OverloadedError: the facet's mailbox is full.
+            OverloadedError: the facet's mailbox is full, or its oldest queued message is
+                older than ``mailbox_age_seconds_max`` (counted by reason).
         """
         slot = self._slots.get(address)
         if slot is None:
             if envelope.cls is None and not self._core.registry.exists(address):
                 raise NotFoundError(f"facet {str(address)!r} does not exist (give a class)")
-            slot = _Slot(Mailbox(self._core.config.mailbox_envelopes_max))
+            slot = _Slot(self._new_mailbox(address))
             self._slots[address] = slot
         try:
             slot.mailbox.put_nowait(envelope)
         except OverloadedError:
-            self._core.counters.overloaded += 1
+            self._shed(slot)
             raise
         if slot.activation is None and not slot.held:
             self._activate(address, slot)
+
+    def _shed(self, slot: _Slot) -> None:
+        """Count a refused envelope by reason (on the refusal path only). A refusing slot
+        has envelopes queued, so it is never a fresh one to drop."""
+        self._core.counters.overloaded += 1
+        self._core.quotas.refused("mailbox" if slot.mailbox.is_full() else "mailbox_age")
+
+    def _new_mailbox(self, address: FacetAddress) -> Mailbox:
+        quotas = self._core.quotas.effective(address.tenant_id)
+        return Mailbox(
+            quotas.mailbox_envelopes_max,
+            age_seconds_max=self._core.config.mailbox_age_seconds_max,
+        )
+
+    def set_mailbox_bound(self, tenant: str, envelopes_max: int) -> None:
+        """Apply a changed mailbox quota to ``tenant``'s live mailboxes (a linear scan:
+        operators only). Envelopes already queued past a lowered bound stay; new ones are
+        shed until the mailbox drains below it."""
+        for address, slot in self._slots.items():
+            if address.tenant_id == tenant:
+                slot.mailbox.envelopes_max = envelopes_max
 
     def _activate(self, address: FacetAddress, slot: _Slot) -> None:
         activation = Activation(
@@ -129,7 +151,7 @@ class Router:
             if activation is not None:
                 # The activation must not take what is queued: it would run against the state
                 # being replaced. It finds an empty mailbox, finishes and passivates.
-                fresh = Mailbox(self._core.config.mailbox_envelopes_max)
+                fresh = self._new_mailbox(address)
                 slot.mailbox.move_to(fresh)
                 slot.mailbox = fresh
                 activation.request_stop()
@@ -144,7 +166,7 @@ class Router:
         while True:
             slot = self._slots.get(address)
             if slot is None:
-                slot = _Slot(Mailbox(self._core.config.mailbox_envelopes_max))
+                slot = _Slot(self._new_mailbox(address))
                 self._slots[address] = slot
             if not slot.held:
                 slot.held = True
@@ -229,6 +251,31 @@ class Router:
         """Return once no facet has an activation or a queued envelope."""
         while self._slots:
             await self._emptied.park()
+
+    def running_activation(self, address: FacetAddress) -> Activation | None:
+        """The activation of ``address`` if it runs (its store is open), else None."""
+        slot = self._slots.get(address)
+        activation = None if slot is None else slot.activation
+        if activation is None or activation.state is not ActivationState.RUNNING:
+            return None
+        return activation
+
+    def mailbox_of(self, address: FacetAddress) -> Mailbox | None:
+        slot = self._slots.get(address)
+        return None if slot is None else slot.mailbox
+
+    def mailbox_load(self) -> tuple[float | None, int]:
+        """(when the oldest envelope queued in any mailbox arrived, in trio time or None;
+        how many mailboxes are full): a scan of the slots, for scrapes and readiness only."""
+        oldest = None
+        full = 0
+        for slot in self._slots.values():
+            mailbox = slot.mailbox
+            arrived = mailbox.oldest_enqueued_at()
+            if arrived is not None and (oldest is None or arrived < oldest):
+                oldest = arrived
+            full += mailbox.is_full()
+        return oldest, full
 
     def activations(self) -> list[Activation]:
         return [slot.activation for slot in self._slots.values() if slot.activation is not None]

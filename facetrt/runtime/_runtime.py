@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, final
 
@@ -24,21 +25,33 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Mapping
 
     from .._values import Value
+    from ..config import TenantQuotaSettings
     from ..storage import FacetRecord
+    from ._load import HistogramSnapshot
+    from ._quotas import TenantQuotas
 
 CLEANUP_SECONDS = 30.0
+# The node reports saturation once its oldest queued message has waited this fraction of
+# mailbox_age_seconds_max: shedding by age is then near.
+SATURATION_AGE_FRACTION = 0.5
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RuntimeStatistics:
     """A snapshot of the runtime's state and counters.
 
-    ``committed_envelopes / commits`` is the mean group-commit batch size.
+    ``committed_envelopes / commits`` is the mean group-commit batch size; the two histograms
+    give the distributions (batch size and commit seconds, one observation per commit).
+    ``refusals`` counts refused calls by reason (``facets``, ``facet_bytes``, ``mailbox``,
+    ``mailbox_age``, ``rate``).
     """
 
     open_facets: int
     idle_facets: int
+    activations_waiting: int
     queued_envelopes: int
+    mailbox_oldest_age_seconds: float
+    mailboxes_full: int
     calls: int
     activations: int
     passivations: int
@@ -51,6 +64,28 @@ class RuntimeStatistics:
     map_grows: int
     deactivations_cut_short: int
     overloaded: int
+    refusals: dict[str, int]
+    commit_batch_envelopes: HistogramSnapshot
+    commit_durations: HistogramSnapshot
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Saturation:
+    """Whether the node is near shedding, and why (``/readyz`` shows it).
+
+    Reasons: ``mailbox_age`` (the oldest queued message has waited at least half of
+    ``mailbox_age_seconds_max``), ``mailbox_full`` (some facet's mailbox is at its bound),
+    ``open_facets`` (activations wait for an open permit at ``open_facets_max``).
+    """
+
+    saturated: bool
+    reasons: tuple[str, ...]
+    oldest_queued_seconds: float
+    mailboxes_full: int
+    queued_envelopes: int
+    open_facets: int
+    open_facets_max: int
+    activations_waiting: int
 
 
 @final
@@ -101,23 +136,78 @@ class Runtime:
         )
 
     async def inspect(self, tenant: str, agent_id: str) -> dict[str, Value]:
-        """An operator's view of one facet: class, key count, map size, mailbox depth.
+        """An operator's view of one facet: class, key count, map size, and its load: mailbox
+        depth and bound, age of the oldest queued message, recent batch sizes and commit
+        latencies.
 
-        Goes through the facet's mailbox like a message (so it sees a consistent state and
-        activates the facet if needed); it never returns stored values.
+        A running facet is read at once, from its committed state, without queueing behind
+        its messages (an overloaded facet is the one an operator wants to see). Otherwise the
+        request goes through the facet's mailbox like a message, activating it. It never
+        returns stored values.
 
         Raises:
             NotFoundError: the facet does not exist.
+            OverloadedError: the facet is not running and its mailbox refuses messages.
         """
         address = FacetAddress(tenant, agent_id)
-        reply = self._core.submit(
-            address, "inspect", (), {}, cls=None, idempotency_key=None, chain=(), internal=True
-        )
-        result = await reply.wait()
-        assert isinstance(result, dict)
+        activation = self._router.running_activation(address)
+        if activation is not None:
+            await trio.lowlevel.checkpoint()
+            result = activation.inspect()
+        else:
+            reply = self._core.submit(
+                address, "inspect", (), {}, cls=None, idempotency_key=None, chain=(), internal=True
+            )
+            value = await reply.wait()
+            assert isinstance(value, dict)
+            result = value
         if result["class"] is None:
             raise NotFoundError(f"facet {str(address)!r} does not exist")
         return result
+
+    # -- quotas --------------------------------------------------------------------------
+
+    def tenant_quotas(self, tenant: str) -> TenantQuotas:
+        """The quotas in force for ``tenant``: node defaults with its overrides applied.
+
+        Raises:
+            AddressError: a malformed tenant id.
+        """
+        validate_tenant_id(tenant)
+        return self._core.quotas.effective(tenant)
+
+    def tenant_quota_overrides(self, tenant: str) -> TenantQuotaSettings | None:
+        """The overrides set for ``tenant`` (None: node defaults only)."""
+        validate_tenant_id(tenant)
+        return self._core.quotas.overrides(tenant)
+
+    def set_tenant_quotas(self, tenant: str, settings: TenantQuotaSettings | None) -> TenantQuotas:
+        """Replace ``tenant``'s quota overrides (None: back to the node defaults), in force
+        from the next call; return the quotas now in force.
+
+        In memory only: the daemon persists them in its system store (the admin API does
+        both). Open mailboxes take the new bound at once (envelopes queued beyond a lowered
+        one stay queued); open stores take a new bytes-per-facet bound the next time they
+        need to grow; stores already bigger than it keep their size (decision 0010).
+
+        Raises:
+            AddressError: a malformed tenant id.
+        """
+        validate_tenant_id(tenant)
+        quotas = self._core.quotas.set_overrides(tenant, settings)
+        self._router.set_mailbox_bound(tenant, quotas.mailbox_envelopes_max)
+        return quotas
+
+    async def tenant_facet_count(self, tenant: str) -> int:
+        """How many facets ``tenant`` has on this node (counted from disk the first time).
+
+        Raises:
+            AddressError: a malformed tenant id.
+        """
+        validate_tenant_id(tenant)
+        core = self._core
+        scan = partial(core.workers.call, partial(core.registry.count_facets, tenant))
+        return await core.quotas.count_facets(tenant, scan)
 
     def list_facets(
         self, tenant: str, *, cursor: str | None = None, limit: int = 100
@@ -134,11 +224,18 @@ class Runtime:
         return page, next_cursor
 
     def statistics(self) -> RuntimeStatistics:
+        """A snapshot of state and counters; call from the loop thread (it reads trio's clock
+        for the age of the oldest queued message)."""
         counters = self._core.counters
+        oldest, full = self._router.mailbox_load()
+        commit_stats = self._core.commit_stats
         return RuntimeStatistics(
             open_facets=self._supervisor.open_count,
             idle_facets=self._supervisor.idle_count(),
+            activations_waiting=self._supervisor.waiting_count(),
             queued_envelopes=self._router.queued_envelopes(),
+            mailbox_oldest_age_seconds=0.0 if oldest is None else trio.current_time() - oldest,
+            mailboxes_full=full,
             calls=counters.calls,
             activations=counters.activations,
             passivations=counters.passivations,
@@ -151,6 +248,38 @@ class Runtime:
             map_grows=counters.map_grows,
             deactivations_cut_short=counters.deactivations_cut_short,
             overloaded=counters.overloaded,
+            refusals=dict(self._core.quotas.refusals),
+            commit_batch_envelopes=commit_stats.batch_envelopes.snapshot(),
+            commit_durations=commit_stats.seconds.snapshot(),
+        )
+
+    def saturation(self) -> Saturation:
+        """Whether the node is near shedding calls, and why; call from the loop thread.
+
+        A scan of the open slots (no per-call cost). Saturation does not make the node
+        unready: its facets live here, so sending calls elsewhere would not help them
+        (decision 0010); calls beyond the bounds are shed with ``overloaded``.
+        """
+        config = self._core.config
+        oldest, full = self._router.mailbox_load()
+        age = 0.0 if oldest is None else trio.current_time() - oldest
+        waiting = self._supervisor.waiting_count()
+        reasons = []
+        if age >= config.mailbox_age_seconds_max * SATURATION_AGE_FRACTION:
+            reasons.append("mailbox_age")
+        if full:
+            reasons.append("mailbox_full")
+        if waiting:
+            reasons.append("open_facets")
+        return Saturation(
+            saturated=bool(reasons),
+            reasons=tuple(reasons),
+            oldest_queued_seconds=round(age, 6),
+            mailboxes_full=full,
+            queued_envelopes=self._router.queued_envelopes(),
+            open_facets=self._supervisor.open_count,
+            open_facets_max=config.open_facets_max,
+            activations_waiting=waiting,
         )
 
     async def aclose(self) -> None:

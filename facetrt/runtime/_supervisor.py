@@ -83,3 +83,7 @@ class Supervisor:
 
     def idle_count(self) -> int:
         return len(self._idle)
+
+    def waiting_count(self) -> int:
+        """Activations waiting for an open permit (the node is at ``open_facets_max``)."""
+        return len(self._lot)

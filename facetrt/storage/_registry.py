@@ -12,15 +12,12 @@ import fcntl
 import json
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from pathlib import Path
+from typing import Final
 
 from .._errors import ConfigError, StorageError
 from .._ids import FacetAddress
 from ._store import DATA_FILE, FacetStore, StoreHooks, store_exists
-
-if TYPE_CHECKING:
-    from pathlib import Path
-
 
 LOCK_FILE: Final = "facetrt.lock"
 
@@ -158,18 +155,24 @@ class StoreRegistry:
     def exists(self, address: FacetAddress) -> bool:
         return store_exists(self.path_of(address))
 
-    def open(self, address: FacetAddress) -> FacetStore:
+    def open(self, address: FacetAddress, *, map_size_bytes_max: int | None = None) -> FacetStore:
         """Open (creating if needed) the store of ``address``. Blocking: call off the loop.
+
+        Args:
+            map_size_bytes_max: the most its map may grow to (the tenant's bytes-per-facet
+                quota); the registry's default when None. A new store starts at the initial
+                size or this, whichever is smaller; an existing bigger one keeps its size.
 
         Raises:
             StorageError: LMDB could not open it.
         """
         path = self.path_of(address)
         assert path not in self._open, f"store {path} opened twice"
+        bytes_max = self._map_size_bytes_max if map_size_bytes_max is None else map_size_bytes_max
         store = FacetStore(
             path,
-            map_size_bytes=self._map_size_bytes,
-            map_size_bytes_max=self._map_size_bytes_max,
+            map_size_bytes=min(self._map_size_bytes, bytes_max),
+            map_size_bytes_max=bytes_max,
             hooks=self._hooks,
         )
         try:
@@ -195,6 +198,11 @@ class StoreRegistry:
         read and ``stat`` per facet returned.
         """
         return list_facets_in(self.tenant_path(tenant), start_after=start_after, limit=limit)
+
+    def count_facets(self, tenant: str) -> int:
+        """How many facets ``tenant`` has on disk (a directory scan and one ``stat`` per
+        facet: for the quota's first count, on a writer thread)."""
+        return count_facets_in(self.tenant_path(tenant))
 
     def tenant_roots(self) -> list[Path]:
         """The directory of every tenant with facets on disk (for node-wide operations)."""
@@ -238,3 +246,17 @@ def list_facets_in(
                 if len(found) >= limit:
                     return found
     return found
+
+
+def count_facets_in(root: Path) -> int:
+    """Facets under the tenant directory ``root``: store directories holding a data file
+    (what :meth:`StoreRegistry.exists` calls a facet), without reading any hint."""
+    count = 0
+    if not root.is_dir():
+        return count
+    for fanout in os.scandir(root):
+        if fanout.is_dir():
+            for entry in os.scandir(fanout.path):
+                if store_exists(Path(entry.path)):
+                    count += 1
+    return count

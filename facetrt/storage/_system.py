@@ -2,7 +2,8 @@
 
 Layout (``<data dir>/system/``, one LMDB environment)::
 
-    db tenants   tenant id (UTF-8)  -> JSON {"created": unix seconds}
+    db tenants   tenant id (UTF-8)  -> JSON {"created": unix seconds,
+                                             "quotas": {name: number} (overrides; optional)}
     db keys      key id (ASCII hex) -> JSON {"tenant": str | null (admin), "hash": hex str,
                                              "created": float, "revoked": float | null}
 
@@ -129,6 +130,44 @@ class SystemStore:
     def list_tenants(self) -> list[str]:
         with self._env.begin() as txn:
             return [key.decode() for key, _ in txn.cursor(self._tenants)]
+
+    def tenant_quotas(self, tenant: str) -> dict[str, object]:
+        """The quota overrides stored for ``tenant`` (unvalidated: ``config`` validates).
+
+        Raises: NotFoundError.
+        """
+        with self._env.begin(db=self._tenants) as txn:
+            raw = txn.get(tenant.encode())
+        if raw is None:
+            raise NotFoundError(f"tenant {tenant!r} does not exist")
+        quotas = _load(raw).get("quotas", {})
+        return dict(quotas) if isinstance(quotas, dict) else {}
+
+    def all_tenant_quotas(self) -> dict[str, dict[str, object]]:
+        """Every tenant's stored quota overrides (tenants without any are left out)."""
+        found: dict[str, dict[str, object]] = {}
+        with self._env.begin() as txn:
+            for key, raw in txn.cursor(self._tenants):
+                quotas = _load(raw).get("quotas")
+                if isinstance(quotas, dict) and quotas:
+                    found[key.decode()] = quotas
+        return found
+
+    def set_tenant_quotas(self, tenant: str, quotas: dict[str, object]) -> None:
+        """Replace ``tenant``'s quota overrides (empty: none), durably.
+
+        Raises: NotFoundError.
+        """
+        with self._write() as txn:
+            raw = txn.get(tenant.encode(), db=self._tenants)
+            if raw is None:
+                raise NotFoundError(f"tenant {tenant!r} does not exist")
+            record = _load(raw)
+            if quotas:
+                record["quotas"] = quotas
+            else:
+                record.pop("quotas", None)
+            txn.put(tenant.encode(), _dump(record), db=self._tenants)
 
     def delete_tenant(self, tenant: str) -> int:
         """Remove the tenant and revoke its keys; return how many keys were revoked.
