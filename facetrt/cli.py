@@ -127,6 +127,25 @@ class _Admin:
         finally:
             lock.release()
 
+    def run_system(
+        self, direct: Callable[[SystemStore], Any], through_daemon: Callable[[], Any]
+    ) -> Any:
+        """Like :meth:`run`, for an operation that takes more than one request."""
+        from .storage import DataDirLock, SystemStore
+
+        try:
+            lock = DataDirLock(self.data_dir)
+        except ConfigError:
+            return through_daemon()  # a daemon holds the directory
+        try:
+            system = SystemStore(self.data_dir / "system")
+            try:
+                return direct(system)
+            finally:
+                system.close()
+        finally:
+            lock.release()
+
     def _http(self, method: str, path: str, body: dict[str, object] | None) -> Any:
         data = None if body is None else json.dumps(body).encode()
         with self.open(method, path, data) as response:
@@ -218,10 +237,115 @@ def cmd_tenant_create(options: argparse.Namespace) -> int:
 
 def cmd_tenant_list(options: argparse.Namespace) -> int:
     result = _Admin(options).run(
-        lambda system: {"tenants": system.list_tenants()}, "GET", "/v1/admin/tenants"
+        lambda system: {"tenants": system.list_tenants(), "quotas": system.all_tenant_quotas()},
+        "GET",
+        "/v1/admin/tenants",
     )
+    overrides: dict[str, dict[str, object]] = result.get("quotas", {})
+    _out(f"{'TENANT':<24} QUOTAS (overrides of the node defaults)")
     for tenant in result["tenants"]:
-        _out(tenant)
+        _out(f"{tenant:<24} {_describe_overrides(overrides.get(tenant, {}))}")
+    return 0
+
+
+QUOTA_FLAGS = {
+    "facets": "facets_max",
+    "bytes_per_facet": "facet_bytes_max",
+    "mailbox": "mailbox_envelopes_max",
+    "calls_per_second": "calls_per_second",
+    "burst": "calls_burst",
+}
+
+
+def _describe_overrides(overrides: dict[str, object]) -> str:
+    return " ".join(f"{name}={value}" for name, value in overrides.items()) or "-"
+
+
+def _quota_value(text: str) -> int | float | None:
+    """A quota flag's value: a number, or ``default`` to drop the override."""
+    if text == "default":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'default', got {text!r}") from None
+
+
+def _quota_changes(options: argparse.Namespace) -> dict[str, int | float | None]:
+    return {
+        field: getattr(options, flag)
+        for flag, field in QUOTA_FLAGS.items()
+        if getattr(options, flag, _UNSET) is not _UNSET
+    }
+
+
+_UNSET = object()
+
+
+def cmd_tenant_quota(options: argparse.Namespace) -> int:
+    """Show a tenant's quotas, or change the ones given (the others stay as they are)."""
+    from .config import TenantQuotaSettings
+
+    admin = _Admin(options)
+    tenant = options.name
+    path = f"/v1/admin/tenants/{urllib.parse.quote(tenant)}/quotas"
+    changes = _quota_changes(options)
+    if not changes and not options.reset:
+        return _show_tenant(admin, tenant)
+
+    def merged(current: dict[str, object]) -> dict[str, object]:
+        settings = {} if options.reset else dict(current)
+        settings.update(changes)
+        return TenantQuotaSettings.parse(settings).overrides()
+
+    def direct(system: SystemStore) -> dict[str, object]:
+        overrides = merged(system.tenant_quotas(tenant))
+        system.set_tenant_quotas(tenant, overrides)
+        return {"tenant": tenant, "overrides": overrides}
+
+    def through_daemon() -> Any:
+        current = admin._http("GET", path, None)["overrides"]
+        return admin._http("PUT", path, merged(current))
+
+    result = admin.run_system(direct, through_daemon)
+    _out(f"quotas of tenant {tenant}: {_describe_overrides(result['overrides'])}")
+    if "quotas" not in result:
+        _out("(no daemon running: the daemon applies them when it starts)")
+    return 0
+
+
+def cmd_tenant_show(options: argparse.Namespace) -> int:
+    return _show_tenant(_Admin(options), options.name)
+
+
+def _show_tenant(admin: _Admin, tenant: str) -> int:
+    from .storage import count_tenant_facets
+
+    def direct(system: SystemStore) -> dict[str, object]:
+        return {
+            "tenant": tenant,
+            "facets": count_tenant_facets(admin.data_dir, tenant),
+            "overrides": system.tenant_quotas(tenant),
+        }
+
+    result = admin.run(direct, "GET", f"/v1/admin/tenants/{urllib.parse.quote(tenant)}/quotas")
+    overrides: dict[str, object] = result["overrides"]
+    effective: dict[str, object] = result.get("quotas") or {}
+    _out(f"{'tenant':<22} {tenant}")
+    _out(f"{'facets':<22} {result['facets']}")
+    for field in QUOTA_FLAGS.values():
+        if field in overrides:
+            shown = f"{overrides[field]} (set)"
+        elif field in effective:
+            value = effective[field]
+            shown = f"{'unlimited' if value is None else value} (node default)"
+        else:
+            shown = "(node default)"
+        _out(f"{field:<22} {shown}")
     return 0
 
 
@@ -523,6 +647,25 @@ def build_parser() -> argparse.ArgumentParser:
     delete = management(tenant.add_parser("delete", help="delete a tenant, revoke its keys"))
     delete.add_argument("name")
     delete.set_defaults(handler=cmd_tenant_delete)
+    show = management(tenant.add_parser("show", help="a tenant's facet count and quotas"))
+    show.add_argument("name")
+    show.set_defaults(handler=cmd_tenant_show)
+    quota_text = (
+        "show a tenant's quotas, or set those given (each a number, or 'default' for the "
+        "node default); in force from the next call"
+    )
+    quota = management(tenant.add_parser("quota", help=quota_text, description=quota_text))
+    quota.add_argument("name")
+    for flag, text in (
+        ("--facets", "facets the tenant may have on this node"),
+        ("--bytes-per-facet", "LMDB map size each of its facets may grow to"),
+        ("--mailbox", "messages queued per facet before `overloaded`"),
+        ("--calls-per-second", "sustained calls per second from outside"),
+        ("--burst", "calls at once above the rate (default: one second's worth)"),
+    ):
+        quota.add_argument(flag, type=_quota_value, default=_UNSET, metavar="N", help=text)
+    quota.add_argument("--reset", action="store_true", help="drop every override first")
+    quota.set_defaults(handler=cmd_tenant_quota)
 
     key = commands.add_parser("key", help="tenant keys").add_subparsers(dest="sub", required=True)
     key_create = management(key.add_parser("create", help="create a key for a tenant"))

@@ -155,7 +155,7 @@ class TenantQuotaSettings(BaseModel):
         None, gt=0, le=CALLS_BURST_LIMIT, description="Calls at once above the rate."
     )
 
-    def overrides(self) -> dict[str, int | float]:
+    def overrides(self) -> dict[str, object]:
         """The fields that are set, for storage and display."""
         return {name: value for name, value in self.model_dump().items() if value is not None}
 

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, final
 import trio
 from prometheus_client import CollectorRegistry
 
-from .._errors import ConfigError
+from .._errors import ConfigError, FacetrtError
+from ..config import TenantQuotaSettings
 from ..data import DataOperations
 from ..metrics import FacetrtMetrics
 from ..runtime import Facet, open_runtime
@@ -110,6 +111,19 @@ def ensure_admin_key(system: SystemStore, data_dir: Path) -> Path:
     return path
 
 
+def load_tenant_quotas(runtime: Runtime, system: SystemStore) -> None:
+    """Give the runtime every tenant's stored quota overrides before serving.
+
+    A record that no longer validates (a bound tightened by an upgrade) is logged and left
+    out: that tenant gets the node defaults until the operator sets its quotas again.
+    """
+    for tenant, stored in system.all_tenant_quotas().items():
+        try:
+            runtime.set_tenant_quotas(tenant, TenantQuotaSettings.parse(stored))
+        except FacetrtError as exc:
+            logger.warning("ignoring the stored quotas of tenant %s: %s", tenant, exc.message)
+
+
 @final
 class Daemon:
     """One `facetrt serve` process. ``await nursery.start(daemon.run)`` returns DaemonInfo."""
@@ -156,6 +170,7 @@ class Daemon:
     ) -> None:
         config = self.config.server
         admin_key_path = ensure_admin_key(system, data_dir)
+        load_tenant_quotas(runtime, system)
         await DataOperations(runtime, system=system).start()  # clear crashed operations' scratch
         metrics = FacetrtMetrics(self.registry, runtime.statistics)
         throttle = AuthThrottle(

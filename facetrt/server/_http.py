@@ -19,6 +19,7 @@ draining), and counted in ``facetrt_calls_total{surface="http"}`` whatever their
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from functools import partial
@@ -216,7 +217,14 @@ class HttpGateway:
             elif segments == ["readyz"]:
                 x.check_method("GET")
                 health = self._health
-                state = {"ready": health.ready, "draining": health.draining}
+                saturation = self._runtime.saturation()
+                state = {
+                    "ready": health.ready,
+                    "draining": health.draining,
+                    # Reported, not a reason to be unready (decision 0010).
+                    "saturated": saturation.saturated,
+                    "saturation": dataclasses.asdict(saturation),
+                }
                 await x.respond_json(200 if health.ready else 503, state)
             elif segments == ["metrics"]:
                 x.check_method("GET")
@@ -305,7 +313,7 @@ class HttpGateway:
         if name in EXCHANGE_ROUTES:
             await self._admin.handle_exchange(name, x, params)
             return
-        body = await x.read_json() if x.method == "POST" else None
+        body = await x.read_json() if x.method in ("POST", "PUT") else None
         status, payload = await self._admin.handle(name, x.method, params, x.query(), body)
         await x.respond_json(status, payload)
 

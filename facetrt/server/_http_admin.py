@@ -2,11 +2,14 @@
 
 ::
 
-    GET    tenants                          {"tenants": [id, ...]}
+    GET    tenants                          {"tenants": [id, ...], "quotas": {id: overrides}}
     POST   tenants          {"tenant": id}  201 {"tenant", "key_id", "key"}  (key shown once)
     DELETE tenants/{t}                      {"revoked_keys", "deleted_facets"} (wipes its facets)
     GET    tenants/{t}/keys                 {"keys": [{"key_id", "tenant", "created", "revoked"}]}
     POST   tenants/{t}/keys                 201 {"tenant", "key_id", "key"}
+    GET    tenants/{t}/quotas               {"tenant", "facets", "quotas", "overrides"}
+    PUT    tenants/{t}/quotas  {overrides}  the same; replaces every override (null or
+                                            missing: the node default), in force at once
     DELETE keys/{key id}                    {"key_id", "revoked": true}
     GET    tenants/{t}/facets?cursor=&limit= {"facets": [{"agent", "class", "size_bytes",
                                             "last_active", "timers", "open"}], "next_cursor"}
@@ -31,6 +34,7 @@ returned.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, final
@@ -39,6 +43,7 @@ import trio
 
 from .._errors import BadRequestError, ConflictError, FacetrtError, NotFoundError
 from .._ids import validate_tenant_id
+from ..config import TenantQuotaSettings
 from ..data import DataOperations
 from ._http_exchange import dump_json, to_json
 
@@ -59,6 +64,7 @@ ADMIN_ROUTES: Final[Mapping[str, tuple[str, ...]]] = {
     "tenants": ("GET", "POST"),
     "tenant": ("DELETE",),
     "tenant_keys": ("GET", "POST"),
+    "tenant_quotas": ("GET", "PUT"),
     "key": ("DELETE",),
     "tenant_facets": ("GET",),
     "facet": ("GET", "DELETE"),
@@ -87,6 +93,8 @@ def resolve_admin_route(segments: list[str]) -> tuple[str, tuple[str, ...]] | No
             return "tenant", (tenant,)
         case ["tenants", tenant, "keys"]:
             return "tenant_keys", (tenant,)
+        case ["tenants", tenant, "quotas"]:
+            return "tenant_quotas", (tenant,)
         case ["keys", key_id]:
             return "key", (key_id,)
         case ["tenants", tenant, "facets"]:
@@ -125,7 +133,7 @@ class AdminApi:
         system = self._system
         match name, method:
             case "tenants", "GET":
-                return 200, {"tenants": system.list_tenants()}
+                return 200, {"tenants": system.list_tenants(), "quotas": system.all_tenant_quotas()}
             case "tenants", "POST":
                 return self._create_tenant(body)
             case "tenant_keys", "GET":
@@ -136,6 +144,10 @@ class AdminApi:
                 key_id, key = system.create_key(tenant)
                 logger.info("created key %s for tenant %s", key_id, tenant)
                 return 201, {"tenant": tenant, "key_id": key_id, "key": key}
+            case "tenant_quotas", "GET":
+                return 200, await self._quotas(params[0])
+            case "tenant_quotas", "PUT":
+                return 200, await self._set_quotas(params[0], body)
             case "key", "DELETE":
                 self._revoke(params[0])
                 return 200, {"key_id": params[0], "revoked": True}
@@ -267,6 +279,30 @@ class AdminApi:
             }
             for record in self._system.list_keys(tenant)
         ]
+
+    async def _quotas(self, tenant: str) -> dict[str, object]:
+        validate_tenant_id(tenant)
+        if not self._system.tenant_exists(tenant):
+            raise NotFoundError(f"tenant {tenant!r} does not exist")
+        runtime = self._runtime
+        overrides = runtime.tenant_quota_overrides(tenant)
+        return {
+            "tenant": tenant,
+            "facets": await runtime.tenant_facet_count(tenant),
+            "quotas": dataclasses.asdict(runtime.tenant_quotas(tenant)),
+            "overrides": {} if overrides is None else overrides.overrides(),
+        }
+
+    async def _set_quotas(self, tenant: str, body: object) -> dict[str, object]:
+        validate_tenant_id(tenant)
+        if not isinstance(body, dict):
+            raise BadRequestError('send a JSON object of quotas, e.g. {"facets_max": 1000}')
+        settings = TenantQuotaSettings.parse(body)
+        # Durable first: a quota the node enforces is one it still enforces after a restart.
+        self._system.set_tenant_quotas(tenant, settings.overrides())
+        self._runtime.set_tenant_quotas(tenant, settings)
+        logger.info("set the quotas of tenant %s: %s", tenant, settings.overrides())
+        return await self._quotas(tenant)
 
     def _revoke(self, key_id: str) -> None:
         records = self._system.list_keys()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ._registry import DataDirLock as DataDirLock
 from ._registry import FacetRecord as FacetRecord
 from ._registry import StoreRegistry as StoreRegistry
+from ._registry import count_tenant_facets as count_tenant_facets
 from ._store import DATA_DB as DATA_DB
 from ._store import IDEM_DB as IDEM_DB
 from ._store import KEY_BYTES_MAX as KEY_BYTES_MAX
@@ -30,4 +31,5 @@ __all__ = [
     "StoreHooks",
     "StoreRegistry",
     "SystemStore",
+    "count_tenant_facets",
 ]

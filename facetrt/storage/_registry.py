@@ -185,7 +185,7 @@ class StoreRegistry:
 
     def tenant_path(self, tenant: str) -> Path:
         """The directory holding every facet of ``tenant`` (hashed)."""
-        return self.data_dir / FacetAddress(tenant, "x").relative_path().parent.parent
+        return tenant_path(self.data_dir, tenant)
 
     def list_facets(
         self, tenant: str, *, start_after: str | None = None, limit: int = 100
@@ -202,7 +202,7 @@ class StoreRegistry:
     def count_facets(self, tenant: str) -> int:
         """How many facets ``tenant`` has on disk (a directory scan and one ``stat`` per
         facet: for the quota's first count, on a writer thread)."""
-        return count_facets_in(self.tenant_path(tenant))
+        return count_tenant_facets(self.data_dir, tenant)
 
     def tenant_roots(self) -> list[Path]:
         """The directory of every tenant with facets on disk (for node-wide operations)."""
@@ -246,6 +246,16 @@ def list_facets_in(
                 if len(found) >= limit:
                     return found
     return found
+
+
+def tenant_path(data_dir: Path, tenant: str) -> Path:
+    """The directory holding every facet of ``tenant`` under ``data_dir`` (hashed)."""
+    return data_dir / FacetAddress(tenant, "x").relative_path().parent.parent
+
+
+def count_tenant_facets(data_dir: Path, tenant: str) -> int:
+    """How many facets ``tenant`` has under ``data_dir`` (see :func:`count_facets_in`)."""
+    return count_facets_in(tenant_path(data_dir, tenant))
 
 
 def count_facets_in(root: Path) -> int:
