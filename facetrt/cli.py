@@ -258,7 +258,14 @@ QUOTA_FLAGS = {
 
 
 def _describe_overrides(overrides: dict[str, object]) -> str:
-    return " ".join(f"{name}={value}" for name, value in overrides.items()) or "-"
+    return " ".join(f"{name}={_number(value)}" for name, value in overrides.items()) or "-"
+
+
+def _number(value: object) -> str:
+    """A quota as typed: 50, not 50.0 (rates are floats once validated)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def _quota_value(text: str) -> int | float | None:
@@ -339,12 +346,12 @@ def _show_tenant(admin: _Admin, tenant: str) -> int:
     _out(f"{'facets':<22} {result['facets']}")
     for field in QUOTA_FLAGS.values():
         if field in overrides:
-            shown = f"{overrides[field]} (set)"
+            shown = f"{_number(overrides[field])} (set)"
         elif field in effective:
             value = effective[field]
-            shown = f"{'unlimited' if value is None else value} (node default)"
+            shown = f"{'unlimited' if value is None else _number(value)} (default)"
         else:
-            shown = "(node default)"
+            shown = "(default)"  # no daemon: the node's configuration decides
         _out(f"{field:<22} {shown}")
     return 0
 

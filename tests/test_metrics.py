@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.registry import Collector
 
-from facetrt.metrics import LATENCY_BUCKETS, SURFACES, FacetrtMetrics
+from facetrt.metrics import LATENCY_BUCKETS, SURFACES, FacetrtMetrics, _histogram
+from facetrt.runtime._load import COMMIT_SECONDS_BUCKETS, CommitStats
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from prometheus_client.core import Metric
 
 observations = st.lists(
     st.tuples(
@@ -55,3 +64,35 @@ def test_call_stats_match_prometheus_client(seen: list[tuple[str, str, float]]) 
             assert got_lines == expected_lines
         else:
             assert _samples(got, prefix) == _samples(expected, prefix)
+
+
+@settings(max_examples=50)
+@given(st.lists(st.sampled_from(COMMIT_SECONDS_BUCKETS) | st.floats(0, 10), max_size=40))
+def test_commit_histogram_matches_prometheus_client(seen: list[float]) -> None:
+    """The per-commit histograms (plain integers, rendered at scrape) expose what
+    prometheus-client's own Histogram would."""
+    commits = CommitStats()
+    reference = CollectorRegistry()
+    latency = Histogram(
+        "facetrt_commit_duration_seconds", "x", buckets=COMMIT_SECONDS_BUCKETS, registry=reference
+    )
+    for seconds in seen:
+        commits.observe(1, seconds)
+        latency.observe(seconds)
+    ours = CollectorRegistry()
+    snapshot = commits.seconds.snapshot()
+    ours.register(_Fixed(_histogram("facetrt_commit_duration_seconds", "x", snapshot)))
+    prefix = "facetrt_commit_duration_seconds_"
+    got = [line for line in _samples(generate_latest(ours).decode(), prefix) if "_sum" not in line]
+    expected = [
+        line for line in _samples(generate_latest(reference).decode(), prefix) if "_sum" not in line
+    ]
+    assert got == expected
+
+
+class _Fixed(Collector):
+    def __init__(self, metric: Metric) -> None:
+        self._metric = metric
+
+    def collect(self) -> Iterator[Metric]:
+        yield self._metric

@@ -3,6 +3,7 @@ histograms and the node's saturation report (embedded runtime, real LMDB)."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 import pytest
@@ -69,7 +70,7 @@ async def test_inspect_shows_a_busy_facets_load_without_queueing(
     async with trio.open_nursery() as nursery:
         await _busy(rt, "b", nursery)
         for index in range(3):
-            nursery.start_soon(lambda i=index: rt.call(TENANT, "b", "put", f"k{i}", i))
+            nursery.start_soon(partial(rt.call, TENANT, "b", "put", f"k{index}", index))
         await trio.testing.wait_all_tasks_blocked()
         await trio.sleep(2.5)
         seen = await rt.inspect(TENANT, "b")  # answered at once: the facet is busy
@@ -91,8 +92,8 @@ async def test_inspect_shows_a_busy_facets_load_without_queueing(
 async def test_commit_histograms_count_every_commit(rt: Runtime) -> None:
     async with trio.open_nursery() as nursery:
         for index in range(40):
-            agent = f"c{index % 4}"
-            nursery.start_soon(lambda a=agent: rt.call(TENANT, a, "increment", cls="Counter"))
+            call = partial(rt.call, TENANT, f"c{index % 4}", "increment", cls="Counter")
+            nursery.start_soon(call)
     stats = rt.statistics()
     batches, durations = stats.commit_batch_envelopes, stats.commit_durations
     assert batches.count == durations.count == stats.commits

@@ -128,7 +128,9 @@ async def test_health_routes_need_no_key(served: Served) -> None:
     healthz = await client.get("/healthz")
     assert (healthz.status_code, healthz.json()) == (200, {"status": "ok"})
     readyz = await client.get("/readyz")
-    assert (readyz.status_code, readyz.json()) == (200, {"ready": True, "draining": False})
+    assert readyz.status_code == 200
+    assert readyz.json()["ready"] is True
+    assert readyz.json()["draining"] is False
     metrics = await client.get("/metrics")
     assert metrics.status_code == 200
     assert metrics.headers["content-type"].startswith("text/plain")
@@ -140,7 +142,8 @@ async def test_draining_node_is_not_ready_and_refuses_calls_unavailable(served: 
     health = served.daemon.health
     health.ready, health.draining = False, True
     readyz = await served.client.get("/readyz")
-    assert (readyz.status_code, readyz.json()) == (503, {"ready": False, "draining": True})
+    assert readyz.status_code == 503
+    assert (readyz.json()["ready"], readyz.json()["draining"]) == (False, True)
     assert (await served.client.get("/healthz")).status_code == 200
     refused = await served.call(key, "acme/c/increment", {"class": "Counter"})
     assert error_of(refused) == (503, "unavailable")
@@ -421,7 +424,7 @@ async def test_admin_routes_manage_tenants_keys_and_facets(served: Served) -> No
     assert error_of(await client.post("/v1/admin/tenants", headers=admin)) == (400, "bad_request")
     await served.create_tenant("globex")
     tenants = await client.get("/v1/admin/tenants", headers=admin)
-    assert tenants.json() == {"tenants": ["acme", "globex"]}
+    assert tenants.json()["tenants"] == ["acme", "globex"]
 
     second = await client.post("/v1/admin/tenants/acme/keys", headers=admin)
     assert second.status_code == 201
