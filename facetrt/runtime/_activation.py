@@ -50,7 +50,7 @@ from .._errors import (
     StoreFullError,
     UnavailableError,
 )
-from .._values import Value, decode_value, encode_value, scalars_size
+from .._values import Value, decode_value, encode_value, is_small_scalar
 from ..storage import IDEM_DB, META_DB
 from ._facet import Facet, instantiate
 from ._layers import MISSING, Layer, lookup_system
@@ -300,7 +300,9 @@ class Activation:
         if envelope.internal:
             return outcome.Value(self._inspect())
         try:
-            facet = await self._facet_for(envelope)
+            facet = self._facet
+            if facet is None or (envelope.cls is not None and envelope.cls != self._bound_class):
+                facet = await self._facet_for(envelope)  # bind, activate or refuse
             if envelope.method not in facet.rpc_methods:
                 raise NotFoundError(
                     f"class {self._bound_class!r} has no rpc method {envelope.method!r}"
@@ -318,8 +320,7 @@ class Activation:
                 except TypeError as exc:
                     raise BadRequestError(f"bad arguments for {envelope.method!r}: {exc}") from None
                 value = await coroutine
-                size = scalars_size((value,)) if key is None else None
-                if size is not None and size <= self._config.value_bytes_max:
+                if key is None and is_small_scalar(value, self._config.value_bytes_max):
                     encoded = None  # an immutable scalar: no copy needed
                 else:
                     encoded = _encode_result(value, self._config.value_bytes_max)
