@@ -37,6 +37,8 @@ class StoreWorkers:
         self._threads: list[threading.Thread] = []
         self._token: trio.lowlevel.TrioToken | None = None
         self.jobs_started = 0
+        self.jobs_finished = 0  # counted on the loop thread, when on_done runs
+        self._submitted = trio.lowlevel.ParkingLot()
 
     def start(self) -> None:
         """Start the threads; must be called from the trio thread that will receive results."""
@@ -66,6 +68,25 @@ class StoreWorkers:
         assert self._threads, "StoreWorkers not started"
         self.jobs_started += 1
         self._jobs.put((job, on_done))  # type: ignore[arg-type]  # T erased in the queue
+        if self._submitted:
+            self._submitted.unpark_all()
+
+    @property
+    def is_busy(self) -> bool:
+        """Whether a job is queued or running (its ``on_done`` has not run yet)."""
+        return self.jobs_started != self.jobs_finished
+
+    async def wait_submitted(self) -> None:
+        """Return after the next :meth:`submit`.
+
+        For tests on trio's autojump clock: it sees every task blocked while a thread works
+        and would jump; a test task that stays runnable while :attr:`is_busy` prevents that.
+        """
+        await self._submitted.park()
+
+    def _finished(self, on_done: Callable[[outcome.Outcome[object]], None], result: object) -> None:
+        self.jobs_finished += 1
+        on_done(result)  # type: ignore[arg-type]  # the outcome of the job on_done belongs to
 
     async def call(self, job: Callable[[], T]) -> T:
         """Run ``job`` on a writer thread and return (or raise) its result.
@@ -95,7 +116,7 @@ class StoreWorkers:
             job, on_done = item
             result = outcome.capture(job)
             try:
-                token.run_sync_soon(on_done, result)
+                token.run_sync_soon(self._finished, on_done, result)
             except trio.RunFinishedError:  # pragma: no cover - the loop ended under us
                 return
             # Drop our references now: an idle thread holding its last job would keep that
