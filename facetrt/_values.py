@@ -33,6 +33,11 @@ Value: TypeAlias = (
     | None
 )
 
+# One reusable Packer: ``msgpack.packb`` builds a Packer per call (0.6 µs against 0.12 µs).
+# Sharing it is safe: packing our checked values runs no Python code, so it holds the GIL
+# from start to end.
+packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+
 DEPTH_MAX = 64
 _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1
@@ -95,6 +100,24 @@ def scalars_size(values: Iterable[object]) -> int | None:
     return size
 
 
+def encode_scalar(value: object) -> bytes | None:
+    """The encoding of a cheap scalar (as :func:`scalars_size` defines it), else None.
+
+    The fast path of ``storage.put``: no walk, no message built in advance.
+    """
+    kind = type(value)
+    if kind is int:
+        if not _INT_MIN <= value <= _INT_MAX:  # type: ignore[operator]  # kind is int here
+            return None
+    elif kind is str:
+        if not value.isascii():  # type: ignore[attr-defined]  # kind is str here
+            return None
+    elif kind is not bytes and kind not in _CHEAP:
+        return None
+    data: bytes = packb(value)
+    return data
+
+
 def encode_value(value: object, *, bytes_max: int, what: str = "value") -> bytes:
     """Check and encode ``value``; its encoding must be at most ``bytes_max`` bytes.
 
@@ -103,7 +126,7 @@ def encode_value(value: object, *, bytes_max: int, what: str = "value") -> bytes
     """
     check_value(value, what)
     try:
-        data: bytes = msgpack.packb(value, use_bin_type=True)
+        data: bytes = packb(value)
     except UnicodeEncodeError as exc:  # a str with lone surrogates has no UTF-8 form
         raise BadRequestError(f"{what}: a string is not valid Unicode ({exc.reason})") from None
     if len(data) > bytes_max:

@@ -7,14 +7,17 @@ from ``<data dir>/admin.key``) and, where no daemon holds the data directory, di
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import shutil
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import trio
 
@@ -22,8 +25,9 @@ from ._errors import ERROR_CLASSES, ConfigError, ErrorCode, FacetrtError
 from .config import load_daemon_config
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
+    from .data import DataOperations
     from .storage import SystemStore
 
 DEFAULT_URL = "http://127.0.0.1:7421"
@@ -124,26 +128,79 @@ class _Admin:
             lock.release()
 
     def _http(self, method: str, path: str, body: dict[str, object] | None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        with self.open(method, path, data) as response:
+            return json.loads(response.read() or b"null")
+
+    def open(
+        self,
+        method: str,
+        path: str,
+        data: bytes | BinaryIO | None = None,
+        *,
+        content_type: str = "application/json",
+        accept: str = "application/json",
+    ) -> Any:
+        """Send one admin request; the response (a file) or the error it carries, raised."""
         try:
             key = self.key_file.read_text().strip()
         except OSError as exc:
             raise ConfigError(f"cannot read the admin key {str(self.key_file)!r}: {exc}") from exc
-        data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(
             self.url + path,
             data=data,
             method=method,
-            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+            headers={
+                "Authorization": f"Bearer {key}",
+                "Content-Type": content_type,
+                "Accept": accept,
+            },
         )
         try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return json.loads(response.read() or b"null")
+            # No read timeout for data operations: a backup or a large export takes long.
+            timeout = 30 if data is None and accept == "application/json" else None
+            return urllib.request.urlopen(request, timeout=timeout)
         except urllib.error.HTTPError as exc:
             error = json.loads(exc.read() or b"{}").get("error", {})
             code = ErrorCode(error.get("code", "internal"))
             raise ERROR_CLASSES[code](error.get("message", str(exc))) from None
         except urllib.error.URLError as exc:
             raise ConfigError(f"cannot reach the daemon at {self.url}: {exc.reason}") from None
+
+    def run_data(
+        self, direct: Callable[[DataOperations], Awaitable[Any]], through_daemon: Callable[[], Any]
+    ) -> Any:
+        """Run a data operation directly on the data directory, or through the daemon."""
+        from .storage import DataDirLock
+
+        try:
+            DataDirLock(self.data_dir).release()
+        except ConfigError:
+            return through_daemon()  # a daemon holds the directory
+        result = trio.run(self._direct_data, direct)
+        if isinstance(result, FacetrtError):
+            raise result
+        return result
+
+    async def _direct_data(self, direct: Callable[[DataOperations], Awaitable[Any]]) -> Any:
+        from .config import RuntimeConfig
+        from .data import DataOperations
+        from .runtime import open_runtime
+        from .storage import SystemStore
+
+        config = RuntimeConfig(commit_threads=4)
+        async with open_runtime(self.data_dir, classes={}, config=config) as runtime:
+            system = SystemStore(self.data_dir / "system")
+            try:
+                operations = DataOperations(runtime, system=system, check_classes=False)
+                await operations.start()
+                # Returned, not raised: the runtime's nursery would wrap it in a group.
+                try:
+                    return await direct(operations)
+                except FacetrtError as exc:
+                    return exc
+            finally:
+                system.close()
 
 
 def cmd_tenant_create(options: argparse.Namespace) -> int:
@@ -169,12 +226,16 @@ def cmd_tenant_list(options: argparse.Namespace) -> int:
 
 
 def cmd_tenant_delete(options: argparse.Namespace) -> int:
-    result = _Admin(options).run(
-        lambda system: {"revoked_keys": system.delete_tenant(options.name)},
-        "DELETE",
-        f"/v1/admin/tenants/{urllib.parse.quote(options.name)}",
+    admin = _Admin(options)
+    path = f"/v1/admin/tenants/{urllib.parse.quote(options.name)}"
+    result = admin.run_data(
+        lambda ops: ops.delete_tenant(options.name, _progress("deleted", "facets")),
+        lambda: _long(admin, "DELETE", path, None, "deleted"),
     )
-    _out(f"deleted tenant {options.name}; revoked {result['revoked_keys']} keys")
+    _out(
+        f"deleted tenant {options.name}: revoked {result['revoked_keys']} keys, "
+        f"removed {result['deleted_facets']} facets"
+    )
     return 0
 
 
@@ -219,16 +280,67 @@ def cmd_key_revoke(options: argparse.Namespace) -> int:
     return 0
 
 
+def _facet_path(verb: str, tenant: str, agent: str) -> str:
+    return f"/v1/admin/tenants/{urllib.parse.quote(tenant)}/{verb}/{urllib.parse.quote(agent)}"
+
+
+def _progress(verb: str, unit: str) -> Callable[[int, int | None], None]:
+    def show(done: int, total: int | None) -> None:
+        _err(f"{verb} {done}{'' if total is None else f'/{total}'} {unit}")
+
+    return show
+
+
+def _long(admin: _Admin, method: str, path: str, body: dict[str, object] | None, verb: str) -> Any:
+    """A long admin operation: print its progress lines to stderr, return its result."""
+    data = None if body is None else json.dumps(body).encode()
+    show = _progress(verb, "facets")
+    with admin.open(method, path, data, accept="application/x-ndjson") as response:
+        for line in response:
+            document = json.loads(line)
+            if "progress" in document:
+                show(document["progress"]["done"], document["progress"]["total"])
+            elif "error" in document:
+                error = document["error"]
+                code = ErrorCode(error.get("code", "internal"))
+                raise ERROR_CLASSES[code](error.get("message", "failed"))
+            else:
+                return document["result"]
+    raise ConfigError("the daemon ended the answer without a result")
+
+
+def _size(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024  # type: ignore[assignment]  # a float from here on, for display only
+    return str(size)
+
+
 def cmd_facet_list(options: argparse.Namespace) -> int:
     admin = _Admin(options)
     query = urllib.parse.urlencode(
         {"limit": options.limit, **({"cursor": options.cursor} if options.cursor else {})}
     )
-    result = admin._http(
-        "GET", f"/v1/admin/tenants/{urllib.parse.quote(options.tenant)}/facets?{query}", None
+
+    async def direct(ops: DataOperations) -> dict[str, object]:
+        facets, cursor = ops.list_facets(options.tenant, cursor=options.cursor, limit=options.limit)
+        return {"facets": facets, "next_cursor": cursor}
+
+    result = admin.run_data(
+        direct,
+        lambda: admin._http(
+            "GET", f"/v1/admin/tenants/{urllib.parse.quote(options.tenant)}/facets?{query}", None
+        ),
     )
-    for agent in result["facets"]:
-        _out(agent)
+    _out(f"{'AGENT':<32} {'CLASS':<16} {'SIZE':>10} {'LAST ACTIVE (UTC)':<19} {'TIMERS':>6} OPEN")
+    for row in result["facets"]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(row["last_active"]))
+        timers = "-" if row["timers"] is None else str(row["timers"])
+        _out(
+            f"{row['agent']:<32} {row['class'] or '?':<16} {_size(row['size_bytes']):>10} "
+            f"{when:<19} {timers:>6} {'yes' if row['open'] else 'no'}"
+        )
     if result.get("next_cursor"):
         _out(f"(more: --cursor {result['next_cursor']})")
     return 0
@@ -236,12 +348,143 @@ def cmd_facet_list(options: argparse.Namespace) -> int:
 
 def cmd_facet_inspect(options: argparse.Namespace) -> int:
     admin = _Admin(options)
-    tenant = urllib.parse.quote(options.tenant)
-    path = f"/v1/admin/tenants/{tenant}/facets/{urllib.parse.quote(options.agent, safe='/')}"
-    result = admin._http("GET", path, None)
+    path = _facet_path("facets", options.tenant, options.agent)
+
+    result = admin.run_data(
+        lambda ops: ops.inspect(options.tenant, options.agent),
+        lambda: admin._http("GET", path, None),
+    )
     width = max(len(key) for key in result)
     for key, value in result.items():
         _out(f"{key:<{width}}  {value}")
+    return 0
+
+
+def cmd_facet_export(options: argparse.Namespace) -> int:
+    admin = _Admin(options)
+    with contextlib.ExitStack() as stack:
+        output: BinaryIO = sys.stdout.buffer
+        if options.output not in (None, "-"):
+            output = stack.enter_context(Path(options.output).open("xb"))
+
+        async def direct(ops: DataOperations) -> None:
+            async with ops.export(options.tenant, options.agent) as chunks:
+                async for chunk in chunks:
+                    output.write(chunk)
+
+        def through_daemon() -> None:
+            path = _facet_path("export", options.tenant, options.agent)
+            with admin.open("GET", path, accept="application/x-ndjson") as response:
+                shutil.copyfileobj(response, output)
+
+        admin.run_data(direct, through_daemon)
+    return 0
+
+
+def cmd_facet_import(options: argparse.Namespace) -> int:
+    admin = _Admin(options)
+    with contextlib.ExitStack() as stack:
+        source: BinaryIO = sys.stdin.buffer
+        if options.file not in (None, "-"):
+            source = stack.enter_context(Path(options.file).open("rb"))
+
+        async def direct(ops: DataOperations) -> Any:
+            async def chunks() -> AsyncIterator[bytes]:
+                while chunk := source.read(256 * 1024):
+                    yield chunk
+
+            return await ops.import_facet(
+                options.tenant, options.agent, chunks(), force=options.force
+            )
+
+        def through_daemon() -> Any:
+            path = _facet_path("import", options.tenant, options.agent)
+            path += "?force=true" if options.force else ""
+            with admin.open("POST", path, source, content_type="application/x-ndjson") as reply:
+                return json.loads(reply.read())
+
+        result = admin.run_data(direct, through_daemon)
+    _out(f"imported {options.tenant}/{options.agent}: class {result['class']}, {result['entries']}")
+    return 0
+
+
+def cmd_facet_delete(options: argparse.Namespace) -> int:
+    admin = _Admin(options)
+    admin.run_data(
+        lambda ops: ops.delete_facet(options.tenant, options.agent),
+        lambda: admin._http("DELETE", _facet_path("facets", options.tenant, options.agent), None),
+    )
+    _out(f"deleted {options.tenant}/{options.agent}")
+    return 0
+
+
+def cmd_facet_clone(options: argparse.Namespace) -> int:
+    admin = _Admin(options)
+    to_tenant = options.to_tenant or options.tenant
+    body: dict[str, object] = {"to_agent": options.destination, "to_tenant": to_tenant}
+    if options.force:
+        body["force"] = True
+    admin.run_data(
+        lambda ops: ops.clone(
+            options.tenant, options.source, to_tenant, options.destination, force=options.force
+        ),
+        lambda: admin._http("POST", _facet_path("clone", options.tenant, options.source), body),
+    )
+    _out(f"cloned {options.tenant}/{options.source} to {to_tenant}/{options.destination}")
+    return 0
+
+
+def cmd_facet_rebind(options: argparse.Namespace) -> int:
+    admin = _Admin(options)
+    result = admin.run_data(
+        lambda ops: ops.rebind(options.tenant, options.agent, options.cls),
+        lambda: admin._http(
+            "POST", _facet_path("rebind", options.tenant, options.agent), {"class": options.cls}
+        ),
+    )
+    _out(f"rebound {options.tenant}/{options.agent}: {result['previous_class']} -> {options.cls}")
+    return 0
+
+
+def cmd_backup(options: argparse.Namespace) -> int:
+    admin = _Admin(options)
+    target = Path(options.path).absolute()
+    body: dict[str, object] = {"path": str(target)}
+    body.update({k: v for k, v in (("tenant", options.tenant), ("agent", options.agent)) if v})
+    result = admin.run_data(
+        lambda ops: ops.backup(
+            target,
+            tenant=options.tenant,
+            agent=options.agent,
+            progress=_progress("backed up", "facets"),
+        ),
+        lambda: _long(admin, "POST", "/v1/admin/backups", body, "backed up"),
+    )
+    _out(
+        f"backup of the {result['scope']} in {result['path']}: {result['facets']} facets, "
+        f"{_size(result['bytes'])} in {result['seconds']} s; verified"
+    )
+    return 0
+
+
+def cmd_restore(options: argparse.Namespace) -> int:
+    admin = _Admin(options)
+    source = Path(options.path).absolute()
+    body: dict[str, object] = {"path": str(source), "force": options.force}
+    body.update({k: v for k, v in (("tenant", options.tenant), ("agent", options.agent)) if v})
+    result = admin.run_data(
+        lambda ops: ops.restore(
+            source,
+            tenant=options.tenant,
+            agent=options.agent,
+            force=options.force,
+            progress=_progress("restored", "facets"),
+        ),
+        lambda: _long(admin, "POST", "/v1/admin/restores", body, "restored"),
+    )
+    _out(f"restored {result['facets']} facets from {result['path']}")
+    if result["tenants_created"]:
+        _out(f"created tenants (create keys for them): {', '.join(result['tenants_created'])}")
     return 0
 
 
@@ -292,17 +535,53 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("key_id")
     revoke.set_defaults(handler=cmd_key_revoke)
 
-    facet = commands.add_parser("facet", help="facets (needs a running daemon)")
+    facet = commands.add_parser("facet", help="facets: list, inspect, export, import, ...")
     facet_commands = facet.add_subparsers(dest="sub", required=True)
     facet_list = management(facet_commands.add_parser("list", help="list a tenant's facets"))
     facet_list.add_argument("tenant")
-    facet_list.add_argument("--cursor")
-    facet_list.add_argument("--limit", type=int, default=100)
+    facet_list.add_argument("--cursor", help="continue after this cursor (printed at the end)")
+    facet_list.add_argument("--limit", type=int, default=100, help="facets per page (100)")
     facet_list.set_defaults(handler=cmd_facet_list)
-    inspect = management(facet_commands.add_parser("inspect", help="inspect one facet"))
-    inspect.add_argument("tenant")
-    inspect.add_argument("agent")
-    inspect.set_defaults(handler=cmd_facet_inspect)
+
+    def facet_command(name: str, text: str, handler: Callable[[argparse.Namespace], int]) -> Any:
+        sub = management(facet_commands.add_parser(name, help=text, description=text))
+        sub.add_argument("tenant")
+        sub.set_defaults(handler=handler)
+        return sub
+
+    facet_command("inspect", "inspect one facet", cmd_facet_inspect).add_argument("agent")
+    export = facet_command("export", "export a facet as JSON lines", cmd_facet_export)
+    export.add_argument("agent")
+    export.add_argument("-o", "--output", help="file to create (default: standard output)")
+    imported = facet_command("import", "create a facet from an export", cmd_facet_import)
+    imported.add_argument("agent")
+    imported.add_argument("file", nargs="?", help="the export (default: standard input)")
+    imported.add_argument("--force", action="store_true", help="replace an existing facet")
+    facet_command("delete", "delete a facet and all its data", cmd_facet_delete).add_argument(
+        "agent"
+    )
+    clone = facet_command("clone", "copy a facet to another agent id", cmd_facet_clone)
+    clone.add_argument("source")
+    clone.add_argument("destination")
+    clone.add_argument("--to-tenant", help="the destination's tenant (default: the same)")
+    clone.add_argument("--force", action="store_true", help="replace an existing destination")
+    rebind = facet_command("rebind", "bind a facet to another class", cmd_facet_rebind)
+    rebind.add_argument("agent")
+    rebind.add_argument("cls", metavar="class")
+
+    backup = management(
+        commands.add_parser("backup", help="back up a facet, a tenant or the node (verified)")
+    )
+    backup.add_argument("path", help="a new or empty directory (on the daemon's machine)")
+    backup.add_argument("--tenant", help="only this tenant")
+    backup.add_argument("--agent", help="only this facet (with --tenant)")
+    backup.set_defaults(handler=cmd_backup)
+    restore = management(commands.add_parser("restore", help="restore facets from a backup"))
+    restore.add_argument("path", help="the backup directory")
+    restore.add_argument("--tenant", help="only this tenant's facets")
+    restore.add_argument("--agent", help="only this facet (with --tenant)")
+    restore.add_argument("--force", action="store_true", help="replace existing facets")
+    restore.set_defaults(handler=cmd_restore)
     return parser
 
 

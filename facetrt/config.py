@@ -58,6 +58,11 @@ class RuntimeConfig(BaseModel):
     commit_threads: int = Field(
         32, gt=0, le=256, description="Writer threads that open, commit and close stores."
     )
+    commit_inline_when_idle: bool = Field(
+        True,
+        description="Commit on the loop thread when nothing else is runnable and no other "
+        "commit is in flight: saves two thread hops and a loop wake-up per idle call.",
+    )
     commit_queue_max: int = Field(
         65_536, gt=0, le=10_000_000, description="Store jobs queued for the writer threads."
     )

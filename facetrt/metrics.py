@@ -7,11 +7,18 @@ envelopes, commits) is read from ``Runtime.statistics()`` at scrape time by a co
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import TYPE_CHECKING, final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -52,6 +59,10 @@ class _RuntimeCollector(Collector):
                 "Time spent committing (divide by commits for the mean).",
                 stats.commit_seconds,
             ),
+            "facetrt_commits_inline": (
+                "Commits run on the loop thread because nothing else was ready to run.",
+                stats.commits_inline,
+            ),
             "facetrt_commit_failures": ("Failed commits.", stats.commit_failures),
             "facetrt_mailbox_overloaded": ("Messages shed by full mailboxes.", stats.overloaded),
             "facetrt_deactivations_cut_short": (
@@ -64,6 +75,64 @@ class _RuntimeCollector(Collector):
 
 
 @final
+class CallStats:
+    """Calls answered by (surface, code) and their latency by surface, without locks.
+
+    prometheus-client's ``Counter.inc`` plus ``Histogram.observe`` cost ~1.6 µs per call (a
+    lock and a Python bucket search each); every call is answered on the loop thread, so plain
+    integers and one ``bisect`` (~0.3 µs) suffice, and the collector below turns them into the
+    same ``facetrt_calls_total`` and ``facetrt_call_duration_seconds`` families at scrape time.
+    """
+
+    __slots__ = ("_buckets", "_counts", "_sums")
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, str], int] = {}
+        # Per surface: one count per bucket (not cumulative), the last one for +Inf.
+        self._buckets = {surface: [0] * (len(LATENCY_BUCKETS) + 1) for surface in SURFACES}
+        self._sums = dict.fromkeys(SURFACES, 0.0)
+
+    def observe(self, surface: str, code: str, seconds: float) -> None:
+        key = (surface, code)
+        self._counts[key] = self._counts.get(key, 0) + 1
+        # bisect_left: a value equal to a bound belongs to that bound's bucket (le is <=).
+        self._buckets[surface][bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self._sums[surface] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        calls = CounterMetricFamily(
+            "facetrt_calls",
+            "Calls answered, by surface and outcome code ('ok' for success).",
+            labels=["surface", "code"],
+        )
+        for (surface, code), count in sorted(self._counts.items()):
+            calls.add_metric([surface, code], count)
+        yield calls
+        latency = HistogramMetricFamily(
+            "facetrt_call_duration_seconds",
+            "Time from a call's arrival to its reply, by surface.",
+            labels=["surface"],
+        )
+        for surface, counts in self._buckets.items():
+            cumulative = 0
+            buckets: list[tuple[str, float]] = []
+            for bound, count in zip((*LATENCY_BUCKETS, float("inf")), counts, strict=True):
+                cumulative += count
+                buckets.append((floatToGoString(bound), cumulative))  # type: ignore[no-untyped-call]
+            latency.add_metric([surface], buckets, self._sums[surface])
+        yield latency
+
+
+@final
+class _CallCollector(Collector):
+    def __init__(self, stats: CallStats) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        return self._stats.collect()
+
+
+@final
 class FacetrtMetrics:
     """The daemon's metrics. Create one per daemon with its own registry."""
 
@@ -73,19 +142,10 @@ class FacetrtMetrics:
         statistics: Callable[[], RuntimeStatistics] | None = None,
     ) -> None:
         self.registry = registry
-        self.calls = Counter(
-            "facetrt_calls",
-            "Calls answered, by surface and outcome code ('ok' for success).",
-            ["surface", "code"],
-            registry=registry,
-        )
-        self.call_latency = Histogram(
-            "facetrt_call_duration_seconds",
-            "Time from a call's arrival to its reply, by surface.",
-            ["surface"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
+        self.calls = CallStats()
+        registry.register(_CallCollector(self.calls))
+        # The hot path's bound method, looked up once: observe_call(surface, code, seconds).
+        self.observe_call = self.calls.observe
         self.connections = Gauge(
             "facetrt_connections_open", "Open client connections.", ["surface"], registry=registry
         )
@@ -112,14 +172,3 @@ class FacetrtMetrics:
         for surface in SURFACES:
             self.connections.labels(surface)
             self.auth_failures.labels(surface)
-
-        # Children cached per label set: labels() costs microseconds on every call.
-        self._call_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
-
-    def observe_call(self, surface: str, code: str, seconds: float) -> None:
-        children = self._call_children.get((surface, code))
-        if children is None:
-            children = (self.calls.labels(surface, code), self.call_latency.labels(surface))
-            self._call_children[(surface, code)] = children
-        children[0].inc()
-        children[1].observe(seconds)

@@ -16,6 +16,10 @@ RULES: dict[str, tuple[set[str], set[str]]] = {
     "client": ({"anyio", "msgpack"}, {"_errors", "_values", "protocol", "client"}),
     "protocol": ({"msgpack"}, {"_errors", "_ids", "_values", "protocol"}),
     "storage": ({"lmdb"}, {"_errors", "_ids", "storage"}),
+    "data": (
+        {"lmdb", "msgpack", "trio"},
+        {"_errors", "_ids", "_json", "_values", "config", "storage", "runtime", "data"},
+    ),
     "runtime": (
         {"trio", "outcome", "msgpack"},
         {"_errors", "_ids", "_values", "config", "storage", "runtime"},

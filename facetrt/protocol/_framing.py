@@ -38,10 +38,16 @@ def _refuse_ext(code: int, data: bytes) -> object:
     raise ValueError(f"msgpack extension type {code} is not allowed")
 
 
+# msgpack.packb builds a Packer per call (0.6 µs); a reused one costs 0.12 µs. Shared safely:
+# packing runs no Python code (no ``default`` hook), so it holds the GIL from start to end.
+_pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+_header = HEADER.pack
+
+
 def encode_frame(body: dict[str, object]) -> bytes:
     """One frame holding ``body``; the caller checks the size against the peer's limit."""
-    payload: bytes = msgpack.packb(body, use_bin_type=True)
-    return HEADER.pack(len(payload)) + payload
+    payload: bytes = _pack(body)
+    return _header(len(payload)) + payload
 
 
 class FrameDecoder:
@@ -69,29 +75,51 @@ class FrameDecoder:
         Raises:
             RemoteProtocolError: bad length, undecodable body, or a body that is not a map.
         """
-        available = len(self._buffer) - self._offset
-        if available < HEADER_BYTES:
-            self._compact()
-            return None
-        (length,) = HEADER.unpack_from(self._buffer, self._offset)
-        if length == 0 or length > self.frame_bytes_max:
-            raise RemoteProtocolError(
-                f"frame length {length} outside 1..{self.frame_bytes_max} bytes"
-            )
-        if available < HEADER_BYTES + length:
-            self._compact()
-            return None
-        start = self._offset + HEADER_BYTES
-        payload = bytes(self._buffer[start : start + length])
-        self._offset = start + length
-        body = self._decode(payload)
-        if not isinstance(body, dict):
-            raise RemoteProtocolError(
-                f"frame body must be a msgpack map, got {type(body).__name__}"
-            )
-        return body
+        bodies = self.next_bodies(1)
+        return bodies[0] if bodies else None
 
-    def _decode(self, payload: bytes) -> object:
+    def next_bodies(self, limit: int) -> list[dict[str, object]]:
+        """Up to ``limit`` complete frames' decoded bodies, in order; empty if none is complete.
+
+        Decoding a whole read at once is the batched path: one call per read instead of one
+        per frame, and each body is decoded from a view of the buffer, not a copy.
+
+        Raises:
+            RemoteProtocolError: bad length, undecodable body, or a body that is not a map.
+                The bodies before the bad frame are consumed and lost with the connection.
+        """
+        buffer = self._buffer
+        offset = self._offset
+        end = len(buffer)
+        bodies: list[dict[str, object]] = []
+        frame_bytes_max = self.frame_bytes_max
+        try:
+            with memoryview(buffer) as view:
+                while len(bodies) < limit and end - offset >= HEADER_BYTES:
+                    (length,) = HEADER.unpack_from(buffer, offset)
+                    if length == 0 or length > frame_bytes_max:
+                        raise RemoteProtocolError(
+                            f"frame length {length} outside 1..{frame_bytes_max} bytes"
+                        )
+                    start = offset + HEADER_BYTES
+                    if end - start < length:
+                        break
+                    offset = start + length
+                    with view[start:offset] as payload:
+                        body = self._decode(payload)
+                    if type(body) is not dict:
+                        raise RemoteProtocolError(
+                            f"frame body must be a msgpack map, got {type(body).__name__}"
+                        )
+                    bodies.append(body)
+        finally:
+            # The view is released before the buffer may shrink (a bytearray with a live
+            # export cannot be resized).
+            self._offset = offset
+        self._compact()
+        return bodies
+
+    def _decode(self, payload: bytes | memoryview) -> object:
         limit = self.frame_bytes_max
         try:
             return msgpack.unpackb(

@@ -23,6 +23,12 @@ that touched no timer in this activation has no timer state and its commits are 
 otherwise :meth:`TimerState.plan` decides what the node's timer index needs around each commit.
 
 Lifecycle: STARTING -> RUNNING -> DRAINING -> STOPPED, each transition in one place.
+
+Pins (operators' snapshots, decision 0008). A data operation may *pin* a starting or running
+activation to read its open store from a writer thread (LMDB's compacting copy) while the
+facet keeps serving. While pinned the store is neither closed (``_close`` waits for the last
+pin) nor remapped (a full map's regrow waits for the last pin: ``mdb_env_set_mapsize`` under
+another thread's read transaction would pull the map from under it).
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ from .._errors import (
     UnavailableError,
 )
 from .._values import Value, decode_value, encode_value, scalars_size
-from ..storage import IDEM_DB, META_DB
+from ..storage import IDEM_DB, META_DB, TIMERS_DB
 from ._facet import Facet, instantiate
 from ._layers import MISSING, Layer, lookup_system
 from ._storage_api import Storage
@@ -117,6 +123,10 @@ class Activation:
         self._stop_requested = False
         self._evicted = False
         self._timer_state: TimerState | None = None  # loaded when a timer is first touched
+        self._pins = 0
+        self._grow_deferred: Callable[[], None] | None = None
+        # Woken when the state leaves STARTING and when the last pin goes: rare events only.
+        self._maintenance_lot = trio.lowlevel.ParkingLot()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -133,6 +143,37 @@ class Activation:
         """Stop at the next checkpoint (shutdown past its grace period)."""
         self._scope.cancel()
 
+    @property
+    def bound_class(self) -> str | None:
+        return self._bound_class
+
+    # -- pins (data operations) ----------------------------------------------------------
+
+    def pin(self) -> None:
+        """Keep the store open and its map size fixed until :meth:`unpin`; never checkpoints."""
+        assert self.state in (ActivationState.STARTING, ActivationState.RUNNING), self.state
+        self._pins += 1
+
+    def unpin(self) -> None:
+        assert self._pins > 0
+        self._pins -= 1
+        if self._pins:
+            return
+        self._maintenance_lot.unpark_all()
+        if self._grow_deferred is not None:
+            deferred, self._grow_deferred = self._grow_deferred, None
+            deferred()
+
+    async def wait_open(self) -> FacetStore | None:
+        """The open store once the activation runs; None if it stopped before opening one.
+
+        Call with a pin held (so that the store stays open once returned).
+        """
+        await trio.lowlevel.checkpoint()
+        while self.state is ActivationState.STARTING:
+            await self._maintenance_lot.park()
+        return self._store if self.state is ActivationState.RUNNING else None
+
     async def run(self) -> None:
         """The activation task: open, serve the mailbox, passivate. Never raises FacetrtError."""
         try:
@@ -140,6 +181,7 @@ class Activation:
         except FacetrtError as exc:
             self._fail_mailbox(exc)
             self.state = ActivationState.STOPPED
+            self._maintenance_lot.unpark_all()
             return
         try:
             try:
@@ -156,6 +198,7 @@ class Activation:
             self._failure = InternalError(f"storage failed; the facet was reset: {exc}")
         finally:
             self.state = ActivationState.DRAINING
+            self._maintenance_lot.unpark_all()
             self._supervisor.mark_busy(self)
             # Shielded without a deadline on purpose: what remains after the time-bounded
             # on_deactivate are writer-thread jobs (a commit, the close), which cannot be
@@ -176,8 +219,13 @@ class Activation:
         raw = self._store.get(b"class", META_DB)
         self._bound_class = None if raw is None else str(decode_value(raw))
         self._purge_expired_idempotency_records()
+        if self._store.count(TIMERS_DB):
+            # Re-register the hint with the first commit: a store that arrived without one
+            # (restored, cloned, imported) must not keep its timers asleep.
+            self._timers().resync = True
         self._core.counters.activations += 1
         self.state = ActivationState.RUNNING
+        self._maintenance_lot.unpark_all()
 
     async def _serve(self) -> None:
         handled = 0
@@ -228,9 +276,11 @@ class Activation:
             error = self._failure or UnavailableError("facet stopped before commit")
             for envelope, _ in failed:
                 envelope.reply.set(outcome.Error(error))
+        while self._pins:  # a snapshot still reads the store (bounded by the disk)
+            await self._maintenance_lot.park()
         if self._store is not None:
             store, self._store = self._store, None
-            await self._core.workers.call(partial(self._core.registry.close, store))
+            await self._core.workers.call(partial(self._core.registry.close, store, self.address))
 
     async def _deactivate(self, facet: Facet) -> None:
         """Run ``on_deactivate``, bounded in time; a failure or overrun is logged and counted."""
@@ -521,6 +571,12 @@ class Activation:
         else:
             index = self._core.timer_index
             job = partial(commit_with_hints, index, self.address, plan, self._store, batch)
+        if not self.mailbox and self._core.loop_is_idle():
+            # Nothing else could run meanwhile: blocking the loop for the fsync costs nobody
+            # anything and saves two thread hops and a loop wake-up (decision 0009).
+            self._core.counters.commits_inline += 1
+            self._commit_done(layer, outcomes, seq, plan, outcome.capture(job))
+            return
         self._core.workers.submit(job, partial(self._commit_done, layer, outcomes, seq, plan))
 
     def _commit_done(
@@ -535,6 +591,10 @@ class Activation:
         if isinstance(result, outcome.Error):
             error = result.error
             store = self._store
+            if isinstance(error, StoreFullError) and self._pins:
+                # A snapshot reads this map on a writer thread: grow once it is done.
+                self._grow_deferred = partial(self._commit_done, layer, outcomes, seq, plan, result)
+                return
             # Growing is legal here: callbacks run between task steps, so no read is open.
             if isinstance(error, StoreFullError) and store is not None and store.grow():
                 self._core.counters.map_grows += 1
@@ -574,6 +634,8 @@ class Activation:
             self._durable_lot.unpark_all()
         for envelope, result in outcomes:
             envelope.reply.set(result)
+        for hook in self._core.after_release:
+            hook()
 
     def _commit_failed(self, error: BaseException, outcomes: _Outcomes) -> None:
         self._core.counters.commit_failures += 1

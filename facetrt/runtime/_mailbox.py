@@ -16,6 +16,8 @@ import trio
 from .._errors import OverloadedError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .._ids import FacetAddress
     from .._values import Value
     from ._reply import ReplySlot
@@ -64,6 +66,20 @@ class Mailbox:
 
     def get_nowait(self) -> Envelope | None:
         return self._items.popleft() if self._items else None
+
+    def move_to(self, other: Mailbox) -> None:
+        """Move every queued envelope, in order, to the empty mailbox ``other``."""
+        assert not other._items
+        other._items, self._items = self._items, deque()
+
+    def remove_if(self, predicate: Callable[[Envelope], bool]) -> list[Envelope]:
+        """Take out (in order) the queued envelopes for which ``predicate`` holds."""
+        kept: deque[Envelope] = deque()
+        removed: list[Envelope] = []
+        for envelope in self._items:
+            (removed if predicate(envelope) else kept).append(envelope)
+        self._items = kept
+        return removed
 
     def wake(self) -> None:
         """Wake the consumer without an envelope (a stop request)."""

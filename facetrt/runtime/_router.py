@@ -2,33 +2,52 @@
 
 A slot outlives its activations: while one passivates or resets, envelopes keep queueing in the
 slot's mailbox, and a new activation is started for them as soon as the old one has closed its
-store (a store is never open twice). A slot is dropped when its activation stopped and its
-mailbox is empty.
+store (a store is never open twice). A slot is dropped when its activation stopped, its
+mailbox is empty and no hold is on it.
+
+Holds (operators' data operations, decision 0008). :meth:`Router.hold` gives one task the
+facet's store exclusively: the slot is marked held, queued envelopes move to a fresh mailbox
+the current activation never sees (it finishes the message it is handling, flushes and closes
+its store), and no activation starts until the hold ends. Envelopes keep queueing meanwhile
+(bounded by the mailbox) and are handled against the new state afterwards; those without a
+class fail ``not_found`` if the operation left no facet. :meth:`Router.reading` lends a store
+for a snapshot: a running activation is pinned and keeps serving; without one, the slot is
+held while the store is opened directly. The normal call path pays nothing for either: the
+held flag is only read where an activation would start or a slot be dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, final
 
 import outcome
 import trio
 
 from .._errors import NotFoundError, OverloadedError, UnavailableError
-from ._activation import Activation
+from ._activation import Activation, ActivationState
 from ._mailbox import Mailbox
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     from .._ids import FacetAddress
+    from ..storage import FacetStore
     from ._core import RuntimeCore
     from ._mailbox import Envelope
     from ._supervisor import Supervisor
+
+
+_PINNABLE = (ActivationState.STARTING, ActivationState.RUNNING)
 
 
 @dataclass(slots=True)
 class _Slot:
     mailbox: Mailbox
     activation: Activation | None = None
+    held: bool = False  # a data operation owns the store: no activation may start
 
 
 @final
@@ -39,6 +58,8 @@ class Router:
         self._nursery = nursery
         self._slots: dict[FacetAddress, _Slot] = {}
         self._emptied = trio.lowlevel.ParkingLot()
+        # Woken when an activation ends or a hold is released: holds wait on it (rare).
+        self._maintenance = trio.lowlevel.ParkingLot()
 
     def submit(self, address: FacetAddress, envelope: Envelope) -> None:
         """Queue ``envelope`` for ``address``, activating the facet if needed. Never blocks.
@@ -58,7 +79,7 @@ class Router:
         except OverloadedError:
             self._core.counters.overloaded += 1
             raise
-        if slot.activation is None:
+        if slot.activation is None and not slot.held:
             self._activate(address, slot)
 
     def _activate(self, address: FacetAddress, slot: _Slot) -> None:
@@ -79,12 +100,130 @@ class Router:
                 error = UnavailableError("runtime closed before the message was handled")
                 while (envelope := slot.mailbox.get_nowait()) is not None:
                     envelope.reply.set(outcome.Error(error))
+            if self._maintenance:
+                self._maintenance.unpark_all()
+            if slot.held:
+                pass  # the hold's owner decides what happens next
+            elif slot.mailbox:
+                self._activate(address, slot)
+            else:
+                self._drop(address)
+
+    def _drop(self, address: FacetAddress) -> None:
+        del self._slots[address]
+        if not self._slots:
+            self._emptied.unpark_all()
+
+    # -- holds (data operations) ---------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def hold(self, address: FacetAddress) -> AsyncIterator[None]:
+        """Own ``address``'s store exclusively for the block (its activation is stopped).
+
+        Waits for other holds of the address and for the current activation to finish its
+        message and close its store. Cancellation while waiting releases the hold.
+        """
+        slot = await self._take(address)
+        try:
+            activation = slot.activation
+            if activation is not None:
+                # The activation must not take what is queued: it would run against the state
+                # being replaced. It finds an empty mailbox, finishes and passivates.
+                fresh = Mailbox(self._core.config.mailbox_envelopes_max)
+                slot.mailbox.move_to(fresh)
+                slot.mailbox = fresh
+                activation.request_stop()
+                while slot.activation is not None:
+                    await self._maintenance.park()
+            yield
+        finally:
+            self._release(address, slot)
+
+    async def _take(self, address: FacetAddress) -> _Slot:
+        await trio.lowlevel.checkpoint()
+        while True:
+            slot = self._slots.get(address)
+            if slot is None:
+                slot = _Slot(Mailbox(self._core.config.mailbox_envelopes_max))
+                self._slots[address] = slot
+            if not slot.held:
+                slot.held = True
+                return slot
+            await self._maintenance.park()
+
+    def _release(self, address: FacetAddress, slot: _Slot) -> None:
+        assert slot.held
+        assert self._slots.get(address) is slot
+        slot.held = False
+        if self._core.stopped:
+            error = UnavailableError("runtime closed before the message was handled")
+            while (envelope := slot.mailbox.get_nowait()) is not None:
+                envelope.reply.set(outcome.Error(error))
+        elif slot.mailbox and not self._core.registry.exists(address):
+            missing = NotFoundError(f"facet {str(address)!r} does not exist (give a class)")
+            for envelope in slot.mailbox.remove_if(lambda envelope: envelope.cls is None):
+                envelope.reply.set(outcome.Error(missing))
+        if slot.activation is None:
             if slot.mailbox:
                 self._activate(address, slot)
             else:
-                del self._slots[address]
-                if not self._slots:
-                    self._emptied.unpark_all()
+                self._drop(address)
+        self._maintenance.unpark_all()
+
+    @contextlib.asynccontextmanager
+    async def reading(self, address: FacetAddress) -> AsyncIterator[FacetStore]:
+        """Lend ``address``'s open store for a read on a writer thread (a snapshot).
+
+        A running activation is pinned and keeps serving; otherwise the store is opened
+        directly under a hold (calls queue meanwhile) and closed afterwards.
+
+        Raises:
+            NotFoundError: the facet does not exist.
+            StorageError: the store cannot be opened.
+        """
+        await trio.lowlevel.checkpoint()
+        while True:
+            slot = self._slots.get(address)
+            activation = None if slot is None else slot.activation
+            if slot is None or not (slot.held or activation is not None):
+                break
+            if activation is not None and activation.state in _PINNABLE:
+                activation.pin()
+                try:
+                    store = await activation.wait_open()
+                    if store is not None:
+                        yield store
+                        return
+                finally:
+                    activation.unpin()
+                continue  # it stopped before opening: look again
+            await self._maintenance.park()  # held, or draining: wait for it to end
+        if not self._core.registry.exists(address):
+            raise NotFoundError(f"facet {str(address)!r} does not exist")
+        async with self.hold(address):
+            if not self._core.registry.exists(address):  # deleted while we waited
+                raise NotFoundError(f"facet {str(address)!r} does not exist")
+            registry, workers = self._core.registry, self._core.workers
+            store = await workers.call(partial(registry.open, address))
+            try:
+                yield store
+            finally:
+                with trio.CancelScope(shield=True):  # a store must never be left open
+                    await workers.call(partial(registry.close, store, address))
+
+    def is_active(self, address: FacetAddress) -> bool:
+        """Whether the facet has a slot: an activation, queued envelopes or a hold."""
+        return address in self._slots
+
+    def live_class(self, address: FacetAddress) -> str | None:
+        """The class a running activation of ``address`` is bound to (None: not running)."""
+        slot = self._slots.get(address)
+        activation = None if slot is None else slot.activation
+        return None if activation is None else activation.bound_class
+
+    def has_tenant(self, tenant: str) -> bool:
+        """Whether any facet of ``tenant`` has a slot (a linear scan: operators only)."""
+        return any(address.tenant_id == tenant for address in self._slots)
 
     async def wait_empty(self) -> None:
         """Return once no facet has an activation or a queued envelope."""

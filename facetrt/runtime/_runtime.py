@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Mapping
 
     from .._values import Value
+    from ..storage import FacetRecord
 
 CLEANUP_SECONDS = 30.0
 TIMER_INDEX_DIR = "timers"
@@ -48,6 +49,7 @@ class RuntimeStatistics:
     commits: int
     committed_envelopes: int
     commit_seconds: float
+    commits_inline: int
     commit_failures: int
     map_grows: int
     deactivations_cut_short: int
@@ -128,16 +130,17 @@ class Runtime:
 
     def list_facets(
         self, tenant: str, *, cursor: str | None = None, limit: int = 100
-    ) -> tuple[list[str], str | None]:
-        """A page of the agent ids of ``tenant``'s facets, without opening them.
+    ) -> tuple[list[FacetRecord], str | None]:
+        """A page of ``tenant``'s facets (agent id, class, size, last commit), without
+        opening them; see ``StoreRegistry.list_facets``.
 
         Returns:
-            (agent ids, the cursor of the next page or None at the end).
+            (records, the cursor of the next page or None at the end).
         """
         validate_tenant_id(tenant)
         page = self._core.registry.list_facets(tenant, start_after=cursor, limit=limit)
-        next_cursor = page[-1][0] if len(page) == limit else None
-        return [agent for _, agent in page], next_cursor
+        next_cursor = page[-1].cursor if len(page) == limit else None
+        return page, next_cursor
 
     def statistics(self) -> RuntimeStatistics:
         counters = self._core.counters
@@ -152,6 +155,7 @@ class Runtime:
             commits=counters.commits,
             committed_envelopes=counters.committed_envelopes,
             commit_seconds=counters.commit_seconds,
+            commits_inline=counters.commits_inline,
             commit_failures=counters.commit_failures,
             map_grows=counters.map_grows,
             deactivations_cut_short=counters.deactivations_cut_short,

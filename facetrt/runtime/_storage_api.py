@@ -12,9 +12,9 @@ import contextlib
 from typing import TYPE_CHECKING, Final, final
 
 from .._errors import BadRequestError
-from .._values import Value, decode_value, encode_value
+from .._values import Value, decode_value, encode_scalar, encode_value
 from ..storage import KEY_BYTES_MAX
-from ._layers import MISSING, Layer, lookup, overlay_in_range
+from ._layers import MISSING, Layer, overlay_in_range
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator, Mapping
@@ -82,11 +82,15 @@ class Storage:
     # -- reads -----------------------------------------------------------------------------
 
     def _get_raw(self, key: bytes) -> bytes | None:
-        found = lookup(self.layers(), key)
-        if found is MISSING:
-            return self._store.get(key)
-        assert found is None or isinstance(found, bytes)
-        return found
+        # lookup() over [*pending, *stack], inlined: every read of every handler comes here.
+        for layers in (self._stack, self._pending):
+            for layer in reversed(layers):
+                found = layer.data.get(key, MISSING)
+                if found is not MISSING:
+                    return found  # type: ignore[return-value]  # bytes or a tombstone
+                if layer.cleared:
+                    return None
+        return self._store.get(key)
 
     def get(self, key: str, default: Value = _NO_DEFAULT) -> Value:
         """The value stored under ``key``, or ``default``."""
@@ -179,7 +183,9 @@ class Storage:
     def put(self, key: str, value: Value) -> None:
         """Store ``value`` under ``key`` (committed when the message ends)."""
         encoded_key = encode_key(key)
-        encoded = encode_value(value, bytes_max=self._value_bytes_max, what=f"value of {key!r}")
+        encoded = encode_scalar(value)
+        if encoded is None or len(encoded) > self._value_bytes_max:
+            encoded = encode_value(value, bytes_max=self._value_bytes_max, what=f"value of {key!r}")
         self._top().data[encoded_key] = encoded
 
     def put_many(self, entries: Mapping[str, Value]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from functools import partial
 from typing import TYPE_CHECKING, TypeVar, final
 
 import outcome
@@ -37,7 +38,7 @@ class StoreWorkers:
         self._threads: list[threading.Thread] = []
         self._token: trio.lowlevel.TrioToken | None = None
         self.jobs_started = 0
-        self.jobs_finished = 0  # counted on the loop thread, when on_done runs
+        self.jobs_in_flight = 0  # submitted, completion not yet run on the loop thread
         self._submitted = trio.lowlevel.ParkingLot()
 
     def start(self) -> None:
@@ -67,14 +68,21 @@ class StoreWorkers:
         """
         assert self._threads, "StoreWorkers not started"
         self.jobs_started += 1
-        self._jobs.put((job, on_done))  # type: ignore[arg-type]  # T erased in the queue
+        self.jobs_in_flight += 1
+        self._jobs.put((job, partial(self._done, on_done)))
         if self._submitted:
             self._submitted.unpark_all()
+
+    def _done(
+        self, on_done: Callable[[outcome.Outcome[T]], None], result: outcome.Outcome[T]
+    ) -> None:
+        self.jobs_in_flight -= 1
+        on_done(result)
 
     @property
     def is_busy(self) -> bool:
         """Whether a job is queued or running (its ``on_done`` has not run yet)."""
-        return self.jobs_started != self.jobs_finished
+        return self.jobs_in_flight > 0
 
     async def wait_submitted(self) -> None:
         """Return after the next :meth:`submit`.
@@ -83,10 +91,6 @@ class StoreWorkers:
         and would jump; a test task that stays runnable while :attr:`is_busy` prevents that.
         """
         await self._submitted.park()
-
-    def _finished(self, on_done: Callable[[outcome.Outcome[object]], None], result: object) -> None:
-        self.jobs_finished += 1
-        on_done(result)  # type: ignore[arg-type]  # the outcome of the job on_done belongs to
 
     async def call(self, job: Callable[[], T]) -> T:
         """Run ``job`` on a writer thread and return (or raise) its result.
@@ -116,7 +120,7 @@ class StoreWorkers:
             job, on_done = item
             result = outcome.capture(job)
             try:
-                token.run_sync_soon(self._finished, on_done, result)
+                token.run_sync_soon(on_done, result)
             except trio.RunFinishedError:  # pragma: no cover - the loop ended under us
                 return
             # Drop our references now: an idle thread holding its last job would keep that

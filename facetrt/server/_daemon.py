@@ -25,6 +25,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from .._errors import ConfigError
+from ..data import DataOperations
 from ..metrics import FacetrtMetrics
 from ..runtime import Facet, open_runtime
 from ..storage import SystemStore
@@ -155,6 +156,7 @@ class Daemon:
     ) -> None:
         config = self.config.server
         admin_key_path = ensure_admin_key(system, data_dir)
+        await DataOperations(runtime, system=system).start()  # clear crashed operations' scratch
         metrics = FacetrtMetrics(self.registry, runtime.statistics)
         throttle = AuthThrottle(
             failures_free=config.auth_failures_free,

@@ -41,7 +41,7 @@ from .._errors import (
     UnavailableError,
 )
 from .._ids import FacetAddress
-from ._http_admin import ADMIN_ROUTES, AdminApi, resolve_admin_route
+from ._http_admin import ADMIN_ROUTES, EXCHANGE_ROUTES, AdminApi, resolve_admin_route
 from ._http_exchange import (
     JSON_TYPE,
     ASGIApp,
@@ -302,6 +302,9 @@ class HttpGateway:
         principal = await self._authenticate(x)
         if not principal.is_admin:
             raise ForbiddenError("admin routes need the admin key")
+        if name in EXCHANGE_ROUTES:
+            await self._admin.handle_exchange(name, x, params)
+            return
         body = await x.read_json() if x.method == "POST" else None
         status, payload = await self._admin.handle(name, x.method, params, x.query(), body)
         await x.respond_json(status, payload)

@@ -4,12 +4,25 @@
 
     GET    tenants                          {"tenants": [id, ...]}
     POST   tenants          {"tenant": id}  201 {"tenant", "key_id", "key"}  (key shown once)
-    DELETE tenants/{t}                      {"revoked_keys": n}
+    DELETE tenants/{t}                      {"revoked_keys", "deleted_facets"} (wipes its facets)
     GET    tenants/{t}/keys                 {"keys": [{"key_id", "tenant", "created", "revoked"}]}
     POST   tenants/{t}/keys                 201 {"tenant", "key_id", "key"}
     DELETE keys/{key id}                    {"key_id", "revoked": true}
-    GET    tenants/{t}/facets?cursor=&limit= {"facets": [agent id, ...], "next_cursor"}
+    GET    tenants/{t}/facets?cursor=&limit= {"facets": [{"agent", "class", "size_bytes",
+                                            "last_active", "timers", "open"}], "next_cursor"}
     GET    tenants/{t}/facets/{agent...}    Runtime.inspect (class, keys, map size, mailbox)
+    DELETE tenants/{t}/facets/{agent...}    {"agent", "deleted": true}
+    GET    tenants/{t}/export/{agent...}    the export, application/x-ndjson (streamed)
+    POST   tenants/{t}/import/{agent...}?force=true   body: an export (x-ndjson, streamed)
+    POST   tenants/{t}/clone/{agent...}     {"to_agent", "to_tenant"?, "force"?}
+    POST   tenants/{t}/rebind/{agent...}    {"class"}
+    POST   backups                          {"path", "tenant"?, "agent"?}   (daemon's disk)
+    POST   restores                         {"path", "tenant"?, "agent"?, "force"?}
+
+The verb comes before the agent id because agent ids may hold ``/``. Tenant deletion, backups
+and restores are long: with ``Accept: application/x-ndjson`` they answer a stream of
+``{"progress": {"done", "total"}}`` lines (at most every ``PROGRESS_SECONDS``) ending with
+``{"result": ...}`` or ``{"error": ...}``; otherwise one JSON body at the end.
 
 Times are seconds since the epoch. Handlers raise :class:`FacetrtError` (rendered by
 ``_http``) and return (status, JSON-ready payload); they never see or log a key after it is
@@ -19,16 +32,25 @@ returned.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Final, final
 
-from .._errors import BadRequestError, ConflictError, NotFoundError
+import trio
+
+from .._errors import BadRequestError, ConflictError, FacetrtError, NotFoundError
 from .._ids import validate_tenant_id
+from ..data import DataOperations
+from ._http_exchange import dump_json, to_json
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
+    from .._values import Value
     from ..runtime import Runtime
     from ..storage import SystemStore
+    from ._http_exchange import Exchange
+
+    Progress = Callable[[int, int | None], None]
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +61,19 @@ ADMIN_ROUTES: Final[Mapping[str, tuple[str, ...]]] = {
     "tenant_keys": ("GET", "POST"),
     "key": ("DELETE",),
     "tenant_facets": ("GET",),
-    "facet": ("GET",),
+    "facet": ("GET", "DELETE"),
+    "export": ("GET",),
+    "import": ("POST",),
+    "clone": ("POST",),
+    "rebind": ("POST",),
+    "backups": ("POST",),
+    "restores": ("POST",),
 }
+# Routes that read or write their body themselves (streams), or may answer a stream.
+EXCHANGE_ROUTES: Final = frozenset({"export", "import", "tenant", "backups", "restores"})
+NDJSON: Final = b"application/x-ndjson"
+IMPORT_TYPES: Final = (NDJSON, b"application/jsonl", b"application/json-lines")
+PROGRESS_SECONDS: Final = 0.5
 FACETS_PAGE_MAX: Final = 1000
 FACETS_PAGE_DEFAULT: Final = 100
 
@@ -60,6 +93,12 @@ def resolve_admin_route(segments: list[str]) -> tuple[str, tuple[str, ...]] | No
             return "tenant_facets", (tenant,)
         case ["tenants", tenant, "facets", *agent] if agent:
             return "facet", (tenant, "/".join(agent))
+        case ["tenants", tenant, ("export" | "import" | "clone" | "rebind") as verb, *agent] if (
+            agent
+        ):
+            return verb, (tenant, "/".join(agent))
+        case ["backups" | "restores" as name]:
+            return name, ()
     return None
 
 
@@ -68,6 +107,7 @@ class AdminApi:
     def __init__(self, *, runtime: Runtime, system: SystemStore) -> None:
         self._runtime = runtime
         self._system = system
+        self._data = DataOperations(runtime, system=system)
 
     async def handle(
         self,
@@ -88,11 +128,6 @@ class AdminApi:
                 return 200, {"tenants": system.list_tenants()}
             case "tenants", "POST":
                 return self._create_tenant(body)
-            case "tenant", "DELETE":
-                tenant = validate_tenant_id(params[0])
-                revoked = system.delete_tenant(tenant)
-                logger.info("deleted tenant %s and revoked %d keys", tenant, revoked)
-                return 200, {"revoked_keys": revoked}
             case "tenant_keys", "GET":
                 return 200, {"keys": self._keys(params[0])}
             case "tenant_keys", "POST":
@@ -107,8 +142,108 @@ class AdminApi:
             case "tenant_facets", "GET":
                 return 200, self._facets(params[0], query)
             case "facet", "GET":
-                return 200, await self._runtime.inspect(params[0], params[1])
+                return 200, await self._data.inspect(params[0], params[1])
+            case "facet", "DELETE":
+                return 200, await self._data.delete_facet(params[0], params[1])
+            case "clone", "POST":
+                fields = _fields(body, required={"to_agent"}, optional={"to_tenant", "force"})
+                to_tenant = fields.get("to_tenant", params[0])
+                return 200, await self._data.clone(
+                    params[0],
+                    params[1],
+                    _text(to_tenant, "to_tenant"),
+                    _text(fields["to_agent"], "to_agent"),
+                    force=_flag(fields.get("force")),
+                )
+            case "rebind", "POST":
+                fields = _fields(body, required={"class"}, optional=set())
+                return 200, await self._data.rebind(
+                    params[0], params[1], _text(fields["class"], "class")
+                )
         raise AssertionError(f"unhandled admin route {name} {method}")
+
+    async def handle_exchange(self, name: str, x: Exchange, params: tuple[str, ...]) -> None:
+        """Run a route that streams its body or its answer (its method already checked)."""
+        match name:
+            case "export":
+                async with self._data.export(params[0], params[1]) as chunks:
+                    await x.respond_stream(200, NDJSON, chunks)
+            case "import":
+                force = _flag((x.query().get("force") or [""])[0] or None)
+                limit = 3 * self._runtime.config.map_size_bytes_max
+                chunks = x.body_chunks(limit, IMPORT_TYPES)
+                result = await self._data.import_facet(params[0], params[1], chunks, force=force)
+                logger.info("imported a facet of tenant %s", params[0])
+                await x.respond_json(200, result)
+            case "tenant":
+                deleted = validate_tenant_id(params[0])
+                await self._long(x, lambda progress: self._data.delete_tenant(deleted, progress))
+            case "backups":
+                fields = _fields(
+                    await x.read_json(), required={"path"}, optional={"tenant", "agent"}
+                )
+                path = _path(fields["path"])
+                tenant, agent = _optional_text(fields, "tenant"), _optional_text(fields, "agent")
+                await self._long(
+                    x,
+                    lambda progress: self._data.backup(
+                        path, tenant=tenant, agent=agent, progress=progress
+                    ),
+                )
+            case "restores":
+                fields = _fields(
+                    await x.read_json(), required={"path"}, optional={"tenant", "agent", "force"}
+                )
+                path = _path(fields["path"])
+                tenant, agent = _optional_text(fields, "tenant"), _optional_text(fields, "agent")
+                force = _flag(fields.get("force"))
+                await self._long(
+                    x,
+                    lambda progress: self._data.restore(
+                        path, tenant=tenant, agent=agent, force=force, progress=progress
+                    ),
+                )
+            case _:
+                raise AssertionError(f"unhandled admin route {name}")
+
+    async def _long(
+        self, x: Exchange, run: Callable[[Progress], Awaitable[dict[str, Value]]]
+    ) -> None:
+        """Answer a long operation: one JSON body, or progress lines then the result."""
+        if not x.accepts(NDJSON):
+            await x.respond_json(200, await run(lambda done, total: None))
+            return
+        latest: list[tuple[int, int | None]] = []
+        finished = trio.Event()
+        outcome: dict[str, object] = {}
+
+        def progress(done: int, total: int | None) -> None:
+            latest[:] = [(done, total)]  # only the newest matters: bounded
+
+        async def work() -> None:
+            try:
+                outcome["result"] = await run(progress)
+            except FacetrtError as exc:
+                outcome["error"] = {
+                    "code": exc.code.value,
+                    "message": exc.message,
+                    "retryable": exc.retryable,
+                }
+            finally:
+                finished.set()
+
+        async def lines() -> AsyncIterator[bytes]:
+            while not finished.is_set():
+                with trio.move_on_after(PROGRESS_SECONDS):
+                    await finished.wait()
+                if latest:
+                    done, total = latest.pop()
+                    yield dump_json({"progress": {"done": done, "total": total}}) + b"\n"
+            yield dump_json(to_json(outcome)) + b"\n"
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(work)
+            await x.respond_stream(200, NDJSON, lines())
 
     def _create_tenant(self, body: object) -> tuple[int, object]:
         if not isinstance(body, dict) or set(body) != {"tenant"}:
@@ -147,10 +282,44 @@ class AdminApi:
         if text and not (text.isdigit() and 0 < int(text) <= FACETS_PAGE_MAX):
             raise BadRequestError(f"limit must be an integer from 1 to {FACETS_PAGE_MAX}")
         limit = int(text) if text else FACETS_PAGE_DEFAULT
-        facets, next_cursor = self._runtime.list_facets(tenant, cursor=cursor, limit=limit)
+        facets, next_cursor = self._data.list_facets(tenant, cursor=cursor, limit=limit)
         return {"facets": facets, "next_cursor": next_cursor}
 
 
 def _check_empty(body: object) -> None:
     if body not in (None, {}):
         raise BadRequestError("this route takes no body (or {})")
+
+
+def _fields(body: object, *, required: set[str], optional: set[str]) -> dict[str, object]:
+    if not isinstance(body, dict) or not required <= set(body) <= required | optional:
+        names = ", ".join(sorted(required)) + "".join(f", {name}?" for name in sorted(optional))
+        raise BadRequestError(f"send a JSON object with {names}")
+    return body
+
+
+def _text(value: object, name: str) -> str:
+    if not isinstance(value, str):
+        raise BadRequestError(f"{name} must be a string")
+    return value
+
+
+def _optional_text(fields: dict[str, object], name: str) -> str | None:
+    value = fields.get(name)
+    return None if value is None else _text(value, name)
+
+
+def _flag(value: object) -> bool:
+    if value in (None, False, "", "false", "0"):
+        return False
+    if value in (True, "true", "1"):
+        return True
+    raise BadRequestError(f"force must be true or false, got {value!r}")
+
+
+def _path(value: object) -> Path:
+    """A backup location on the daemon's disk: an absolute path."""
+    path = Path(_text(value, "path"))
+    if not path.is_absolute() or ".." in path.parts:
+        raise BadRequestError("path must be absolute, without '..' (it is on the daemon's disk)")
+    return path

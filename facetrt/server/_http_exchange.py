@@ -23,12 +23,9 @@ out with ``Connection: close`` while a helper keeps draining the queue.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
-import json
 import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Final, Protocol, TypeAlias, cast, final
 from urllib.parse import parse_qs, unquote
 
@@ -43,7 +40,11 @@ from .._errors import (
     UnauthorizedError,
     UnavailableError,
 )
-from .._values import DEPTH_MAX
+from .._json import BYTES_MARKER as BYTES_MARKER
+from .._json import dump_json as dump_json
+from .._json import from_json as from_json
+from .._json import parse_json as parse_json
+from .._json import to_json as to_json
 
 if TYPE_CHECKING:
     from .._values import Value
@@ -76,7 +77,6 @@ STATUS: Final[Mapping[ErrorCode, int]] = {
     ErrorCode.INTERNAL: 500,
 }
 JSON_TYPE: Final = b"application/json"
-BYTES_MARKER: Final = "$bytes"
 DISCARD_SECONDS: Final = 2.0
 CALL_FIELDS: Final = frozenset({"args", "kwargs", "class"})
 
@@ -172,9 +172,41 @@ class Exchange:
             raise Refusal(415, BadRequestError("send the body as application/json"))
         return parse_json(body)
 
-    def _too_large(self) -> Refusal:
-        limit = self._body_bytes_max
+    def _too_large(self, limit: int | None = None) -> Refusal:
+        limit = limit or self._body_bytes_max
         return Refusal(413, BadRequestError(f"the request body is over {limit} bytes"))
+
+    async def body_chunks(
+        self, bytes_max: int, media_types: tuple[bytes, ...]
+    ) -> AsyncIterator[bytes]:
+        """The body as it arrives (a data import), at most ``bytes_max`` in all; each chunk
+        must come within ``frame_seconds`` (the whole body may take longer).
+
+        Raises:
+            Refusal: 415 (another media type), 413 (over ``bytes_max``).
+            BadRequestError: a chunk did not arrive in time.
+        """
+        media_type = (self.headers.get(b"content-type") or b"").partition(b";")[0].strip()
+        if media_type.lower() not in media_types:
+            accepted = " or ".join(kind.decode() for kind in media_types)
+            raise Refusal(415, BadRequestError(f"send the body as {accepted}"))
+        if self.content_length is not None and self.content_length > bytes_max:
+            raise self._too_large(bytes_max)
+        size = 0
+        while not self._body_done:
+            with trio.move_on_after(self._body_seconds) as scope:
+                chunk = await self._next_chunk()
+            if scope.cancelled_caught:
+                raise BadRequestError(f"no body data for {self._body_seconds:g} s")
+            size += len(chunk)
+            if size > bytes_max:
+                raise self._too_large(bytes_max)
+            if chunk:
+                yield chunk
+
+    def accepts(self, media_type: bytes) -> bool:
+        """Whether the Accept header names ``media_type``."""
+        return media_type in (self.headers.get(b"accept") or b"").lower()
 
     async def _read_body(self) -> bytes:
         chunks: list[bytes] = []
@@ -264,6 +296,23 @@ class Exchange:
             await self._send_response(status, body, all_headers)
             nursery.cancel_scope.cancel()
 
+    async def respond_stream(
+        self, status: int, content_type: bytes, chunks: AsyncIterator[bytes]
+    ) -> None:
+        """Answer with a body sent as ``chunks`` come (chunked transfer); the request body
+        must have been read (these routes take none, or read it all first)."""
+        if not self._body_done:
+            with trio.move_on_after(DISCARD_SECONDS):
+                await self._discard_body(2 * self._body_bytes_max)
+        headers = [(b"content-type", content_type), (b"cache-control", b"no-store")]
+        if not self._body_done:
+            headers.append((b"connection", b"close"))
+        self.started = True
+        await self._send({"type": "http.response.start", "status": status, "headers": headers})
+        async for chunk in chunks:
+            await self._send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+
     async def _send_response(
         self, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
     ) -> None:
@@ -293,76 +342,6 @@ def parse_call_body(document: object) -> tuple[list[Value], dict[str, Value], st
     if cls is not None and not isinstance(cls, str):
         raise BadRequestError("class must be a string")
     return args or [], kwargs or {}, cls
-
-
-def parse_json(body: bytes) -> Value:
-    """Decode a request body: UTF-8 JSON, finite numbers, ``$bytes`` markers turned to bytes."""
-    try:
-        document = json.loads(body, parse_float=_finite_float, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, huge ints
-        raise BadRequestError(f"the body is not valid JSON: {exc}") from None
-    return from_json(document)
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number {text} is out of range")
-    return value
-
-
-def _no_constant(text: str) -> float:
-    raise ValueError(f"{text} is not JSON")
-
-
-def from_json(value: object, depth: int = 0) -> Value:
-    """A parsed JSON value as a msgpack value (``{"$bytes": str}`` -> bytes)."""
-    if isinstance(value, str):
-        _check_text(value)
-        return value
-    if value is None or isinstance(value, (bool, int, float)):
-        return value
-    if depth >= DEPTH_MAX:
-        raise BadRequestError(f"JSON nested deeper than {DEPTH_MAX}")
-    if isinstance(value, list):
-        return [from_json(item, depth + 1) for item in value]
-    assert isinstance(value, dict), value
-    if len(value) == 1 and isinstance(value.get(BYTES_MARKER), str):
-        try:
-            return base64.b64decode(value[BYTES_MARKER], validate=True)
-        except (binascii.Error, ValueError):
-            raise BadRequestError("a $bytes marker holds invalid base64") from None
-    result: dict[str, Value] = {}
-    for key, item in value.items():
-        _check_text(key)
-        result[key] = from_json(item, depth + 1)
-    return result
-
-
-def _check_text(text: str) -> None:
-    # JSON "\ud800" escapes can make strings with lone surrogates, which are not UTF-8.
-    if not text.isascii():
-        try:
-            text.encode()
-        except UnicodeEncodeError:
-            raise BadRequestError("a string holds a lone UTF-16 surrogate") from None
-
-
-def to_json(value: object) -> object:
-    """A msgpack value as JSON-ready data (bytes -> ``{"$bytes": base64}``)."""
-    if isinstance(value, bytes):
-        return {BYTES_MARKER: base64.b64encode(value).decode("ascii")}
-    if isinstance(value, dict):
-        return {key: to_json(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_json(item) for item in value]
-    return value
-
-
-def dump_json(document: object) -> bytes:
-    """Compact UTF-8 JSON. Raises ValueError for NaN or infinities."""
-    text = json.dumps(document, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    return text.encode()
 
 
 def _is_json(content_type: bytes | None) -> bool:

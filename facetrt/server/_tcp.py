@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 from functools import partial
 from typing import TYPE_CHECKING, final
@@ -39,7 +40,6 @@ from ..protocol import (
     Connection,
     ErrorReply,
     Hello,
-    NeedData,
     Ping,
     Pong,
     Role,
@@ -102,6 +102,13 @@ class TcpServer:
         self._sessions: set[_Session] = set()
         self._idle = trio.Event()
         self._idle.set()
+        self.dirty: list[_Session] = []  # sessions with replies queued since the last flush
+        runtime.core.after_release.append(self._flush_dirty)
+
+    def _flush_dirty(self) -> None:
+        dirty, self.dirty = self.dirty, []
+        for session in dirty:
+            session.flush()
 
     async def serve(
         self,
@@ -167,6 +174,7 @@ class TcpServer:
         except* trio.TooSlowError:
             logger.info("closing a connection that sent too slowly")
         finally:
+            session.detach()
             self._sessions.discard(session)
             if not self._sessions:
                 self._idle.set()
@@ -184,7 +192,12 @@ class _Session:
         self._core = server.runtime.core
         self._outbox: list[bytes] = []
         self._outbox_bytes = 0
+        self._outbox_frames = 0  # frames in the outbox (a partly sent chunk may hold many)
         self._unwritten = 0  # frames queued or being sent, not yet handed to the kernel
+        self._sending = False  # the writer task is inside send_all
+        self._flush_scheduled = False
+        # Plain TCP can be written from a reply callback directly (see flush); TLS cannot.
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         self._frame_deadline: float | None = None
         self._writer_lot = trio.lowlevel.ParkingLot()
         self._room_lot = trio.lowlevel.ParkingLot()
@@ -266,52 +279,73 @@ class _Session:
     # -- reading -----------------------------------------------------------------------
 
     async def _next_event(self) -> Event | Closed:
+        """The next event, one at a time (the handshake)."""
         while True:
-            if self._conn.state is State.ERROR:
-                # Our writer found the stream broken: the peer is gone, not misbehaving.
-                raise trio.BrokenResourceError("connection lost while sending")
-            event = self._conn.next_event()
-            if not isinstance(event, NeedData):
+            events = self._conn.next_events(1)
+            if events:
                 self._frame_deadline = None
-                return event
-            if self._conn.buffered_bytes:
-                # One deadline per frame, set when its first byte arrived: a sender dribbling
-                # a byte at a time cannot hold the connection open.
-                if self._frame_deadline is None:
-                    self._frame_deadline = trio.current_time() + self._config.frame_seconds
-                with trio.fail_at(self._frame_deadline):
-                    data = await self._stream.receive_some(RECEIVE_BYTES_MAX)
-            else:
-                self._frame_deadline = None
+                return events[0]
+            await self._receive()
+
+    async def _receive(self) -> None:
+        """Read once from the stream into the connection."""
+        if self._conn.state is State.ERROR:
+            # Our writer found the stream broken: the peer is gone, not misbehaving.
+            raise trio.BrokenResourceError("connection lost while sending")
+        if self._conn.buffered_bytes:
+            # One deadline per frame, set when its first byte arrived: a sender dribbling
+            # a byte at a time cannot hold the connection open.
+            if self._frame_deadline is None:
+                self._frame_deadline = trio.current_time() + self._config.frame_seconds
+            with trio.fail_at(self._frame_deadline):
                 data = await self._stream.receive_some(RECEIVE_BYTES_MAX)
-            self._conn.receive_data(data)
+        else:
+            self._frame_deadline = None
+            data = await self._stream.receive_some(RECEIVE_BYTES_MAX)
+        self._conn.receive_data(data)
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
         bound = self._config.calls_in_flight_max
         # A call holds its slot until its reply is written, not just queued: a client that
         # sends but never reads can make us hold at most calls_in_flight_max replies.
         outbox_max = self._config.frame_bytes_max * 2
+        conn = self._conn
         while True:
             while len(self._pending) + self._unwritten >= bound or self._outbox_bytes > outbox_max:
                 await self._room_lot.park()
-            event = await self._next_event()
-            if isinstance(event, Call):
-                self._dispatch(event, nursery)
+            # Every complete frame of what was read, as one batch (up to the free slots).
+            events = conn.next_events(bound - len(self._pending) - self._unwritten)
+            if not events:
+                await self._receive()
+                continue
+            self._frame_deadline = None  # a frame completed; the next one gets its own
+            if not self._dispatch_batch(events, nursery):
+                return
+
+    def _dispatch_batch(self, events: list[Event | Closed], nursery: trio.Nursery) -> bool:
+        """Hand every event of one read to the runtime; False once the peer is done."""
+        started = trio.current_time()  # one arrival time for the batch
+        assert self._principal is not None
+        # Revocation takes effect on the next batch read: a batch arrived at one instant.
+        revoked = not self._server.system.is_active(self._principal)
+        for event in events:
+            if type(event) is Call:
+                if revoked:
+                    self._server.metrics.auth_failures.labels("tcp").inc()
+                    error = UnauthorizedError("key was revoked")
+                    self._answer(event.id, started, outcome.Error(error))
+                else:
+                    self._dispatch(event, nursery, started)
             elif isinstance(event, Ping):
                 self._queue(Pong(id=event.id))
             elif isinstance(event, (Closed, Bye)):
-                return
+                return False
             # Pong: nothing to do (we never ping first yet).
+        return True
 
     # -- calls -------------------------------------------------------------------------
 
-    def _dispatch(self, call: Call, nursery: trio.Nursery) -> None:
-        started = trio.current_time()
-        assert self._principal is not None
-        if not self._server.system.is_active(self._principal):
-            self._server.metrics.auth_failures.labels("tcp").inc()
-            self._answer(call.id, started, outcome.Error(UnauthorizedError("key was revoked")))
-            return
+    def _dispatch(self, call: Call, nursery: trio.Nursery, started: float) -> None:
         if call.traceparent is not None and TRACEPARENT.fullmatch(call.traceparent) is None:
             error = BadRequestError(
                 "trace must be a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)"
@@ -329,6 +363,7 @@ class _Session:
                 idempotency_key=call.idempotency_key,
                 chain=(),
                 callback=partial(self._answer, call.id, started),
+                enqueued_at=started,
             )
         except FacetrtError as exc:
             self._answer(call.id, started, outcome.Error(exc))
@@ -357,8 +392,9 @@ class _Session:
         scope = self._pending.pop(call_id, None)
         if scope is not None:
             scope.cancel()
-        self._room_lot.unpark_all()
-        if isinstance(result, outcome.Value):
+        if self._room_lot:
+            self._room_lot.unpark_all()
+        if type(result) is outcome.Value:
             code = "ok"
             try:
                 data = self._conn.send_result(call_id, result.value)
@@ -386,17 +422,54 @@ class _Session:
             except LocalProtocolError:
                 return  # the connection already failed: nobody to answer
         self._server.metrics.observe_call("tcp", code, trio.current_time() - started)
-        self._outbox.append(data)
-        self._outbox_bytes += len(data)
-        self._unwritten += 1
-        self._writer_lot.unpark_all()
+        self._append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._server.dirty.append(self)
 
     def _queue(self, event: Event) -> None:
-        data = self._conn.send(event)
+        self._append(self._conn.send(event))
+
+    def _append(self, data: bytes) -> None:
         self._outbox.append(data)
         self._outbox_bytes += len(data)
+        self._outbox_frames += 1
         self._unwritten += 1
-        self._writer_lot.unpark_all()
+        # Always wake the writer: a reply not followed by a flush (an error answered at
+        # once, an expired deadline) must still go out. After a flush it finds nothing.
+        if self._writer_lot:
+            self._writer_lot.unpark_all()
+
+    def detach(self) -> None:
+        """The stream is about to close: never write to its descriptor again (the number
+        may be reused by another file at once); late replies are dropped with the stream."""
+        self._fd = -1
+
+    def flush(self) -> None:
+        """Write the outbox now from the loop thread, if the writer task is not sending.
+
+        Runs after the runtime released a batch of replies: one ``write`` for all of them,
+        without waiting a scheduler pass for the writer task (the latency of one call at a
+        time). What the socket does not take at once is left to the writer task.
+        """
+        self._flush_scheduled = False
+        if self._fd < 0 or self._sending or not self._outbox:
+            return
+        data = self._outbox[0] if len(self._outbox) == 1 else b"".join(self._outbox)
+        try:
+            sent = os.write(self._fd, data)
+        except OSError:
+            return  # full (EAGAIN) or broken: the writer task finds out and handles it
+        if sent == len(data):
+            self._outbox.clear()
+            self._unwritten -= self._outbox_frames
+            self._outbox_frames = 0
+            if self._room_lot:
+                self._room_lot.unpark_all()
+        else:
+            # Its frames stay unwritten until the writer task sent the rest.
+            self._outbox[:] = [data[sent:]]
+        self._outbox_bytes -= sent
 
     # -- writing -----------------------------------------------------------------------
 
@@ -408,10 +481,14 @@ class _Session:
                         return
                     await self._writer_lot.park()
                     continue
-                frames = len(self._outbox)
+                frames, self._outbox_frames = self._outbox_frames, 0
                 data = b"".join(self._outbox)
                 self._outbox.clear()
-                await self._stream.send_all(data)
+                self._sending = True
+                try:
+                    await self._stream.send_all(data)
+                finally:
+                    self._sending = False
                 self._outbox_bytes -= len(data)
                 self._unwritten -= frames
                 self._room_lot.unpark_all()

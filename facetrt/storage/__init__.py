@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ._registry import DataDirLock as DataDirLock
+from ._registry import FacetRecord as FacetRecord
 from ._registry import StoreRegistry as StoreRegistry
 from ._store import DATA_DB as DATA_DB
 from ._store import IDEM_DB as IDEM_DB
@@ -25,6 +26,7 @@ __all__ = [
     "TIMERS_DB",
     "CommitBatch",
     "DataDirLock",
+    "FacetRecord",
     "FacetStore",
     "KeyRecord",
     "Principal",

@@ -11,11 +11,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from .._errors import ConfigError, StorageError
 from .._ids import FacetAddress
-from ._store import FacetStore, StoreHooks, store_exists
+from ._store import DATA_FILE, FacetStore, StoreHooks, store_exists
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -55,14 +56,34 @@ class DataDirLock:
 ID_HINT_FILE: Final = "facet.id"
 
 
-def _write_id_hint(path: Path, address: FacetAddress) -> None:
-    """Record the ids in the store directory, so listings need not open LMDB.
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FacetRecord:
+    """One facet as a listing shows it, read from its directory without opening LMDB.
+
+    ``class_name`` and ``timers`` come from the hint file, as of the facet's last open or
+    close (the store's meta db is the truth); ``size_bytes`` and ``last_active`` (the time
+    of its last commit) from ``stat`` of its data file.
+    """
+
+    cursor: str
+    tenant: str
+    agent: str
+    class_name: str | None
+    size_bytes: int
+    last_active: float
+    timers: int | None
+
+
+def write_hint(path: Path, address: FacetAddress, fields: dict[str, object]) -> None:
+    """Record the ids (and ``fields``: class, timer count) in the store directory, so that
+    listings need not open LMDB.
 
     A hint, not the truth (the store's meta db is): written without fsync and rewritten on
-    every open, so a copy lost in a power failure comes back on the next activation.
+    every open and close, so a copy lost in a power failure comes back on the next activation.
     """
     hint = path / ID_HINT_FILE
-    data = json.dumps({"tenant": address.tenant_id, "agent": address.agent_id}).encode()
+    document = {"tenant": address.tenant_id, "agent": address.agent_id, **fields}
+    data = json.dumps(document, separators=(",", ":")).encode()
     try:
         if hint.read_bytes() == data:
             return
@@ -73,12 +94,40 @@ def _write_id_hint(path: Path, address: FacetAddress) -> None:
     hint.write_bytes(data)
 
 
-def _read_id_hint(path: Path) -> str | None:
+def _read_hint(path: Path) -> dict[str, object] | None:
     try:
-        agent = json.loads((path / ID_HINT_FILE).read_bytes())["agent"]
-    except (OSError, ValueError, KeyError, TypeError):
+        hint = json.loads((path / ID_HINT_FILE).read_bytes())
+    except (OSError, ValueError):
         return None
-    return agent if isinstance(agent, str) else None
+    if not isinstance(hint, dict) or not isinstance(hint.get("agent"), str):
+        return None
+    return hint
+
+
+def _record(directory: Path, name: str) -> FacetRecord | None:
+    hint = _read_hint(directory)
+    if hint is None:
+        return None
+    try:
+        address = FacetAddress(hint.get("tenant"), hint["agent"])  # type: ignore[arg-type]  # validated by FacetAddress
+    except ValueError:
+        return None
+    if directory.parts[-4:] != address.relative_path().parts[-4:]:
+        return None  # a hint that does not belong here (copied by hand, or torn)
+    try:
+        stat = (directory / DATA_FILE).stat()
+    except OSError:
+        return None  # a directory without a store (being created or deleted)
+    class_name, timers = hint.get("class"), hint.get("timers")
+    return FacetRecord(
+        cursor=name,
+        tenant=address.tenant_id,
+        agent=address.agent_id,
+        class_name=class_name if isinstance(class_name, str) else None,
+        size_bytes=stat.st_size,
+        last_active=stat.st_mtime,
+        timers=timers if isinstance(timers, int) else None,
+    )
 
 
 class StoreRegistry:
@@ -97,6 +146,11 @@ class StoreRegistry:
         self._map_size_bytes_max = map_size_bytes_max
         self._hooks = hooks
         self._open: dict[Path, FacetStore] = {}
+
+    @property
+    def has_hooks(self) -> bool:
+        """Whether fault or delay injection is installed (tests)."""
+        return self._hooks is not None and self._hooks.before_commit is not None
 
     def path_of(self, address: FacetAddress) -> Path:
         return self.data_dir / address.relative_path()
@@ -119,42 +173,68 @@ class StoreRegistry:
             hooks=self._hooks,
         )
         try:
-            _write_id_hint(path, address)
+            write_hint(path, address, store.hint_fields())
         except OSError as exc:
             store.close()
             raise StorageError(f"cannot write the id hint of {str(path)!r}: {exc}") from exc
         self._open[path] = store
         return store
 
+    def tenant_path(self, tenant: str) -> Path:
+        """The directory holding every facet of ``tenant`` (hashed)."""
+        return self.data_dir / FacetAddress(tenant, "x").relative_path().parent.parent
+
     def list_facets(
         self, tenant: str, *, start_after: str | None = None, limit: int = 100
-    ) -> list[tuple[str, str]]:
-        """Facets of ``tenant`` as (cursor, agent id), in cursor order, without opening them.
+    ) -> list[FacetRecord]:
+        """Facets of ``tenant`` in cursor order, without opening them.
 
         The cursor is the facet's directory name (a hash); pass the last one as
-        ``start_after`` for the next page. Reads each facet's ``facet.id`` hint file.
+        ``start_after`` for the next page. A page costs a scan of the one or two fan-out
+        directories it spans (a few thousand entries with millions of facets) and one hint
+        read and ``stat`` per facet returned.
         """
-        root = self.data_dir / FacetAddress(tenant, "x").relative_path().parent.parent
-        found: list[tuple[str, str]] = []
-        if not root.is_dir():
-            return found
-        for fanout in sorted(entry.name for entry in os.scandir(root) if entry.is_dir()):
-            if start_after is not None and fanout < start_after[:2]:
-                continue
-            for name in sorted(entry.name for entry in os.scandir(root / fanout)):
-                if start_after is not None and name <= start_after:
-                    continue
-                agent = _read_id_hint(root / fanout / name)
-                if agent is not None and store_exists(root / fanout / name):
-                    found.append((name, agent))
-                    if len(found) >= limit:
-                        return found
-        return found
+        return list_facets_in(self.tenant_path(tenant), start_after=start_after, limit=limit)
 
-    def close(self, store: FacetStore) -> None:
+    def tenant_roots(self) -> list[Path]:
+        """The directory of every tenant with facets on disk (for node-wide operations)."""
+        root = self.data_dir / "tenants"
+        if not root.is_dir():
+            return []
+        return sorted(root / entry.name / "facets" for entry in os.scandir(root) if entry.is_dir())
+
+    def close(self, store: FacetStore, address: FacetAddress | None = None) -> None:
+        """Close ``store``; with its ``address``, first refresh its listing hint."""
         removed = self._open.pop(store.path, None)
         assert removed is store, f"store {store.path} closed but not open"
-        store.close()
+        try:
+            if address is not None:
+                write_hint(store.path, address, store.hint_fields())
+        except (OSError, StorageError):
+            pass  # only a hint: the next open rewrites it
+        finally:
+            store.close()
 
     def open_count(self) -> int:
         return len(self._open)
+
+
+def list_facets_in(
+    root: Path, *, start_after: str | None = None, limit: int = 100
+) -> list[FacetRecord]:
+    """Facets under the tenant directory ``root``, in cursor order (see ``list_facets``)."""
+    found: list[FacetRecord] = []
+    if not root.is_dir():
+        return found
+    for fanout in sorted(entry.name for entry in os.scandir(root) if entry.is_dir()):
+        if start_after is not None and fanout < start_after[:2]:
+            continue
+        for name in sorted(entry.name for entry in os.scandir(root / fanout)):
+            if start_after is not None and name <= start_after:
+                continue
+            record = _record(root / fanout / name, name)
+            if record is not None:
+                found.append(record)
+                if len(found) >= limit:
+                    return found
+    return found

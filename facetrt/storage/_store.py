@@ -220,6 +220,46 @@ class FacetStore:
     def close(self) -> None:
         self._env.close()
 
+    # -- operators (writer thread) ----------------------------------------------------------
+
+    def copy_to(self, directory: Path) -> None:
+        """Write a compacted, consistent copy of the environment to ``directory``/data.mdb.
+
+        LMDB copies inside one read transaction, so the copy is the state of one commit and
+        writers go on meanwhile. Not fsynced here (the caller fsyncs file and directory).
+        The caller guarantees that the map is not resized meanwhile (see ``Activation.pin``).
+
+        Raises:
+            StorageError: the copy failed (``directory`` must exist and hold no data.mdb).
+        """
+        try:
+            self._env.copy(str(directory), compact=True)
+        except lmdb.Error as exc:
+            raise StorageError(f"cannot copy store {str(self.path)!r}: {exc}") from exc
+
+    def hint_fields(self) -> dict[str, object]:
+        """What listings show without opening the store: class and, if kept, timer count."""
+        raw = self.get(b"class", META_DB)
+        fields: dict[str, object] = {"class": None if raw is None else _unpack_text(raw)}
+        if TIMERS_DB in self._dbs:
+            fields["timers"] = self.count(TIMERS_DB)
+        return fields
+
+
+def _unpack_text(raw: bytes) -> str | None:
+    """A msgpack str (fixstr or str 8, as class names are), decoded without msgpack (the
+    storage layer does not import it); None for anything else."""
+    if raw and 0xA0 <= raw[0] <= 0xBF:
+        length, body = raw[0] & 0x1F, raw[1:]
+    elif len(raw) >= 2 and raw[0] == 0xD9:
+        length, body = raw[1], raw[2:]
+    else:
+        return None
+    try:
+        return body.decode() if len(body) == length else None
+    except UnicodeDecodeError:
+        return None
+
 
 def open_environment(
     path: Path, *, map_size_bytes: int, max_dbs: int, max_readers: int = 16

@@ -100,6 +100,18 @@ class SystemStore:
     def close(self) -> None:
         self._env.close()
 
+    def copy_to(self, directory: Path) -> None:
+        """A compacted, consistent copy in ``directory``/data.mdb (for node backups); not
+        fsynced here.
+
+        Raises:
+            StorageError: the copy failed.
+        """
+        try:
+            self._env.copy(str(directory), compact=True)
+        except lmdb.Error as exc:
+            raise StorageError(f"cannot copy the system store: {exc}") from exc
+
     # -- tenants ---------------------------------------------------------------------------
 
     def create_tenant(self, tenant: str) -> None:

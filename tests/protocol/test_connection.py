@@ -26,6 +26,7 @@ from facetrt.protocol import (
     State,
     Welcome,
 )
+from facetrt.protocol._events import call_from_body, checked_call_from_body, to_body
 
 values = st.recursive(
     st.none()
@@ -255,3 +256,121 @@ def test_send_result_equals_send_of_a_result_event(value: object) -> None:
     assert server.calls_in_flight == 0
     with pytest.raises(LocalProtocolError, match="not in flight"):
         server.send_result(1, value)
+
+
+def _open_server() -> Connection:
+    server = Connection(Role.SERVER)
+    server.receive_data(Connection(Role.CLIENT).send(Hello(key="k")))
+    assert server.next_event() == Hello(key="k")
+    server.send(Welcome(tenant="t", calls_in_flight_max=8, frame_bytes_max=1 << 20))
+    return server
+
+
+def _frame(body: object) -> bytes:
+    payload = msgpack.packb(body, use_bin_type=True)
+    return struct.pack(">I", len(payload)) + payload
+
+
+# Frames as a client might send them: valid calls, call bodies with random field values (the
+# fast path must refuse what the checked path refuses), pings, byes, and raw garbage.
+CALL_FIELDS = ("id", "agent", "method", "args", "kwargs", "class", "idem", "trace", "deadline")
+
+
+@st.composite
+def call_fields(draw: st.DrawFn) -> dict[str, object]:
+    """A valid call body with a few fields replaced by random values or removed."""
+    body = to_body(draw(calls))
+    changed = draw(
+        st.dictionaries(
+            st.sampled_from(CALL_FIELDS),
+            st.none() | values | st.integers(min_value=-5, max_value=5),
+            max_size=2,
+        )
+    )
+    body.update(changed)
+    for name in draw(st.lists(st.sampled_from(CALL_FIELDS), max_size=1)):
+        body.pop(name, None)
+    return body
+
+
+frames = st.one_of(
+    calls.map(lambda call: _frame(to_body(call))),
+    call_fields().map(_frame),
+    ids.map(lambda i: _frame({"t": "ping", "id": i})),
+    st.just(_frame({"t": "bye"})),
+    st.binary(min_size=1, max_size=12),
+)
+
+
+def _events_one_by_one(server: Connection, chunks: list[bytes]) -> tuple[list[object], bool]:
+    events: list[object] = []
+    try:
+        for chunk in chunks:
+            server.receive_data(chunk)
+            while (event := server.next_event()) is not NEED_DATA:
+                events.append(event)
+                if isinstance(event, Closed):
+                    break
+    except RemoteProtocolError:
+        return events, True
+    return events, False
+
+
+def _events_batched(
+    server: Connection, chunks: list[bytes], limit: int
+) -> tuple[list[object], bool]:
+    events: list[object] = []
+    try:
+        for chunk in chunks:
+            server.receive_data(chunk)
+            while batch := server.next_events(limit):
+                assert len(batch) <= limit
+                events.extend(batch)
+                if isinstance(batch[-1], Closed):
+                    break
+    except RemoteProtocolError:
+        return events, True
+    return events, False
+
+
+@settings(max_examples=400)
+@given(st.lists(frames, max_size=8), st.data(), st.integers(min_value=1, max_value=5))
+def test_batched_decoding_equals_one_by_one(
+    sent: list[bytes], data: st.DataObject, limit: int
+) -> None:
+    """next_events is next_event in batches: the same events, the same violations."""
+    stream = b"".join(sent)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=4)))
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    chunks = [chunk for chunk in chunks if chunk] + [b""]
+    single, single_failed = _events_one_by_one(_open_server(), chunks)
+    batched, batched_failed = _events_batched(_open_server(), chunks, limit)
+    assert single_failed == batched_failed
+    if single_failed:
+        # Events decoded in the same batch as the violation are lost with the connection.
+        assert single[: len(batched)] == batched
+    else:
+        assert single == batched
+
+
+def test_a_call_after_bye_in_the_same_batch_is_refused() -> None:
+    server = _open_server()
+    call = {"t": "call", "id": 1, "agent": "a", "method": "m", "args": [], "kwargs": {}}
+    server.receive_data(_frame(call) + _frame({"t": "bye"}) + _frame({**call, "id": 2}))
+    with pytest.raises(RemoteProtocolError, match="call after bye"):
+        server.next_events(10)
+    assert server.state is State.ERROR
+
+
+@settings(max_examples=500)
+@given(call_fields())
+def test_the_fast_call_decoder_agrees_with_the_checked_one(body: dict[str, object]) -> None:
+    try:
+        expected: object = checked_call_from_body(body)
+    except RemoteProtocolError:
+        expected = RemoteProtocolError
+    try:
+        got: object = call_from_body(body)
+    except RemoteProtocolError:
+        got = RemoteProtocolError
+    assert got == expected

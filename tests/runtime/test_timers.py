@@ -337,3 +337,16 @@ async def test_spurious_hint_wakes_the_facet_once_and_is_settled(
         await Alarm.wait_deliveries(1)
         assert rt.statistics().timer_wakes == 2
     assert WALL_CLOCK_BASE > 0
+
+
+async def test_store_without_a_hint_registers_its_timers_when_it_activates(
+    autojump_clock: Clock, data_dir: Path
+) -> None:
+    """A store restored, cloned or imported comes without a hint; its next activation adds it."""
+    async with _open(data_dir) as rt:
+        await rt.call(TENANT, "x", "set", "t", after_seconds=1000, cls="Alarm")
+    shutil.rmtree(data_dir / "timers")
+    async with _open(data_dir) as rt:
+        assert await rt.call(TENANT, "x", "fired") == {}  # activates it: the hint comes back
+        await Alarm.wait_deliveries(1)
+        assert await rt.call(TENANT, "x", "fired") == {"t": 1}

@@ -445,7 +445,9 @@ async def test_admin_routes_manage_tenants_keys_and_facets(served: Served) -> No
     rest = await client.get(
         "/v1/admin/tenants/acme/facets", params={"cursor": page["next_cursor"]}, headers=admin
     )
-    assert sorted(page["facets"] + rest.json()["facets"]) == ["a", "b", "team/c"]
+    listed = page["facets"] + rest.json()["facets"]
+    assert sorted(row["agent"] for row in listed) == ["a", "b", "team/c"]
+    assert {row["class"] for row in listed} == {"Counter"}
     assert rest.json()["next_cursor"] is None
     bad_limit = await client.get("/v1/admin/tenants/acme/facets?limit=0", headers=admin)
     assert error_of(bad_limit) == (400, "bad_request")
@@ -457,7 +459,7 @@ async def test_admin_routes_manage_tenants_keys_and_facets(served: Served) -> No
     assert error_of(await client.get("/v1/admin/nothing", headers=admin)) == (404, "not_found")
 
     deleted = await client.delete("/v1/admin/tenants/acme", headers=admin)
-    assert deleted.json() == {"revoked_keys": 2}
+    assert deleted.json() == {"tenant": "acme", "revoked_keys": 2, "deleted_facets": 3}
     gone = await served.call(key, "acme/a/get")
     assert error_of(gone) == (401, "unauthorized")
     again = await client.delete("/v1/admin/tenants/acme", headers=admin)

@@ -415,3 +415,32 @@ async def test_error_codes_reach_the_wire(data_dir: Path, tenant_keys: dict[str,
         "overloaded": ("overloaded", True),
         "internal": ("internal", True),
     }
+
+
+async def test_a_late_reply_never_writes_to_a_reused_descriptor(
+    data_dir: Path, tenant_keys: dict[str, str], tmp_path: Path
+) -> None:
+    """Replies are written straight to the socket's descriptor from the reply callback; once
+    the connection is gone that number may belong to another file, which must stay untouched."""
+    Gate.events["late"] = trio.Event()
+    async with trio.open_nursery() as nursery:
+        daemon, info = await _start(nursery, data_dir, **{"server.frame_seconds": 0.2})
+        client, _ = await RawClient.connect(info, tenant_keys["acme"])
+        await client.send(client.call("late", "wait_and_put", "k", 1, cls="Gate"))
+        # Half a frame: the server gives up on this connection with the call still running.
+        await client.stream.send_all(b"\x00\x00\x00\x10abc")
+        with trio.fail_after(5):
+            assert await client.stream.receive_some(100) == b""
+        await trio.testing.wait_all_tasks_blocked()
+        # Lowest free descriptors are reused first: take several so the old one is among them.
+        files = [(tmp_path / f"f{index}").open("wb") for index in range(8)]
+        try:
+            Gate.events["late"].set()  # the call completes and its reply callback runs
+            await trio.testing.wait_all_tasks_blocked()
+        finally:
+            for handle in files:
+                handle.close()
+        assert [(tmp_path / f"f{index}").stat().st_size for index in range(8)] == [0] * 8
+        again, _ = await RawClient.connect(info, tenant_keys["acme"])
+        assert await again.call_once("late", "get", "k") == Result(id=1, value=1)
+        daemon.stop()

@@ -1,0 +1,140 @@
+"""Reading and checking a copied store: read-only opens, generic db enumeration, verification.
+
+A store's named dbs are enumerated from the environment's main db (where LMDB keeps their
+names) rather than from a fixed list, so copies, exports and verification carry every db a
+store has, including ones added later (the timers' db).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+import lmdb
+import lmdb.verify
+import msgpack
+
+from .._errors import BadRequestError, StorageError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+DBS_MAX: Final = 16
+DB_NAME: Final = re.compile(rb"[a-z][a-z0-9_]{0,31}")
+
+# py-lmdb's offline verifier is untyped; give it the type its docstring documents.
+_verify_file: Callable[[str], list[str]] = lmdb.verify.verify
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoreSummary:
+    """What a verified copy holds: entries per named db and its identity from the meta db."""
+
+    entries: dict[str, int]
+    class_name: str | None
+    tenant: str | None
+    agent: str | None
+
+
+def open_readonly(directory: Path) -> lmdb.Environment:
+    """Open a copied store read-only without a lock file (nothing else uses a copy)."""
+    return lmdb.open(
+        str(directory),
+        map_size=1 << 20,  # read-only: LMDB maps the whole file whatever this says
+        subdir=True,
+        readonly=True,
+        lock=False,
+        max_dbs=DBS_MAX,
+        max_readers=1,
+        max_spare_txns=0,
+        readahead=True,  # read once, in order
+        create=False,
+    )
+
+
+def named_dbs(env: lmdb.Environment, txn: lmdb.Transaction[bytes]) -> dict[bytes, Any]:
+    """Every named db of ``env`` (name -> handle), in name order."""
+    names = [key for key, _ in txn.cursor()]
+    bad = [name for name in names if DB_NAME.fullmatch(name) is None]
+    if bad or len(names) > DBS_MAX:
+        raise StorageError(f"unexpected entries in the main db: {bad[:3]!r} ({len(names)} dbs)")
+    return {name: env.open_db(name, txn=txn, create=False) for name in names}
+
+
+def verify_store(directory: Path) -> StoreSummary:
+    """Check the environment in ``directory`` page by page, then read it through LMDB.
+
+    Raises:
+        StorageError: ``lmdb.verify`` found a problem or LMDB cannot read the copy.
+    """
+    try:
+        problems = _verify_file(str(directory))
+    except (lmdb.verify.VerifyError, OSError) as exc:
+        raise StorageError(f"cannot verify {str(directory)!r}: {exc}") from exc
+    if problems:
+        raise StorageError(f"{str(directory)!r} is damaged: {'; '.join(problems[:3])}")
+    try:
+        env = open_readonly(directory)
+        try:
+            with env.begin() as txn:
+                dbs = named_dbs(env, txn)
+                entries = {name.decode(): int(txn.stat(db)["entries"]) for name, db in dbs.items()}
+                meta = dbs.get(b"meta")
+                identity = [
+                    None if meta is None else txn.get(key, db=meta)
+                    for key in (b"class", b"tenant", b"agent")
+                ]
+        finally:
+            env.close()
+    except lmdb.Error as exc:
+        raise StorageError(f"cannot read {str(directory)!r}: {exc}") from exc
+    class_name, tenant, agent = (_text(raw) for raw in identity)
+    return StoreSummary(entries=entries, class_name=class_name, tenant=tenant, agent=agent)
+
+
+def _text(raw: bytes | None) -> str | None:
+    if raw is None:
+        return None
+    try:
+        value = msgpack.unpackb(raw, raw=False)
+    except Exception:  # noqa: BLE001 - msgpack raises many types; a bad meta value is not a name
+        return None
+    return value if isinstance(value, str) else None
+
+
+def set_identity(directory: Path, *, tenant: str, agent: str) -> None:
+    """Rewrite the tenant and agent ids in the meta db of the copy in ``directory``.
+
+    Raises:
+        BadRequestError: the copy has no meta db or no class binding (not a facet).
+    """
+    # The map size asked for is a minimum: LMDB keeps the larger one recorded in the copy.
+    env = lmdb.open(
+        str(directory),
+        map_size=1 << 20,
+        subdir=True,
+        readonly=False,
+        metasync=True,
+        sync=True,
+        map_async=False,
+        mode=0o600,
+        create=False,
+        readahead=False,
+        writemap=False,
+        meminit=True,
+        max_readers=1,
+        max_dbs=DBS_MAX,
+        max_spare_txns=0,
+        lock=True,
+    )
+    try:
+        with env.begin(write=True) as txn:
+            meta = named_dbs(env, txn).get(b"meta")
+            if meta is None or txn.get(b"class", db=meta) is None:
+                raise BadRequestError("the copy binds no class: it is not a facet store")
+            txn.put(b"tenant", msgpack.packb(tenant), db=meta)
+            txn.put(b"agent", msgpack.packb(agent), db=meta)
+    finally:
+        env.close()

@@ -1,0 +1,307 @@
+"""Data operations on an embedded runtime: real LMDB, real writer threads, no daemon.
+
+Each operation round-trips (export/import, clone, delete, rebind, backup/restore), refuses bad
+input without changing anything, and is serialized with the facet's messages (a hold waits for
+the running handler; calls queued meanwhile run afterwards against the new state).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+import trio.testing
+
+from facetrt import (
+    BadRequestError,
+    ConflictError,
+    NotFoundError,
+    Runtime,
+    RuntimeConfig,
+    open_runtime,
+)
+from facetrt.data import DataOperations
+from facetrt.data._environment import verify_store
+from tests.facets import CLASSES, Gate
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+T = "acme"
+
+
+@pytest.fixture
+async def ops(rt: Runtime) -> DataOperations:
+    operations = DataOperations(rt, system=None)
+    await operations.start()
+    return operations
+
+
+async def export_text(ops: DataOperations, agent: str, tenant: str = T) -> list[dict[str, object]]:
+    async with ops.export(tenant, agent) as chunks:
+        data = b"".join([chunk async for chunk in chunks])
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def entries(lines: list[dict[str, object]]) -> list[dict[str, object]]:
+    """The entries of an export, without the header, the end line and the facet's own ids."""
+    assert lines[-1]["end"] is True
+    return [
+        line
+        for line in lines[1:-1]
+        if not (line["db"] == "meta" and line["key"] in ("tenant", "agent"))
+    ]
+
+
+def with_line(export: bytes, line: bytes) -> bytes:
+    header, rest = export.split(b"\n", 1)
+    return header + b"\n" + line + b"\n" + rest
+
+
+async def chunks_of(data: bytes, size: int = 7) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+async def fill(rt: Runtime, agent: str) -> None:
+    await rt.call(T, agent, "put", "n", 1, cls="Register")
+    await rt.call(T, agent, "put", "blob", b"\x00\xff", cls="Register")
+    await rt.call(T, agent, "put", "tree", {"a": [1.5, None, "x"]}, cls="Register")
+    await rt.call(T, agent, "put", "odd", {"$bytes": "not bytes"}, cls="Register")
+    await rt.call(T, agent, "put", "k", 2, cls="Register", idempotency_key="once")
+
+
+async def test_export_then_import_equals_the_original(rt: Runtime, ops: DataOperations) -> None:
+    await fill(rt, "src")
+    exported = await export_text(ops, "src")
+    assert exported[0]["format"] == "facetrt-export"
+    assert exported[0]["class"] == "Register"
+    assert {line["db"] for line in exported[1:-1]} == {"data", "idem", "meta"}
+    data = b"".join(json.dumps(line).encode() + b"\n" for line in exported)
+
+    result = await ops.import_facet(T, "copy", chunks_of(data), force=False)
+    assert result["class"] == "Register"
+    assert entries(await export_text(ops, "copy")) == entries(exported)
+    assert await rt.call(T, "copy", "get", "blob") == b"\x00\xff"
+    assert await rt.call(T, "copy", "get", "odd") == {"$bytes": "not bytes"}
+    # The idempotency record came along: a repeat returns the stored result.
+    assert await rt.call(T, "copy", "put", "k", 3, idempotency_key="once") is None
+    assert await rt.call(T, "copy", "get", "k") == 2
+
+
+async def test_import_refuses_bad_lines_and_changes_nothing(
+    rt: Runtime, ops: DataOperations
+) -> None:
+    await fill(rt, "src")
+    good = b"".join(json.dumps(line).encode() + b"\n" for line in await export_text(ops, "src"))
+    bad_inputs = {
+        b"": "no header",
+        b"not json\n": "line 1",
+        good.rsplit(b"\n", 2)[0] + b"\n": "truncated",
+        good + b'{"db": "data", "key": "x", "value": 1}\n': "follows the end line",
+        good.replace(b'"key": "n", "value": 1}', b'"key": "n"}'): "line",
+        with_line(good, b'{"db": "Bad", "key": "x", "value": 1}'): "bad db name",
+        with_line(good, b'{"db": "data", "key": "", "value": 1}'): "1 to 511",
+        with_line(good, b'{"db": "data", "key": "x", "raw": 3}'): "line 2",
+        good.replace(b'"version": 1', b'"version": 9'): "header",
+    }
+    for data, message in bad_inputs.items():
+        with pytest.raises(BadRequestError, match=message):
+            await ops.import_facet(T, "target", chunks_of(data), force=False)
+        assert not rt.core.registry.exists(rt.core.address_of(T, "target"))
+    with pytest.raises(ConflictError):
+        await ops.import_facet(T, "src", chunks_of(good), force=False)
+    assert await rt.call(T, "src", "get", "n") == 1
+
+
+async def test_clone_equals_source_and_refuses_existing_targets(
+    rt: Runtime, ops: DataOperations
+) -> None:
+    await fill(rt, "src")
+    await ops.clone(T, "src", T, "dst", force=False)
+    assert entries(await export_text(ops, "dst")) == entries(await export_text(ops, "src"))
+    inspected = await rt.inspect(T, "dst")
+    assert (inspected["agent"], inspected["class"]) == ("dst", "Register")
+    await rt.call(T, "src", "put", "n", 5)
+    with pytest.raises(ConflictError):
+        await ops.clone(T, "src", T, "dst", force=False)
+    with pytest.raises(ConflictError):
+        await ops.clone(T, "src", T, "src", force=True)
+    await ops.clone(T, "src", T, "dst", force=True)
+    assert await rt.call(T, "dst", "get", "n") == 5
+    with pytest.raises(NotFoundError):
+        await ops.clone(T, "nobody", T, "dst2", force=False)
+
+
+async def test_delete_leaves_nothing_on_disk_and_the_next_call_starts_empty(
+    rt: Runtime, ops: DataOperations
+) -> None:
+    await fill(rt, "gone")
+    path = rt.core.registry.path_of(rt.core.address_of(T, "gone"))
+    assert path.is_dir()
+    assert await ops.delete_facet(T, "gone") == {"agent": "gone", "deleted": True}
+    assert not path.exists()
+    assert list((rt.core.registry.data_dir / "scratch").iterdir()) == []
+    with pytest.raises(NotFoundError):
+        await rt.call(T, "gone", "get", "n")
+    with pytest.raises(NotFoundError):
+        await ops.delete_facet(T, "gone")
+    assert await rt.call(T, "gone", "get", "n", cls="Register") is None
+
+
+async def test_rebind_changes_the_class_and_keeps_the_data(
+    rt: Runtime, ops: DataOperations
+) -> None:
+    await rt.call(T, "g", "put", "k", "v", cls="Gate")
+    result = await ops.rebind(T, "g", "Register")
+    assert result == {"agent": "g", "class": "Register", "previous_class": "Gate"}
+    assert await rt.call(T, "g", "get", "k", cls="Register") == "v"
+    with pytest.raises(ConflictError):
+        await rt.call(T, "g", "get", "k", cls="Gate")
+    with pytest.raises(NotFoundError):
+        await ops.rebind(T, "g", "NoSuchClass")
+    with pytest.raises(NotFoundError):
+        await ops.rebind(T, "nobody", "Register")
+
+
+async def test_a_hold_waits_for_the_running_message_and_queued_calls_see_the_new_state(
+    rt: Runtime, ops: DataOperations
+) -> None:
+    """Goal: no handler runs on a facet while it is replaced, and no queued call is lost.
+
+    Method: a Gate handler blocks mid-message; a delete starts (it must wait); calls queued
+    behind it (one with a class, one without) must run after the delete, against no state.
+    """
+    Gate.events["held"] = trio.Event()
+    results: dict[str, object] = {}
+
+    async def run(name: str, *args: object, cls: str | None = "Gate") -> None:
+        try:
+            results[name] = await rt.call(T, "held", *args, cls=cls)  # type: ignore[arg-type]
+        except NotFoundError as exc:
+            results[name] = exc.code.value
+
+    await rt.call(T, "held", "put", "k", 0, cls="Gate")  # open: what follows runs in trio only
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run, "first", "wait_and_put", "k", 1)
+        await trio.testing.wait_all_tasks_blocked()
+        deleted = trio.Event()
+
+        async def delete() -> None:
+            await ops.delete_facet(T, "held")
+            deleted.set()
+
+        nursery.start_soon(delete)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(run, "with_class", "get", "k")
+        nursery.start_soon(partial(run, "without_class", "get", "k", cls=None))
+        await trio.testing.wait_all_tasks_blocked()
+        assert not deleted.is_set()  # the handler still runs: the hold waits
+        assert results == {}
+        Gate.events["held"].set()
+    assert results == {"first": None, "with_class": None, "without_class": "not_found"}
+
+
+async def test_backup_during_writes_restores_every_acknowledged_write(
+    rt: Runtime, ops: DataOperations, tmp_path: Path, config: RuntimeConfig
+) -> None:
+    """Goal: a backup taken while a facet is written holds every write acknowledged before it
+    began, and each copy verifies. Method: a writer puts keys in a loop; the backup starts
+    after some are acknowledged; restore into a fresh data directory and read them back."""
+    acknowledged: list[str] = []
+    await rt.call(T, "busy", "put", "k0", 0, cls="Register")
+    await rt.call(T, "other", "put", "x", 1, cls="Register")
+    stop = trio.Event()
+
+    async def writer() -> None:
+        index = 1
+        while not stop.is_set():
+            await rt.call(T, "busy", "put", f"k{index}", index)
+            acknowledged.append(f"k{index}")
+            index += 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer)
+        while len(acknowledged) < 20:
+            await trio.sleep(0.001)
+        before = list(acknowledged)
+        result = await ops.backup(tmp_path / "backup", tenant=T)
+        stop.set()
+    assert result["facets"] == 2
+    for directory in (tmp_path / "backup" / "tenants").glob("*/facets/*/*"):
+        assert verify_store(directory).entries["data"] >= 1
+
+    async with open_runtime(tmp_path / "fresh", classes=CLASSES, config=config) as fresh:
+        restore_ops = DataOperations(fresh, system=None)
+        restored = await restore_ops.restore(tmp_path / "backup")
+        assert restored["facets"] == 2
+        values = await fresh.call(T, "busy", "dump")
+        assert isinstance(values, dict)
+        assert set(before) <= set(values)
+        assert await fresh.call(T, "other", "get", "x") == 1
+
+
+async def test_restore_refuses_existing_facets_and_corrupted_copies(
+    rt: Runtime, ops: DataOperations, tmp_path: Path
+) -> None:
+    await rt.call(T, "a", "put", "v", "old", cls="Register")
+    await ops.backup(tmp_path / "b", tenant=T, agent="a")
+    with pytest.raises(ConflictError):
+        await ops.backup(tmp_path / "b", tenant=T, agent="a")  # target not empty
+    await rt.call(T, "a", "put", "v", "new")
+    with pytest.raises(ConflictError, match="exists"):
+        await ops.restore(tmp_path / "b")
+    assert await rt.call(T, "a", "get", "v") == "new"
+    await ops.restore(tmp_path / "b", force=True)
+    assert await rt.call(T, "a", "get", "v") == "old"
+
+    copy = next((tmp_path / "b").glob("tenants/*/facets/*/*/data.mdb"))
+    data = bytearray(copy.read_bytes())
+    data[-100] ^= 0xFF
+    copy.write_bytes(bytes(data))
+    await rt.call(T, "a", "put", "v", "newer")
+    with pytest.raises(BadRequestError, match="checksum mismatch"):
+        await ops.restore(tmp_path / "b", force=True)
+    assert await rt.call(T, "a", "get", "v") == "newer"
+    with pytest.raises(BadRequestError, match="not a backup"):
+        await ops.restore(tmp_path)
+    manifest = tmp_path / "b" / "manifest.jsonl"
+    manifest.write_bytes(manifest.read_bytes().rsplit(b"\n", 2)[0] + b"\n")
+    with pytest.raises(BadRequestError, match="truncated"):
+        await ops.restore(tmp_path / "b", force=True)
+
+
+async def test_list_shows_class_size_and_pages(rt: Runtime, ops: DataOperations) -> None:
+    for index in range(5):
+        await rt.call(T, f"f{index}", "put", "k", index, cls="Register")
+    await rt.call(T, "g", "put", "k", 1, cls="Gate")
+    page, cursor = ops.list_facets(T, cursor=None, limit=4)
+    assert len(page) == 4
+    assert cursor is not None
+    rest, end = ops.list_facets(T, cursor=cursor, limit=4)
+    assert end is None
+    listed = {row["agent"]: row for row in page + rest}
+    assert set(listed) == {"f0", "f1", "f2", "f3", "f4", "g"}
+    assert listed["g"]["class"] == "Gate"
+    assert listed["g"]["open"] is True
+    size = listed["f1"]["size_bytes"]
+    assert isinstance(size, int)
+    assert size > 0
+
+
+async def test_delete_tenant_wipes_every_facet(rt: Runtime, ops: DataOperations) -> None:
+    for index in range(3):
+        await rt.call(T, f"f{index}", "put", "k", index, cls="Register")
+    await rt.call("other", "keep", "put", "k", 1, cls="Register")
+    progress: list[int] = []
+    result = await ops.delete_tenant(T, lambda done, total: progress.append(done))
+    assert result == {"tenant": T, "revoked_keys": 0, "deleted_facets": 3}
+    assert progress == [1, 2, 3]
+    assert not rt.core.registry.tenant_path(T).exists()
+    assert await rt.call("other", "keep", "get", "k") == 1
+    with pytest.raises(NotFoundError):
+        await ops.delete_tenant(T)
