@@ -47,6 +47,8 @@ from .runtime import FacetCalls as FacetCalls
 from .runtime import Runtime as Runtime
 from .runtime import RuntimeStatistics as RuntimeStatistics
 from .runtime import Storage as Storage
+from .runtime import Timer as Timer
+from .runtime import Timers as Timers
 from .runtime import open_runtime as open_runtime
 from .runtime import rpc as rpc
 
@@ -76,6 +78,8 @@ __all__ = [
     "Storage",
     "StorageError",
     "StoreFullError",
+    "Timer",
+    "Timers",
     "UnauthorizedError",
     "UnavailableError",
     "Value",

@@ -9,5 +9,17 @@ from ._runtime import Runtime as Runtime
 from ._runtime import RuntimeStatistics as RuntimeStatistics
 from ._runtime import open_runtime as open_runtime
 from ._storage_api import Storage as Storage
+from ._timers_api import Timer as Timer
+from ._timers_api import Timers as Timers
 
-__all__ = ["Facet", "FacetCalls", "Runtime", "RuntimeStatistics", "Storage", "open_runtime", "rpc"]
+__all__ = [
+    "Facet",
+    "FacetCalls",
+    "Runtime",
+    "RuntimeStatistics",
+    "Storage",
+    "Timer",
+    "Timers",
+    "open_runtime",
+    "rpc",
+]

@@ -21,10 +21,11 @@ if TYPE_CHECKING:
     import outcome
 
     from ..config import RuntimeConfig
-    from ..storage import StoreRegistry
+    from ..storage import StoreRegistry, TimerIndex
     from ._facet import Facet
     from ._router import Router
     from ._storage_bridge import StoreWorkers
+    from ._timer_scheduler import TimerScheduler
 
 
 ADDRESS_CACHE_MAX = 65_536
@@ -46,6 +47,11 @@ class Counters:
     map_grows: int = 0
     deactivations_cut_short: int = 0
     overloaded: int = 0
+    timer_wakes: int = 0
+    timers_fired: int = 0
+    timer_handler_failures: int = 0
+    timers_failed: int = 0
+    timer_hints_removed: int = 0
 
 
 @final
@@ -59,12 +65,15 @@ class RuntimeCore:
         classes: Mapping[str, type[Facet]],
         registry: StoreRegistry,
         workers: StoreWorkers,
+        timer_index: TimerIndex,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.classes = dict(classes)
         self.registry = registry
         self.workers = workers
+        self.timer_index = timer_index
+        self.timer_scheduler: TimerScheduler | None = None
         self.wall_clock = wall_clock
         self.counters = Counters()
         # closing: refuse new calls from outside; stopped: the grace period is over, refuse all.

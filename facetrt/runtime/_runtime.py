@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, final
 
@@ -13,12 +14,13 @@ import trio
 from .._errors import ConfigError, NotFoundError
 from .._ids import FacetAddress, validate_tenant_id
 from ..config import RuntimeConfig
-from ..storage import DataDirLock, StoreHooks, StoreRegistry
+from ..storage import DataDirLock, StoreHooks, StoreRegistry, TimerIndex
 from ._core import RuntimeCore
 from ._facet import Facet
 from ._router import Router
 from ._storage_bridge import StoreWorkers
 from ._supervisor import Supervisor
+from ._timer_scheduler import TimerScheduler
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Mapping
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from ..storage import FacetRecord
 
 CLEANUP_SECONDS = 30.0
+TIMER_INDEX_DIR = "timers"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -51,6 +54,11 @@ class RuntimeStatistics:
     map_grows: int
     deactivations_cut_short: int
     overloaded: int
+    timer_wakes: int
+    timers_fired: int
+    timer_handler_failures: int
+    timers_failed: int
+    timer_hints_removed: int
 
 
 @final
@@ -101,7 +109,8 @@ class Runtime:
         )
 
     async def inspect(self, tenant: str, agent_id: str) -> dict[str, Value]:
-        """An operator's view of one facet: class, key count, map size, mailbox depth.
+        """An operator's view of one facet: class, key count, map size, mailbox depth, timers
+        (count, failed ones, next due time in seconds since the epoch).
 
         Goes through the facet's mailbox like a message (so it sees a consistent state and
         activates the facet if needed); it never returns stored values.
@@ -151,6 +160,11 @@ class Runtime:
             map_grows=counters.map_grows,
             deactivations_cut_short=counters.deactivations_cut_short,
             overloaded=counters.overloaded,
+            timer_wakes=counters.timer_wakes,
+            timers_fired=counters.timers_fired,
+            timer_handler_failures=counters.timer_handler_failures,
+            timers_failed=counters.timers_failed,
+            timer_hints_removed=counters.timer_hints_removed,
         )
 
     async def aclose(self) -> None:
@@ -164,6 +178,8 @@ class Runtime:
             await trio.lowlevel.checkpoint()
             return
         core.closing = True
+        if core.timer_scheduler is not None:
+            core.timer_scheduler.stop()
         for activation in self._router.activations():
             activation.request_stop()
         with trio.move_on_after(core.config.shutdown_grace_seconds, shield=True):
@@ -194,7 +210,10 @@ async def open_runtime(
         classes: facet class name -> :class:`Facet` subclass.
         config: limits and timings; defaults when omitted.
         store_hooks: fault injection for tests (``facetrt.testing``).
-        wall_clock: the clock for idempotency retention (seconds since the epoch).
+        wall_clock: the clock of idempotency retention and timer due times (seconds since
+            the epoch). Timers sleep on trio's clock for ``due - wall_clock()``, so tests that
+            use trio's autojump clock pass one derived from it, e.g.
+            ``lambda: 1.7e9 + trio.current_time()``.
 
     Raises:
         ConfigError: bad classes, or the data directory is in use by another process.
@@ -214,24 +233,42 @@ async def open_runtime(
         workers = StoreWorkers(config.commit_threads)
         workers.start()
         try:
-            async with trio.open_nursery() as nursery:
-                core = RuntimeCore(
-                    config=config,
-                    classes=classes,
-                    registry=registry,
-                    workers=workers,
-                    wall_clock=wall_clock,
+            index = await workers.call(
+                partial(
+                    TimerIndex,
+                    registry.data_dir / TIMER_INDEX_DIR,
+                    map_size_bytes=config.timer_index_map_size_bytes,
+                    readers_max=16,
                 )
-                supervisor = Supervisor(
-                    config.open_facets_max, wait_seconds_max=config.activation_wait_seconds_max
-                )
-                router = Router(core=core, supervisor=supervisor, nursery=nursery)
-                core.router = router
-                runtime = Runtime(core, router, supervisor)
-                try:
-                    yield runtime
-                finally:
-                    await runtime.aclose()
+            )
+            try:
+                async with trio.open_nursery() as nursery:
+                    core = RuntimeCore(
+                        config=config,
+                        classes=classes,
+                        registry=registry,
+                        workers=workers,
+                        timer_index=index,
+                        wall_clock=wall_clock,
+                    )
+                    supervisor = Supervisor(
+                        config.open_facets_max,
+                        wait_seconds_max=config.activation_wait_seconds_max,
+                    )
+                    router = Router(core=core, supervisor=supervisor, nursery=nursery)
+                    core.router = router
+                    scheduler = TimerScheduler(core=core, index=index)
+                    core.timer_scheduler = scheduler
+                    await nursery.start(scheduler.run)
+                    runtime = Runtime(core, router, supervisor)
+                    try:
+                        yield runtime
+                    finally:
+                        await runtime.aclose()
+            finally:
+                # Every activation (the only writers of the index) has exited with the nursery.
+                with trio.move_on_after(CLEANUP_SECONDS, shield=True):
+                    await workers.call(index.close)
         finally:
             with trio.move_on_after(CLEANUP_SECONDS, shield=True):
                 await workers.stop()
