@@ -55,6 +55,7 @@ class Mailbox:
         self._items: deque[Envelope] = deque()
         self._envelopes_max = envelopes_max
         self._lot = trio.lowlevel.ParkingLot()
+        self._consumer_parked = False  # ParkingLot.__bool__ is a Python call; put is hot
 
     def __len__(self) -> int:
         return len(self._items)
@@ -64,7 +65,8 @@ class Mailbox:
         if len(self._items) >= self._envelopes_max:
             raise OverloadedError(f"facet mailbox is full ({self._envelopes_max} envelopes queued)")
         self._items.append(envelope)
-        if self._lot:
+        if self._consumer_parked:
+            self._consumer_parked = False  # woken: later puts need not wake it again
             self._lot.unpark_all()
 
     def get_nowait(self) -> Envelope | None:
@@ -93,7 +95,11 @@ class Mailbox:
         if self._items:
             await trio.lowlevel.checkpoint()
             return
-        await self._lot.park()
+        self._consumer_parked = True
+        try:
+            await self._lot.park()
+        finally:
+            self._consumer_parked = False
 
     def statistics(self) -> MailboxStatistics:
         return MailboxStatistics(depth=len(self._items), depth_max=self._envelopes_max)
