@@ -324,7 +324,9 @@ def cmd_facet_list(options: argparse.Namespace) -> int:
     )
 
     async def direct(ops: DataOperations) -> dict[str, object]:
-        facets, cursor = ops.list_facets(options.tenant, cursor=options.cursor, limit=options.limit)
+        facets, cursor = await ops.list_facets(
+            options.tenant, cursor=options.cursor, limit=options.limit
+        )
         return {"facets": facets, "next_cursor": cursor}
 
     result = admin.run_data(

@@ -34,7 +34,7 @@ from ._environment import verify_store
 from ._files import DATA_FILE, fsync_dir, fsync_file, sha256_file
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Generator, Iterator
     from pathlib import Path
 
 MANIFEST: Final = "manifest.jsonl"
@@ -136,7 +136,7 @@ class Manifest:
     system: dict[str, object] | None
 
 
-def read_manifest(directory: Path) -> tuple[Manifest, Iterator[BackupEntry]]:
+def read_manifest(directory: Path) -> tuple[Manifest, Generator[BackupEntry, None, None]]:
     """The manifest's header and summary, and an iterator over its facet entries.
 
     The whole file is checked line by line first (bounded memory: entries are re-read
