@@ -34,8 +34,10 @@ from ..storage._registry import list_facets_in, write_hint
 from ._backup import (
     SYSTEM_PATH,
     BackupEntry,
+    Manifest,
     ManifestWriter,
     check_copy,
+    check_system_copy,
     entry_path,
     prepare_target,
     read_manifest,
@@ -83,10 +85,17 @@ class DataOperations:
         system: the node's tenants and keys; None for a bare embedded runtime.
         check_classes: refuse to rebind to a class the runtime does not serve (off for the
             CLI's direct mode, which serves none).
+        offline: this process owns the data directory and serves nobody (the CLI's direct
+            mode): only then may ``restore`` replace the system store.
     """
 
     def __init__(
-        self, runtime: Runtime, *, system: SystemStore | None, check_classes: bool = True
+        self,
+        runtime: Runtime,
+        *,
+        system: SystemStore | None,
+        check_classes: bool = True,
+        offline: bool = False,
     ) -> None:
         core = runtime.core
         assert core.router is not None
@@ -96,7 +105,13 @@ class DataOperations:
         self._registry = core.registry
         self._system = system
         self._check_classes = check_classes
+        self._offline = offline
         self._data_dir = core.registry.data_dir
+
+    @property
+    def system(self) -> SystemStore | None:
+        """The node's tenants and keys (after a system restore: the restored ones)."""
+        return self._system
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         return await self._core.workers.call(partial(fn, *args))
@@ -473,20 +488,29 @@ class DataOperations:
         tenant: str | None = None,
         agent: str | None = None,
         force: bool = False,
+        system: bool = False,
         progress: Callable[[int, int | None], None] = _no_progress,
     ) -> dict[str, Value]:
-        """Restore the facets of the backup at ``source`` (or those of one tenant or facet).
+        """Restore the facets of the backup at ``source`` (or those of one tenant or facet),
+        and with ``system`` the system store of a node backup (tenants and hashed keys).
 
-        First every selected copy is checked (checksum, ``lmdb.verify``) and, unless
-        ``force``, every target is checked not to exist: any failure changes nothing. Then
-        each copy is staged in ``scratch/``, fsynced, checked again and swapped in under a
-        hold. The system store of a node backup is not restored (see docs/operations.md).
+        First every selected copy is checked (checksum, ``lmdb.verify``, timer records) and,
+        unless ``force``, every target is checked not to exist: any failure changes nothing.
+        Then the system store (if asked) and each facet's copy are staged in ``scratch/``,
+        fsynced, checked again and swapped in (facets under a hold).
+
+        The system store is replaced only offline (decision 0008): a daemon serves every
+        credential check, its admin key and its tenants' quotas from it.
 
         Raises:
-            BadRequestError: not a backup, or a copy is corrupted. ConflictError: a facet
-            exists and ``force`` is off. NotFoundError: unknown tenant, or nothing selected.
+            BadRequestError: not a backup, a copy is corrupted, or ``system`` with a tenant
+            or facet, or with a backup that has no system store. ConflictError: a facet
+            exists (or, with ``system``, the system store holds tenants or keys) and
+            ``force`` is off; ``system`` while serving. NotFoundError: nothing selected.
         """
         manifest, _ = await self._run(read_manifest, source)
+        if system:
+            await self._check_system_restore(source, manifest, tenant, agent, force=force)
         total = 0
         async with contextlib.aclosing(self._selected(source, tenant, agent)) as batches:
             async for entries in batches:
@@ -494,8 +518,10 @@ class DataOperations:
                     self._refuse_existing(entry.address, force=force)
                     await self._run(_check_copy_and_timers, source, entry)
                     total += 1
-        if total == 0:
+        if total == 0 and not system:
             raise NotFoundError("the backup holds no facet that matches")
+        if system:
+            await self._restore_system(source, manifest)
         restored = 0
         created: list[str] = []
         async with contextlib.aclosing(self._selected(source, tenant, agent)) as batches:
@@ -512,10 +538,53 @@ class DataOperations:
         return {
             "path": str(source),
             "facets": restored,
-            "system_restored": False,
+            "system_restored": system,
             "tenants_created": list(created),
             "backup_scope": str(manifest.scope.get("kind")),
         }
+
+    async def _check_system_restore(
+        self,
+        source: Path,
+        manifest: Manifest,
+        tenant: str | None,
+        agent: str | None,
+        *,
+        force: bool,
+    ) -> None:
+        """Everything a system restore needs, checked before anything changes."""
+        if not self._offline or self._system is None:
+            raise ConflictError(
+                "the system store is restored only with the daemon stopped: run "
+                "`facetrt restore --system --data-dir DIR` with no daemon on DIR"
+            )
+        if tenant is not None or agent is not None:
+            raise BadRequestError("restore the system store with the whole node, not a part")
+        if manifest.system is None:
+            raise BadRequestError("the backup holds no system store (only node backups do)")
+        current = self._system
+        if not force and (current.list_tenants() or current.list_keys()):
+            raise ConflictError(
+                "the system store holds tenants or keys; pass force to replace them all"
+            )
+        await self._run(check_system_copy, source, manifest.system)
+
+    async def _restore_system(self, source: Path, manifest: Manifest) -> None:
+        """Stage the system copy (fsynced, checksum checked again) and swap it in."""
+        system = self._system
+        assert system is not None
+        assert manifest.system is not None
+        digest = manifest.system.get("sha256")
+        assert isinstance(digest, str)  # checked by check_system_copy
+        scratch = await self._run(new_scratch_dir, self._data_dir)
+        try:
+            staged = scratch / DATA_FILE
+            await self._run(_copy_checked, source / SYSTEM_PATH, staged, digest)
+            await self._run(system.replace_data, staged)
+        finally:
+            with _cleanup_shield():
+                await self._run(remove_tree, scratch)
+        logger.info("restored the system store from %s", source)
 
     async def _selected(
         self, source: Path, tenant: str | None, agent: str | None
