@@ -154,19 +154,18 @@ class RuntimeCore:
             self._check_idempotency_key(idempotency_key)
         call_args, call_kwargs = self._arguments(args, kwargs)
         envelope = Envelope(
-            method=method,
-            args=call_args,
-            kwargs=call_kwargs,
-            cls=cls,
-            idempotency_key=idempotency_key,
-            chain=chain,
-            reply=ReplySlot(callback),
-            enqueued_at=trio.current_time() if enqueued_at is None else enqueued_at,
-            internal=internal,
+            method,
+            call_args,
+            call_kwargs,
+            cls,
+            idempotency_key,
+            chain,
+            ReplySlot(callback),
+            trio.current_time() if enqueued_at is None else enqueued_at,
+            internal,
         )
-        assert self.router is not None
         self.counters.calls += 1
-        self.router.submit(address, envelope)
+        self.router.submit(address, envelope)  # type: ignore[union-attr]  # set by open_runtime
         return envelope.reply
 
     def address_of(self, tenant: str, agent_id: str) -> FacetAddress:

@@ -23,9 +23,12 @@ if TYPE_CHECKING:
     from ._reply import ReplySlot
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(slots=True)
 class Envelope:
-    """One message to a facet, with the slot its caller waits on."""
+    """One message to a facet, with the slot its caller waits on.
+
+    Positional construction allowed (not keyword-only): one is built per call.
+    """
 
     method: str
     args: list[Value]
