@@ -67,6 +67,35 @@ def decode_record(raw: bytes) -> TimerRecord:
     return record
 
 
+def parse_record(raw: bytes) -> TimerRecord | None:
+    """``raw`` as a record if it has the record's shape, else None; never raises.
+
+    For stores that arrive from outside (an import, a backup): :func:`decode_record` asserts
+    the shape, because a bad record in a live store is a broken invariant; one in an operator's
+    file is bad input, refused before the store is installed.
+    """
+    try:
+        fields = msgpack.unpackb(raw, raw=False)
+    except Exception:  # noqa: BLE001 - msgpack raises many types; any failure means malformed
+        return None
+    if not isinstance(fields, list) or len(fields) != 5:
+        return None
+    due_ms, attempts, failed, error, payload = fields
+    if not (
+        type(due_ms) is int
+        and 0 <= due_ms < 2**63
+        and type(attempts) is int
+        and attempts >= 0
+        and type(failed) is bool
+        and (error is None or type(error) is str)
+        and type(payload) is bytes
+    ):
+        return None
+    return TimerRecord(
+        due_ms=due_ms, attempts=attempts, failed=failed, error=error, payload=payload
+    )
+
+
 def _check(record: TimerRecord) -> None:
     """The record's shape, checked before it is written and after it is read (STYLE §8)."""
     assert type(record.due_ms) is int, record.due_ms

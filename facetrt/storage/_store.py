@@ -126,9 +126,9 @@ class FacetStore:
         # A new directory entry is durable only once its parent directory is fsynced; do it
         # now so that the first acknowledged commit cannot vanish with its directory.
         for directory in created:
-            _fsync_dir(directory.parent)
+            fsync_dir(directory.parent)
         if created:
-            _fsync_dir(path)
+            fsync_dir(path)
 
     # -- reads (event-loop thread) -------------------------------------------------------
 
@@ -341,7 +341,7 @@ def _make_dirs(path: Path) -> list[Path]:
     return list(reversed(missing))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
