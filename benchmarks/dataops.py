@@ -63,7 +63,7 @@ async def bench_listing(data_dir: Path, count: int) -> dict[str, float]:
         started = time.perf_counter()
         listed, cursor, middle = 0, None, None
         while True:
-            page, cursor = ops.list_facets(TENANT, cursor=cursor, limit=1000)
+            page, cursor = await ops.list_facets(TENANT, cursor=cursor, limit=1000)
             listed += len(page)
             if listed >= count // 2 and middle is None:
                 middle = cursor
@@ -72,7 +72,7 @@ async def bench_listing(data_dir: Path, count: int) -> dict[str, float]:
         seconds = time.perf_counter() - started
         assert listed == count, (listed, count)
         started = time.perf_counter()
-        ops.list_facets(TENANT, cursor=middle, limit=100)
+        await ops.list_facets(TENANT, cursor=middle, limit=100)
         page_seconds = time.perf_counter() - started
     return {
         "facets": listed,

@@ -50,6 +50,8 @@ from .runtime import RuntimeStatistics as RuntimeStatistics
 from .runtime import Saturation as Saturation
 from .runtime import Storage as Storage
 from .runtime import TenantQuotas as TenantQuotas
+from .runtime import Timer as Timer
+from .runtime import Timers as Timers
 from .runtime import open_runtime as open_runtime
 from .runtime import rpc as rpc
 
@@ -82,6 +84,8 @@ __all__ = [
     "StoreFullError",
     "TenantQuotaSettings",
     "TenantQuotas",
+    "Timer",
+    "Timers",
     "UnauthorizedError",
     "UnavailableError",
     "Value",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._errors import AddressError
@@ -67,10 +67,21 @@ class FacetAddress:
 
     tenant_id: str
     agent_id: str
+    # Addresses key the router's and supervisor's dicts on every call: hash once, not per
+    # lookup (the generated __hash__ builds a tuple each time).
+    _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         validate_tenant_id(self.tenant_id)
         validate_agent_id(self.agent_id)
+        object.__setattr__(self, "_hash", hash((self.tenant_id, self.agent_id)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[type[FacetAddress], tuple[str, str]]:
+        # Rebuild (and re-hash) on unpickling: str hashes differ between processes.
+        return (FacetAddress, (self.tenant_id, self.agent_id))
 
     def __str__(self) -> str:
         return f"{self.tenant_id}/{self.agent_id}"

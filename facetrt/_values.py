@@ -100,6 +100,17 @@ def scalars_size(values: Iterable[object]) -> int | None:
     return size
 
 
+def is_small_scalar(value: object, bytes_max: int) -> bool:
+    """``scalars_size((value,)) <= bytes_max`` for one value, without the loop (results)."""
+    kind = type(value)
+    if kind is int:
+        return _INT_MIN <= value <= _INT_MAX  # type: ignore[operator]  # kind is int here
+    if value is None or kind is bool or kind is float:
+        return True
+    size = scalars_size((value,))
+    return size is not None and size <= bytes_max
+
+
 def encode_scalar(value: object) -> bytes | None:
     """The encoding of a cheap scalar (as :func:`scalars_size` defines it), else None.
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import trio
 
-from ._errors import ERROR_CLASSES, ConfigError, ErrorCode, FacetrtError
+from ._errors import ERROR_CLASSES, ConfigError, ConflictError, ErrorCode, FacetrtError
 from .config import load_daemon_config
 
 if TYPE_CHECKING:
@@ -211,7 +211,9 @@ class _Admin:
         async with open_runtime(self.data_dir, classes={}, config=config) as runtime:
             system = SystemStore(self.data_dir / "system")
             try:
-                operations = DataOperations(runtime, system=system, check_classes=False)
+                operations = DataOperations(
+                    runtime, system=system, check_classes=False, offline=True
+                )
                 await operations.start()
                 # Returned, not raised: the runtime's nursery would wrap it in a group.
                 try:
@@ -241,6 +243,10 @@ def cmd_tenant_list(options: argparse.Namespace) -> int:
         "GET",
         "/v1/admin/tenants",
     )
+    if not options.quotas:
+        for tenant in result["tenants"]:
+            _out(tenant)  # one per line: scripts read this
+        return 0
     overrides: dict[str, dict[str, object]] = result.get("quotas", {})
     _out(f"{'TENANT':<24} QUOTAS (overrides of the node defaults)")
     for tenant in result["tenants"]:
@@ -455,7 +461,9 @@ def cmd_facet_list(options: argparse.Namespace) -> int:
     )
 
     async def direct(ops: DataOperations) -> dict[str, object]:
-        facets, cursor = ops.list_facets(options.tenant, cursor=options.cursor, limit=options.limit)
+        facets, cursor = await ops.list_facets(
+            options.tenant, cursor=options.cursor, limit=options.limit
+        )
         return {"facets": facets, "next_cursor": cursor}
 
     result = admin.run_data(
@@ -603,17 +611,38 @@ def cmd_restore(options: argparse.Namespace) -> int:
     source = Path(options.path).absolute()
     body: dict[str, object] = {"path": str(source), "force": options.force}
     body.update({k: v for k, v in (("tenant", options.tenant), ("agent", options.agent)) if v})
-    result = admin.run_data(
-        lambda ops: ops.restore(
+
+    async def direct(ops: DataOperations) -> dict[str, Any]:
+        result: dict[str, Any] = await ops.restore(
             source,
             tenant=options.tenant,
             agent=options.agent,
             force=options.force,
+            system=options.system,
             progress=_progress("restored", "facets"),
-        ),
-        lambda: _long(admin, "POST", "/v1/admin/restores", body, "restored"),
-    )
-    _out(f"restored {result['facets']} facets from {result['path']}")
+        )
+        if options.system:
+            from .server._daemon import refresh_admin_key
+
+            assert ops.system is not None
+            result["admin_key_created"] = refresh_admin_key(ops.system, admin.key_file)
+        return result
+
+    def through_daemon() -> Any:
+        if options.system:
+            # The daemon serves every credential check from the system store (and holds
+            # its environment open): replacing it under a running daemon is not offered.
+            raise ConflictError(
+                f"a daemon holds {str(admin.data_dir)!r}: stop it to restore the system "
+                "store, then run this command again"
+            )
+        return _long(admin, "POST", "/v1/admin/restores", body, "restored")
+
+    result = admin.run_data(direct, through_daemon)
+    what = "the system store and " if result.get("system_restored") else ""
+    _out(f"restored {what}{result['facets']} facets from {result['path']}")
+    if result.get("admin_key_created"):
+        _out(f"the old admin key is not valid in the restored store: new one in {admin.key_file}")
     if result["tenants_created"]:
         _out(f"created tenants (create keys for them): {', '.join(result['tenants_created'])}")
     return 0
@@ -650,7 +679,9 @@ def build_parser() -> argparse.ArgumentParser:
     create = management(tenant.add_parser("create", help="create a tenant and its first key"))
     create.add_argument("name")
     create.set_defaults(handler=cmd_tenant_create)
-    management(tenant.add_parser("list", help="list tenants")).set_defaults(handler=cmd_tenant_list)
+    tenant_list = management(tenant.add_parser("list", help="list tenants"))
+    tenant_list.add_argument("--quotas", action="store_true", help="with their quota overrides")
+    tenant_list.set_defaults(handler=cmd_tenant_list)
     delete = management(tenant.add_parser("delete", help="delete a tenant, revoke its keys"))
     delete.add_argument("name")
     delete.set_defaults(handler=cmd_tenant_delete)
@@ -731,6 +762,12 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--tenant", help="only this tenant's facets")
     restore.add_argument("--agent", help="only this facet (with --tenant)")
     restore.add_argument("--force", action="store_true", help="replace existing facets")
+    restore.add_argument(
+        "--system",
+        action="store_true",
+        help="also restore the system store (tenants, hashed keys) of a node backup; only "
+        "with no daemon running, and with --force over a system store holding anything",
+    )
     restore.set_defaults(handler=cmd_restore)
     return parser
 

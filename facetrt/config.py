@@ -123,6 +123,30 @@ class RuntimeConfig(BaseModel):
         description="Calls a tenant may send at once above its rate (default quota); unset: "
         "one second's worth.",
     )
+    timers_per_facet_max: int = Field(
+        10_000, gt=0, le=1_000_000, description="Timers (scheduled or failed) one facet may hold."
+    )
+    timer_name_bytes_max: int = Field(
+        256, gt=0, le=511, description="Longest timer name (UTF-8 bytes)."
+    )
+    timer_payload_bytes_max: int = Field(
+        64 * 1024, gt=0, le=64 * MIB, description="Largest encoded timer payload."
+    )
+    timer_retries_max: int = Field(
+        6, ge=0, le=100, description="Retries of a failing `on_timer` before the timer is failed."
+    )
+    timer_retry_seconds_initial: float = Field(
+        2.0, gt=0, le=86_400, description="Delay before the first retry; doubles per retry."
+    )
+    timer_fires_per_wake_max: int = Field(
+        1024, gt=0, le=100_000, description="Due timers one facet runs per wake-up."
+    )
+    timer_wakes_in_flight_max: int = Field(
+        1024, gt=0, le=1_000_000, description="Facets the timer scheduler wakes at once."
+    )
+    timer_index_map_size_bytes: int = Field(
+        4096 * MIB, ge=1 * MIB, le=1 << 40, description="LMDB map size of the node's timer index."
+    )
 
 
 class TenantQuotaSettings(BaseModel):

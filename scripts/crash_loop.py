@@ -1,11 +1,16 @@
 """Crash loop: SIGKILL the embedded runtime hundreds of times; nothing acknowledged may be lost.
 
     .venv/bin/python scripts/crash_loop.py --cycles 300 [--seed N] [--dir D]
+    .venv/bin/python scripts/crash_loop.py --timers --cycles 100 [--seed N] [--dir D]
 
 Each cycle is the one of ``tests/crash/test_crash_safety.py``: a child process drives concurrent
 durable increments on Counter facets, is killed with SIGKILL at a random moment, and the parent
 verifies every LMDB file and checks every counter against the child's acknowledgement log. State
 accumulates in one data directory across cycles (and across runs given the same ``--dir``).
+
+With ``--timers`` the cycles are those of ``tests/crash/test_timer_crash.py`` instead: a child
+keeps setting short timers on ``Alarm`` facets; after each kill every acknowledged timer must
+fire exactly once and no timer may stay pending (``tests/crash/timers.py``).
 
 Prints progress, then one summary line; exits 1 at the first cycle with a problem, keeping the
 directory for inspection.
@@ -26,6 +31,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from tests.crash import CrashConfig, CrashHarness  # noqa: E402
+from tests.crash.timers import TimerCrashHarness  # noqa: E402
 
 
 def main() -> int:
@@ -39,7 +45,10 @@ def main() -> int:
     )
     parser.add_argument("--facets", type=int, default=CrashConfig().facets)
     parser.add_argument("--progress-every", type=int, default=10, help="cycles per progress line")
+    parser.add_argument("--timers", action="store_true", help="the timer crash cycles")
     options = parser.parse_args()
+    if options.timers:
+        return timer_loop(options)
 
     seed = options.seed if options.seed is not None else random.SystemRandom().randrange(2**32)
     work_dir = options.dir or Path(tempfile.mkdtemp(prefix="facetrt-crash-"))
@@ -84,6 +93,42 @@ def main() -> int:
     if failed:
         print(f"work dir kept for inspection: {work_dir}")
         return 1
+    if options.dir is None:
+        shutil.rmtree(work_dir)
+    return 0
+
+
+def timer_loop(options: argparse.Namespace) -> int:
+    """``--timers``: kill a child setting and firing timers; every timer must fire."""
+    seed = options.seed if options.seed is not None else random.SystemRandom().randrange(2**32)
+    work_dir = options.dir or Path(tempfile.mkdtemp(prefix="facetrt-timer-crash-"))
+    print(f"timer crash loop: seed {seed}, work dir {work_dir}", flush=True)
+    started = time.perf_counter()
+    harness = TimerCrashHarness(work_dir, random.Random(seed))
+    acknowledged = fired = cycles = 0
+    for cycles in range(1, options.cycles + 1):
+        report = harness.run_cycle()
+        acknowledged += report.acknowledged
+        fired += report.fired
+        if report.problems:
+            print(f"cycle {report.cycle} FAILED (killed after {report.kill_after_seconds:.3f} s):")
+            for problem in report.problems:
+                print(f"  {problem}")
+            print(f"work dir kept for inspection: {work_dir}")
+            return 1
+        if cycles % options.progress_every == 0 or cycles == options.cycles:
+            print(
+                f"cycle {cycles}/{options.cycles}: {report.acknowledged} acknowledged, "
+                f"{report.fired} fired (killed after {report.kill_after_seconds:.3f} s), "
+                f"total {acknowledged} acknowledged / {fired} fired, "
+                f"{time.perf_counter() - started:.1f} s",
+                flush=True,
+            )
+    print(
+        f"timer crash loop summary: {cycles} cycles, {acknowledged} acknowledged timers, "
+        f"{fired} fired after kills and restarts, none lost, "
+        f"{time.perf_counter() - started:.1f} s elapsed (seed {seed})"
+    )
     if options.dir is None:
         shutil.rmtree(work_dir)
     return 0

@@ -29,12 +29,12 @@ from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Final
 
 from .._errors import BadRequestError, ConflictError, StorageError
-from .._ids import FacetAddress
-from ._environment import verify_store
+from .._ids import FacetAddress, validate_tenant_id
+from ._environment import named_dbs, open_readonly, verify_store
 from ._files import DATA_FILE, fsync_dir, fsync_file, sha256_file
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Generator, Iterator
     from pathlib import Path
 
 MANIFEST: Final = "manifest.jsonl"
@@ -136,7 +136,7 @@ class Manifest:
     system: dict[str, object] | None
 
 
-def read_manifest(directory: Path) -> tuple[Manifest, Iterator[BackupEntry]]:
+def read_manifest(directory: Path) -> tuple[Manifest, Generator[BackupEntry, None, None]]:
     """The manifest's header and summary, and an iterator over its facet entries.
 
     The whole file is checked line by line first (bounded memory: entries are re-read
@@ -222,6 +222,75 @@ def _system_entry(value: object, number: int) -> dict[str, object]:
     if not isinstance(value, dict) or value.get("path") != SYSTEM_PATH:
         raise BadRequestError(f"{MANIFEST}: line {number} is not a system entry")
     return value
+
+
+def check_system_copy(directory: Path, system: dict[str, object]) -> None:
+    """Check the system store's copy like a facet's (size, checksum, ``lmdb.verify``), and
+    that it is one: a ``tenants`` and a ``keys`` db whose records have the system store's
+    shape (the daemon reads every key record when it opens the store).
+
+    Raises:
+        BadRequestError: missing, another size or checksum, damaged, or not a system store.
+    """
+    path = directory / SYSTEM_PATH
+    size, digest = system.get("bytes"), system.get("sha256")
+    try:
+        actual = path.stat().st_size
+    except OSError:
+        raise BadRequestError(f"the backup's {SYSTEM_PATH} is missing") from None
+    if actual != size or sha256_file(path) != digest:
+        raise BadRequestError(f"checksum mismatch in {SYSTEM_PATH} (corrupted)")
+    try:
+        verify_store(path.parent)
+        _check_system_records(path.parent)
+    except StorageError as exc:
+        raise BadRequestError(f"the backup's {SYSTEM_PATH}: {exc.message}") from None
+
+
+def _check_system_records(directory: Path) -> None:
+    env = open_readonly(directory)
+    try:
+        with env.begin() as txn:
+            dbs = named_dbs(env, txn)
+            if not {b"tenants", b"keys"} <= set(dbs):
+                raise StorageError("not a system store (no tenants and keys dbs)")
+            for key, raw in txn.cursor(dbs[b"tenants"]):
+                if not (_is_tenant_id(key) and isinstance(_json(raw), dict)):
+                    raise StorageError(f"malformed tenant record {key[:64]!r}")
+            for key, raw in txn.cursor(dbs[b"keys"]):
+                if not _is_key_record(_json(raw)):
+                    raise StorageError(f"malformed key record {key[:64]!r}")
+    finally:
+        env.close()
+
+
+def _json(raw: bytes) -> object:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def _is_tenant_id(key: bytes) -> bool:
+    try:
+        validate_tenant_id(key.decode())
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return True
+
+
+def _is_key_record(record: object) -> bool:
+    if not isinstance(record, dict):
+        return False
+    digest, tenant, revoked = record.get("hash"), record.get("tenant"), record.get("revoked")
+    return (
+        isinstance(digest, str)
+        and len(digest) == 64
+        and all(c in "0123456789abcdef" for c in digest)
+        and (tenant is None or isinstance(tenant, str))
+        and (revoked is None or isinstance(revoked, (int, float)))
+        and isinstance(record.get("created"), (int, float))
+    )
 
 
 def check_copy(directory: Path, entry: BackupEntry) -> None:

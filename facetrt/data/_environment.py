@@ -16,6 +16,8 @@ import lmdb.verify
 import msgpack
 
 from .._errors import BadRequestError, StorageError
+from ..runtime._timer_record import parse_record
+from ..storage import TIMERS_DB
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -92,6 +94,59 @@ def verify_store(directory: Path) -> StoreSummary:
         raise StorageError(f"cannot read {str(directory)!r}: {exc}") from exc
     class_name, tenant, agent = (_text(raw) for raw in identity)
     return StoreSummary(entries=entries, class_name=class_name, tenant=tenant, agent=agent)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TimerScan:
+    """The timers of a store about to be installed: how many, and the earliest scheduled one
+    (ms since the epoch; None when none is scheduled), which the node's timer index must know
+    before the store becomes visible (decision 0007)."""
+
+    count: int
+    earliest_ms: int | None
+
+
+def scan_timers(directory: Path) -> TimerScan:
+    """Read every timer of the store in ``directory`` (a private copy) and check its shape.
+
+    Bounded by the store itself (``timers_per_facet_max`` for stores the runtime wrote); one
+    read transaction on a writer thread.
+
+    Raises:
+        BadRequestError: a timer's name is not UTF-8 or its record is malformed (an import
+            or a backup that was edited): the store must not be installed, since its
+            activation would stop on it.
+        StorageError: LMDB cannot read the copy.
+    """
+    count = 0
+    earliest: int | None = None
+    try:
+        env = open_readonly(directory)
+        try:
+            with env.begin() as txn:
+                timers = named_dbs(env, txn).get(TIMERS_DB)
+                if timers is None:
+                    return TimerScan(count=0, earliest_ms=None)
+                for key, raw in txn.cursor(timers):
+                    record = parse_record(raw)
+                    if record is None or not _is_text(key):
+                        raise BadRequestError(f"timer {key[:64]!r} has a malformed record")
+                    count += 1
+                    if not record.failed and (earliest is None or record.due_ms < earliest):
+                        earliest = record.due_ms
+        finally:
+            env.close()
+    except lmdb.Error as exc:
+        raise StorageError(f"cannot read the timers of {str(directory)!r}: {exc}") from exc
+    return TimerScan(count=count, earliest_ms=earliest)
+
+
+def _is_text(key: bytes) -> bool:
+    try:
+        key.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _text(raw: bytes | None) -> str | None:

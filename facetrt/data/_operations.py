@@ -18,6 +18,7 @@ never on the event loop.
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 import time
 from functools import partial
@@ -26,21 +27,23 @@ from typing import TYPE_CHECKING, Final, TypeVar, final
 import msgpack
 import trio
 
-from .._errors import BadRequestError, ConflictError, NotFoundError
+from .._errors import BadRequestError, ConflictError, NotFoundError, StorageError
 from .._ids import FacetAddress, validate_tenant_id
 from ..storage import META_DB, CommitBatch
 from ..storage._registry import list_facets_in, write_hint
 from ._backup import (
     SYSTEM_PATH,
     BackupEntry,
+    Manifest,
     ManifestWriter,
     check_copy,
+    check_system_copy,
     entry_path,
     prepare_target,
     read_manifest,
     seal_copy,
 )
-from ._environment import set_identity, verify_store
+from ._environment import TimerScan, scan_timers, set_identity, verify_store
 from ._files import (
     DATA_FILE,
     clear_scratch,
@@ -55,12 +58,14 @@ from ._files import (
 from ._jsonl import WRITE_BATCH_BYTES, ImportBuilder, LineSplitter, export_lines, line_bytes_max
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
+    from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterator
     from pathlib import Path
 
     from .._values import Value
     from ..runtime import Runtime
     from ..storage import FacetRecord, SystemStore
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 PAGE: Final = 256
@@ -80,10 +85,17 @@ class DataOperations:
         system: the node's tenants and keys; None for a bare embedded runtime.
         check_classes: refuse to rebind to a class the runtime does not serve (off for the
             CLI's direct mode, which serves none).
+        offline: this process owns the data directory and serves nobody (the CLI's direct
+            mode): only then may ``restore`` replace the system store.
     """
 
     def __init__(
-        self, runtime: Runtime, *, system: SystemStore | None, check_classes: bool = True
+        self,
+        runtime: Runtime,
+        *,
+        system: SystemStore | None,
+        check_classes: bool = True,
+        offline: bool = False,
     ) -> None:
         core = runtime.core
         assert core.router is not None
@@ -93,7 +105,13 @@ class DataOperations:
         self._registry = core.registry
         self._system = system
         self._check_classes = check_classes
+        self._offline = offline
         self._data_dir = core.registry.data_dir
+
+    @property
+    def system(self) -> SystemStore | None:
+        """The node's tenants and keys (after a system restore: the restored ones)."""
+        return self._system
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         return await self._core.workers.call(partial(fn, *args))
@@ -119,16 +137,19 @@ class DataOperations:
 
     # -- listing -------------------------------------------------------------------------
 
-    def list_facets(
+    async def list_facets(
         self, tenant: str, *, cursor: str | None, limit: int
     ) -> tuple[list[dict[str, Value]], str | None]:
         """A page of ``tenant``'s facets without opening them; open ones show their live class.
+
+        The directory scan, hint reads and ``stat`` calls run on a writer thread; the live
+        classes are read from the router on the loop afterwards.
 
         Raises:
             NotFoundError: unknown tenant.
         """
         self._check_tenant(tenant)
-        records, next_cursor = self._runtime.list_facets(tenant, cursor=cursor, limit=limit)
+        records, next_cursor = await self._runtime.list_facets(tenant, cursor=cursor, limit=limit)
         return [self._describe(record) for record in records], next_cursor
 
     def _describe(self, record: FacetRecord) -> dict[str, Value]:
@@ -250,7 +271,7 @@ class DataOperations:
         """
         address = self.address(tenant, agent)
         async with self._router.hold(address):
-            removed = await self._run(remove_store, self._registry.path_of(address), self._data_dir)
+            removed = await self._run(self._remove, address)
             if removed:
                 self._core.quotas.facet_removed(tenant)
         if not removed:
@@ -300,6 +321,21 @@ class DataOperations:
             previous = await self._run(self._rebind_store, address, cls)
         return {"agent": agent, "class": cls, "previous_class": previous}
 
+    def _remove(self, address: FacetAddress) -> bool:
+        """Remove the facet's store, then its timer hint (writer thread, under a hold).
+
+        The hint goes only after the store is gone, through ``forget_if_missing`` (which
+        checks that inside the index's transaction): a crash in between leaves a hint
+        without a store, which the scheduler removes without creating anything. Removing it
+        here spares that wake-up, and a tenant delete of many facets spares many.
+        """
+        path = self._registry.path_of(address)
+        removed = remove_store(path, self._data_dir)
+        index = self._core.timer_index
+        if index.hint_of(address) is not None:
+            index.forget_if_missing(address, path)
+        return removed
+
     def _rebind_store(self, address: FacetAddress, cls: str) -> str | None:
         registry = self._registry
         store = registry.open(address)
@@ -327,7 +363,7 @@ class DataOperations:
         try:
             if self._system is None:
                 raise NotFoundError(f"tenant {tenant!r} does not exist")
-            revoked = self._system.delete_tenant(tenant)
+            revoked = await self._run(self._system.delete_tenant, tenant)  # a durable write
         except NotFoundError:
             if not root.exists():
                 raise
@@ -339,9 +375,7 @@ class DataOperations:
             for record in page:
                 address = FacetAddress(record.tenant, record.agent)
                 async with self._router.hold(address):
-                    if await self._run(
-                        remove_store, self._registry.path_of(address), self._data_dir
-                    ):
+                    if await self._run(self._remove, address):
                         deleted += 1
                 progress(deleted, None)
             cursor = page[-1].cursor
@@ -459,51 +493,111 @@ class DataOperations:
         tenant: str | None = None,
         agent: str | None = None,
         force: bool = False,
+        system: bool = False,
         progress: Callable[[int, int | None], None] = _no_progress,
     ) -> dict[str, Value]:
-        """Restore the facets of the backup at ``source`` (or those of one tenant or facet).
+        """Restore the facets of the backup at ``source`` (or those of one tenant or facet),
+        and with ``system`` the system store of a node backup (tenants and hashed keys).
 
-        First every selected copy is checked (checksum, ``lmdb.verify``) and, unless
-        ``force``, every target is checked not to exist: any failure changes nothing. Then
-        each copy is staged in ``scratch/``, fsynced, checked again and swapped in under a
-        hold. The system store of a node backup is not restored (see docs/operations.md).
+        First every selected copy is checked (checksum, ``lmdb.verify``, timer records) and,
+        unless ``force``, every target is checked not to exist: any failure changes nothing.
+        Then the system store (if asked) and each facet's copy are staged in ``scratch/``,
+        fsynced, checked again and swapped in (facets under a hold).
+
+        The system store is replaced only offline (decision 0008): a daemon serves every
+        credential check, its admin key and its tenants' quotas from it.
 
         Raises:
-            BadRequestError: not a backup, or a copy is corrupted. ConflictError: a facet
-            exists and ``force`` is off. NotFoundError: unknown tenant, or nothing selected.
+            BadRequestError: not a backup, a copy is corrupted, or ``system`` with a tenant
+            or facet, or with a backup that has no system store. ConflictError: a facet
+            exists (or, with ``system``, the system store holds tenants or keys) and
+            ``force`` is off; ``system`` while serving. NotFoundError: nothing selected.
         """
         manifest, _ = await self._run(read_manifest, source)
+        if system:
+            await self._check_system_restore(source, manifest, tenant, agent, force=force)
         total = 0
-        for entries in await self._selected(source, tenant, agent):
-            for entry in entries:
-                self._refuse_existing(entry.address, force=force)
-                await self._run(check_copy, source, entry)
-                total += 1
-        if total == 0:
+        async with contextlib.aclosing(self._selected(source, tenant, agent)) as batches:
+            async for entries in batches:
+                for entry in entries:
+                    self._refuse_existing(entry.address, force=force)
+                    await self._run(_check_copy_and_timers, source, entry)
+                    total += 1
+        if total == 0 and not system:
             raise NotFoundError("the backup holds no facet that matches")
+        if system:
+            await self._restore_system(source, manifest)
         restored = 0
         created: list[str] = []
-        for entries in await self._selected(source, tenant, agent):
-            for entry in entries:
-                owner = entry.address.tenant_id
-                if self._system is not None and not self._system.tenant_exists(owner):
-                    self._system.create_tenant(owner)  # its keys are not restored
-                    created.append(owner)
-                await self._restore_one(source, entry, force=force)
-                restored += 1
-                progress(restored, total)
+        async with contextlib.aclosing(self._selected(source, tenant, agent)) as batches:
+            async for entries in batches:
+                for entry in entries:
+                    owner = entry.address.tenant_id
+                    if self._system is not None and not self._system.tenant_exists(owner):
+                        # A durable write: off the loop. Its keys are not restored.
+                        await self._run(self._system.create_tenant, owner)
+                        created.append(owner)
+                    await self._restore_one(source, entry, force=force)
+                    restored += 1
+                    progress(restored, total)
         return {
             "path": str(source),
             "facets": restored,
-            "system_restored": False,
+            "system_restored": system,
             "tenants_created": list(created),
             "backup_scope": str(manifest.scope.get("kind")),
         }
 
+    async def _check_system_restore(
+        self,
+        source: Path,
+        manifest: Manifest,
+        tenant: str | None,
+        agent: str | None,
+        *,
+        force: bool,
+    ) -> None:
+        """Everything a system restore needs, checked before anything changes."""
+        if not self._offline or self._system is None:
+            raise ConflictError(
+                "the system store is restored only with the daemon stopped: run "
+                "`facetrt restore --system --data-dir DIR` with no daemon on DIR"
+            )
+        if tenant is not None or agent is not None:
+            raise BadRequestError("restore the system store with the whole node, not a part")
+        if manifest.system is None:
+            raise BadRequestError("the backup holds no system store (only node backups do)")
+        current = self._system
+        if not force and (current.list_tenants() or current.list_keys()):
+            raise ConflictError(
+                "the system store holds tenants or keys; pass force to replace them all"
+            )
+        await self._run(check_system_copy, source, manifest.system)
+
+    async def _restore_system(self, source: Path, manifest: Manifest) -> None:
+        """Stage the system copy (fsynced, checksum checked again) and swap it in."""
+        system = self._system
+        assert system is not None
+        assert manifest.system is not None
+        digest = manifest.system.get("sha256")
+        assert isinstance(digest, str)  # checked by check_system_copy
+        scratch = await self._run(new_scratch_dir, self._data_dir)
+        try:
+            staged = scratch / DATA_FILE
+            await self._run(_copy_checked, source / SYSTEM_PATH, staged, digest)
+            await self._run(system.replace_data, staged)
+        finally:
+            with _cleanup_shield():
+                await self._run(remove_tree, scratch)
+        logger.info("restored the system store from %s", source)
+
     async def _selected(
         self, source: Path, tenant: str | None, agent: str | None
-    ) -> Iterator[list[BackupEntry]]:
-        """The manifest's entries that match, in batches (bounded memory)."""
+    ) -> AsyncGenerator[list[BackupEntry], None]:
+        """The manifest's entries that match, in batches (bounded memory).
+
+        The manifest is read lazily, a batch per writer-thread job: never on the loop.
+        """
         _, entries = await self._run(read_manifest, source)
 
         def matching() -> Iterator[BackupEntry]:
@@ -516,11 +610,16 @@ class DataOperations:
 
         iterator = matching()
 
-        def batches() -> Iterator[list[BackupEntry]]:
-            while batch := [entry for _, entry in zip(range(PAGE), iterator, strict=False)]:
-                yield batch
+        def next_batch() -> list[BackupEntry]:
+            return [entry for _, entry in zip(range(PAGE), iterator, strict=False)]
 
-        return batches()
+        # One job at a time uses the generator (and its open file), so moving it between
+        # writer threads is harmless.
+        try:
+            while batch := await self._run(next_batch):
+                yield batch
+        finally:
+            entries.close()  # the manifest file, now rather than at garbage collection
 
     async def _restore_one(self, source: Path, entry: BackupEntry, *, force: bool) -> None:
         scratch = await self._run(new_scratch_dir, self._data_dir)
@@ -545,17 +644,53 @@ class DataOperations:
     async def _install(
         self, address: FacetAddress, staged: Path, class_name: str | None, *, force: bool
     ) -> None:
-        """Swap the verified store in ``staged`` in at ``address`` under a hold."""
-        await self._run(write_hint, staged, address, {"class": class_name})
+        """Swap the verified store in ``staged`` in at ``address`` under a hold, its timers
+        registered in the node's timer index (decision 0007: before the store is visible).
+
+        Raises:
+            BadRequestError: a timer of the staged store is malformed (nothing installed).
+            ConflictError: the facet exists and ``force`` is off.
+        """
+        timers = await self._run(scan_timers, staged)
+        hint = {"class": class_name, "timers": timers.count}
+        await self._run(write_hint, staged, address, hint)
         async with self._router.hold(address):
             existed = self._registry.exists(address)
             if not force and existed:
                 raise ConflictError(f"facet {str(address)!r} exists; pass force to replace it")
-            await self._run(install_store, staged, self._registry.path_of(address))
+            await self._run(self._swap_in, staged, address, timers)
             if not existed:
                 # Operators' copies are not refused by the tenant's facet quota (decision
                 # 0010), but they count against it from now on.
                 self._core.quotas.facet_created(address.tenant_id)
+        scheduler = self._core.timer_scheduler
+        if timers.earliest_ms is not None and scheduler is not None:
+            scheduler.notify(timers.earliest_ms)  # it may sleep until a later hint
+
+    def _swap_in(self, staged: Path, address: FacetAddress, timers: TimerScan) -> None:
+        """Install ``staged`` at ``address`` between the two index steps (writer thread).
+
+        The order is the commit's (``commit_with_hints``): *lower* the hint durably before
+        the rename makes the store visible, so no crash can leave a store with timers and no
+        hint; *settle* it after, to the new store's exact earliest timer (or none), since the
+        store replaced may have had an earlier one. The hold makes that exact: no activation
+        of the facet can change its timers in between. A failed settle leaves an earlier
+        hint, a spurious wake-up at worst, so it does not fail the operation.
+
+        Raises:
+            StorageError: the index could not be lowered (nothing installed), or the rename
+                failed.
+        """
+        index = self._core.timer_index
+        due_ms = timers.earliest_ms
+        hint = index.hint_of(address) if due_ms is None else index.lower(address, due_ms)
+        install_store(staged, self._registry.path_of(address))
+        if hint == due_ms:
+            return  # already exact: no index write
+        try:
+            index.settle(address, due_ms)
+        except StorageError as exc:
+            logger.warning("settling the timer hint of %s failed (harmless): %s", address, exc)
 
 
 def _fsync_upper_dirs(target: Path) -> None:
@@ -567,6 +702,13 @@ def _fsync_upper_dirs(target: Path) -> None:
             fsync_dir(tenant_dir)
         fsync_dir(tenants)
     fsync_dir(target)
+
+
+def _check_copy_and_timers(directory: Path, entry: BackupEntry) -> None:
+    """``check_copy``, and the copy's timers are well formed: a restore refuses a backup
+    with a bad timer record before it changes anything (not halfway through)."""
+    check_copy(directory, entry)
+    scan_timers((directory / entry.path).parent)
 
 
 def _copy_checked(source: Path, destination: Path, sha256: str) -> None:

@@ -12,6 +12,8 @@ from ._runtime import RuntimeStatistics as RuntimeStatistics
 from ._runtime import Saturation as Saturation
 from ._runtime import open_runtime as open_runtime
 from ._storage_api import Storage as Storage
+from ._timers_api import Timer as Timer
+from ._timers_api import Timers as Timers
 
 __all__ = [
     "Facet",
@@ -22,6 +24,8 @@ __all__ = [
     "Saturation",
     "Storage",
     "TenantQuotas",
+    "Timer",
+    "Timers",
     "open_runtime",
     "rpc",
 ]

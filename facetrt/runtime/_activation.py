@@ -17,6 +17,11 @@ read its writes, with ``internal`` (``quota_exceeded`` when the store cannot gro
 turn loop (the running message fails too) and stops the activation: its writes were never
 durable, so the next activation starts from disk. Queued envelopes stay in the mailbox for it.
 
+Timers. A wake envelope from the timer scheduler runs each due timer as a message of its own
+(``on_timer``; its writes and the timer's removal or retry are one all-or-nothing unit). A facet
+that touched no timer in this activation has no timer state and its commits are the plain ones;
+otherwise :meth:`TimerState.plan` decides what the node's timer index needs around each commit.
+
 Lifecycle: STARTING -> RUNNING -> DRAINING -> STOPPED, each transition in one place.
 
 Pins (operators' snapshots, decision 0008). A data operation may *pin* a starting or running
@@ -50,12 +55,16 @@ from .._errors import (
     StoreFullError,
     UnavailableError,
 )
-from .._values import Value, decode_value, encode_value, scalars_size
-from ..storage import IDEM_DB, META_DB
+from .._values import Value, decode_value, encode_value, is_small_scalar
+from ..storage import IDEM_DB, META_DB, TIMERS_DB
 from ._facet import Facet, instantiate
 from ._layers import MISSING, Layer, lookup_system
 from ._load import describe_recent, recent_commits
 from ._storage_api import Storage
+from ._timer_record import TimerRecord, wall_ms
+from ._timer_scheduler import FIRE_TIMERS
+from ._timer_state import HintPlan, HintResult, TimerState, commit_with_hints
+from ._timers_api import Timers
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -69,6 +78,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _Outcomes = list[tuple["Envelope", outcome.Outcome[Value]]]
+FAILED_TIMER_NAMES_SHOWN = 20  # failed timer names listed by inspect (the count is exact)
 
 
 class ActivationState(enum.Enum):
@@ -113,6 +123,7 @@ class Activation:
         self._scope = trio.CancelScope()
         self._stop_requested = False
         self._evicted = False
+        self._timer_state: TimerState | None = None  # loaded when a timer is first touched
         self._pins = 0
         self._grow_deferred: Callable[[], None] | None = None
         # Woken when the state leaves STARTING and when the last pin goes: rare events only.
@@ -246,6 +257,10 @@ class Activation:
         raw = self._store.get(b"class", META_DB)
         self._bound_class = None if raw is None else str(decode_value(raw))
         self._purge_expired_idempotency_records()
+        if self._store.count(TIMERS_DB):
+            # Re-register the hint with the first commit: a store that arrived without one
+            # (restored, cloned, imported) must not keep its timers asleep.
+            self._timers().resync = True
         self._core.counters.activations += 1
         self.state = ActivationState.RUNNING
         self._maintenance_lot.unpark_all()
@@ -255,7 +270,15 @@ class Activation:
         while True:
             envelope = self.mailbox.get_nowait()
             if envelope is not None:
-                await self._handle(envelope)
+                # The message itself, inline rather than a method: one coroutine less each.
+                if not envelope.reply.abandoned:  # abandoned before it started: apply nothing
+                    self._current = envelope
+                    result = await self._run_message(envelope)
+                    self._current = None
+                    self._completed_seq += 1
+                    self._accumulated.append((envelope, result))
+                    if not self._commit_running:
+                        self._start_commit()
                 handled += 1
                 if handled >= self._config.batch_envelopes_max:
                     handled = 0
@@ -321,24 +344,17 @@ class Activation:
 
     # -- messages ------------------------------------------------------------------------
 
-    async def _handle(self, envelope: Envelope) -> None:
-        if envelope.reply.abandoned:
-            return  # its caller gave up before it started: apply nothing
-        self._current = envelope
-        result = await self._run_message(envelope)
-        self._current = None
-        self._completed_seq += 1
-        self._accumulated.append((envelope, result))
-        if not self._commit_running:
-            self._start_commit()
-
     async def _run_message(self, envelope: Envelope) -> outcome.Outcome[Value]:
         storage = self._storage
         assert storage is not None
         if envelope.internal:
+            if envelope.method == FIRE_TIMERS:
+                return await self._fire_timers(envelope)
             return outcome.Value(self.inspect())
         try:
-            facet = await self._facet_for(envelope)
+            facet = self._facet
+            if facet is None or (envelope.cls is not None and envelope.cls != self._bound_class):
+                facet = await self._facet_for(envelope)  # bind, activate or refuse
             if envelope.method not in facet.rpc_methods:
                 raise NotFoundError(
                     f"class {self._bound_class!r} has no rpc method {envelope.method!r}"
@@ -356,8 +372,7 @@ class Activation:
                 except TypeError as exc:
                     raise BadRequestError(f"bad arguments for {envelope.method!r}: {exc}") from None
                 value = await coroutine
-                size = scalars_size((value,)) if key is None else None
-                if size is not None and size <= self._config.value_bytes_max:
+                if key is None and is_small_scalar(value, self._config.value_bytes_max):
                     encoded = None  # an immutable scalar: no copy needed
                 else:
                     encoded = _encode_result(value, self._config.value_bytes_max)
@@ -386,6 +401,7 @@ class Activation:
         assert store is not None
         created = store.get(b"created", META_DB)
         oldest = self.mailbox.oldest_enqueued_at()
+        timers = self._timers().summary(self._pending, names_max=FAILED_TIMER_NAMES_SHOWN)
         return {
             "tenant": self.address.tenant_id,
             "agent": self.address.agent_id,
@@ -401,6 +417,10 @@ class Activation:
                 0.0 if oldest is None else round(trio.current_time() - oldest, 6)
             ),
             "commit_running": self._commit_running,
+            "timers": timers.count,
+            "timers_failed": timers.failed_count,
+            "timers_failed_names": list(timers.failed),
+            "timer_next_due": None if timers.next_due_ms is None else timers.next_due_ms / 1000,
             **describe_recent(self._recent),
         }
 
@@ -420,7 +440,18 @@ class Activation:
             if cls is None:
                 raise NotFoundError(f"facet class {self._bound_class!r} is not registered")
             assert self._storage is not None
-            facet = instantiate(cls, address=self.address, storage=self._storage, outbound=self)
+            assert self._store is not None
+            timers = Timers(
+                storage=self._storage,
+                store=self._store,
+                state=self._timers,
+                config=self._config,
+                wall_clock=self._core.wall_clock,
+                has_handler=callable(getattr(cls, "on_timer", None)),
+            )
+            facet = instantiate(
+                cls, address=self.address, storage=self._storage, timers=timers, outbound=self
+            )
             await self._run_hook(facet.on_activate)
             self._facet = facet
         return self._facet
@@ -454,6 +485,76 @@ class Activation:
         finally:
             storage.end_message()
         self._pending[-1].absorb(layer)
+
+    # -- timers --------------------------------------------------------------------------
+
+    def _timers(self) -> TimerState:
+        if self._timer_state is None:
+            assert self._store is not None
+            self._timer_state = TimerState.load(self._store)
+        return self._timer_state
+
+    async def _fire_timers(self, envelope: Envelope) -> outcome.Outcome[Value]:
+        """Run every due timer (up to the per-wake limit), each as a message of its own."""
+        try:
+            facet = await self._facet_for(envelope)
+        except StorageError:
+            raise
+        except FacetrtError as exc:
+            return outcome.Error(exc)
+        state = self._timers()
+        state.resync = True  # whatever fires, the commit checks the index's hint
+        now_ms = wall_ms(self._core.wall_clock())
+        fired = 0
+        for name in state.pop_due(now_ms, self._config.timer_fires_per_wake_max):
+            fired += await self._fire_timer(facet, name, now_ms)
+        return outcome.Value(fired)
+
+    async def _fire_timer(self, facet: Facet, name: str, now_ms: int) -> bool:
+        """Deliver timer ``name`` once; a failure schedules its retry (or marks it failed)."""
+        storage = self._storage
+        assert storage is not None
+        assert self._store is not None
+        record = self._timers().record(self._store, storage.layers(), name)
+        if record is None or record.failed or record.due_ms > now_ms:
+            return False  # cancelled or moved by an earlier timer of this wake
+        layer = storage.begin_message()
+        try:
+            layer.set_timer(name, None)  # delivered, unless on_timer sets it again
+            try:
+                handler = facet.on_timer  # type: ignore[attr-defined]  # checked by Timers.set
+                await handler(name, decode_value(record.payload), record.attempts + 1)
+            finally:
+                storage.end_message()
+        except StorageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the facet's failure is recorded and retried
+            self._timer_failed(name, record, exc, now_ms)
+            return True
+        self._pending[-1].absorb(layer)
+        self._core.counters.timers_fired += 1
+        return True
+
+    def _timer_failed(self, name: str, record: TimerRecord, exc: Exception, now_ms: int) -> None:
+        config = self._config
+        message = exc.message if isinstance(exc, FacetrtError) else str(exc)
+        retried = record.retried(
+            f"{type(exc).__name__}: {message}",
+            now_ms=now_ms,
+            retries_max=config.timer_retries_max,
+            first_delay_seconds=config.timer_retry_seconds_initial,
+        )
+        self._pending[-1].set_timer(name, retried)
+        counters = self._core.counters
+        counters.timer_handler_failures += 1
+        counters.timers_failed += retried.failed
+        logger.warning(
+            "on_timer of %s failed (attempt %d%s): %s",
+            self.address,
+            retried.attempts,
+            ", no retries left" if retried.failed else "",
+            type(exc).__name__,
+        )
 
     # -- idempotency ---------------------------------------------------------------------
 
@@ -496,28 +597,41 @@ class Activation:
         layer = self._pending[-1]
         outcomes, self._accumulated = self._accumulated, []
         seq = self._completed_seq
-        if layer.is_empty():
+        state = self._timer_state
+        plan = None if state is None else state.plan(layer)
+        if layer.is_empty() and plan is None:
             self._release(outcomes, seq)  # nothing to write and nothing in flight before it
             return
         assert self._store is not None
         self._pending.append(Layer())
         self._commit_running = True
-        self._submit(layer, outcomes, seq)
+        self._submit(layer, outcomes, seq, plan)
 
-    def _submit(self, layer: Layer, outcomes: _Outcomes, seq: int) -> None:
+    def _submit(self, layer: Layer, outcomes: _Outcomes, seq: int, plan: HintPlan | None) -> None:
         assert self._store is not None
         self._commit_started = time.perf_counter()
-        job = partial(self._store.commit, layer.to_batch())
+        batch = layer.to_batch()
+        job: Callable[[], HintResult | None]
+        if plan is None:
+            job = partial(self._store.commit, batch)
+        else:
+            index = self._core.timer_index
+            job = partial(commit_with_hints, index, self.address, plan, self._store, batch)
         if not self.mailbox and self._core.loop_is_idle():
             # Nothing else could run meanwhile: blocking the loop for the fsync costs nobody
-            # anything and saves two thread hops and a loop wake-up (decision 0007).
+            # anything and saves two thread hops and a loop wake-up (decision 0009).
             self._core.counters.commits_inline += 1
-            self._commit_done(layer, outcomes, seq, outcome.capture(job))
+            self._commit_done(layer, outcomes, seq, plan, outcome.capture(job))
             return
-        self._core.workers.submit(job, partial(self._commit_done, layer, outcomes, seq))
+        self._core.workers.submit(job, partial(self._commit_done, layer, outcomes, seq, plan))
 
     def _commit_done(
-        self, layer: Layer, outcomes: _Outcomes, seq: int, result: outcome.Outcome[None]
+        self,
+        layer: Layer,
+        outcomes: _Outcomes,
+        seq: int,
+        plan: HintPlan | None,
+        result: outcome.Outcome[HintResult | None],
     ) -> None:
         """Runs on the loop thread when a writer thread finished a commit."""
         if isinstance(result, outcome.Error):
@@ -525,17 +639,21 @@ class Activation:
             store = self._store
             if isinstance(error, StoreFullError) and self._pins:
                 # A snapshot reads this map on a writer thread: grow once it is done.
-                self._grow_deferred = partial(self._commit_done, layer, outcomes, seq, result)
+                self._grow_deferred = partial(self._commit_done, layer, outcomes, seq, plan, result)
                 return
             # Growing is legal here: callbacks run between task steps, so no read is open.
             if isinstance(error, StoreFullError) and store is not None and self._grow(store):
                 self._core.counters.map_grows += 1
-                self._submit(layer, outcomes, seq)
+                # The hint was already lowered (if needed): only the settle is left to do.
+                self._submit(layer, outcomes, seq, _without_lower(plan))
                 return
             self._commit_running = False
             self._commit_failed(error, outcomes)
             return
         self._commit_running = False
+        hint = result.unwrap()
+        if hint is not None:
+            self._hint_settled(hint)
         counters = self._core.counters
         seconds = time.perf_counter() - self._commit_started
         counters.commits += 1
@@ -557,6 +675,14 @@ class Activation:
         quota = self._core.quotas.effective(self.address.tenant_id).facet_bytes_max
         store.map_size_bytes_max = quota
         return store.grow()
+
+    def _hint_settled(self, hint: HintResult) -> None:
+        state = self._timer_state
+        assert state is not None
+        state.planned(hint)
+        scheduler = self._core.timer_scheduler
+        if hint.hint_ms is not None and scheduler is not None:
+            scheduler.notify(hint.hint_ms)
 
     def _release(self, outcomes: _Outcomes, seq: int) -> None:
         self._durable_seq = seq
@@ -621,6 +747,12 @@ class Activation:
         return await self._core.call(
             target, method, args, kwargs, cls=cls, idempotency_key=idempotency_key, chain=chain
         )
+
+
+def _without_lower(plan: HintPlan | None) -> HintPlan | None:
+    if plan is None or not plan.lower:
+        return plan
+    return HintPlan(due_ms=plan.due_ms, lower=False, settle=True)
 
 
 def _encode_result(value: object, bytes_max: int) -> bytes:

@@ -23,10 +23,11 @@ if TYPE_CHECKING:
     import outcome
 
     from ..config import RuntimeConfig
-    from ..storage import StoreRegistry
+    from ..storage import StoreRegistry, TimerIndex
     from ._facet import Facet
     from ._router import Router
     from ._storage_bridge import StoreWorkers
+    from ._timer_scheduler import TimerScheduler
 
 
 ADDRESS_CACHE_MAX = 65_536
@@ -48,6 +49,11 @@ class Counters:
     map_grows: int = 0
     deactivations_cut_short: int = 0
     overloaded: int = 0
+    timer_wakes: int = 0
+    timers_fired: int = 0
+    timer_handler_failures: int = 0
+    timers_failed: int = 0
+    timer_hints_removed: int = 0
 
 
 @final
@@ -61,12 +67,15 @@ class RuntimeCore:
         classes: Mapping[str, type[Facet]],
         registry: StoreRegistry,
         workers: StoreWorkers,
+        timer_index: TimerIndex,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.classes = dict(classes)
         self.registry = registry
         self.workers = workers
+        self.timer_index = timer_index
+        self.timer_scheduler: TimerScheduler | None = None
         self.wall_clock = wall_clock
         self.counters = Counters()
         self.quotas = Quotas(config)
@@ -155,20 +164,19 @@ class RuntimeCore:
         if self.quotas.rate_limited and not chain and not internal:
             bucket = self.quotas.take_call(address.tenant_id, now)
         envelope = Envelope(
-            method=method,
-            args=call_args,
-            kwargs=call_kwargs,
-            cls=cls,
-            idempotency_key=idempotency_key,
-            chain=chain,
-            reply=ReplySlot(callback),
-            enqueued_at=now,
-            internal=internal,
+            method,
+            call_args,
+            call_kwargs,
+            cls,
+            idempotency_key,
+            chain,
+            ReplySlot(callback),
+            now,
+            internal,
         )
-        assert self.router is not None
         self.counters.calls += 1
         try:
-            self.router.submit(address, envelope)
+            self.router.submit(address, envelope)  # type: ignore[union-attr]  # set by open_runtime
         except FacetrtError:
             if bucket is not None:
                 bucket.refund()  # refused: it changed nothing, so it costs nothing

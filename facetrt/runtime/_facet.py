@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from .._ids import FacetAddress
     from .._values import Value
     from ._storage_api import Storage
+    from ._timers_api import Timers
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -80,12 +81,19 @@ class Facet:
     Subclasses define ``@rpc`` methods; each runs as one message, to completion, with no other
     message of the facet interleaved, and all of its ``self.storage`` writes commit atomically
     before its reply is released. ``__init__`` (no arguments) may build in-memory state; the
-    runtime sets ``storage``, ``facets`` and the address before calling it.
+    runtime sets ``storage``, ``timers``, ``facets`` and the address before calling it.
+
+    A facet that uses ``self.timers`` defines
+    ``async def on_timer(self, name: str, payload: Value, attempt: int) -> None``: it runs as a
+    message of its own when a timer is due (``attempt`` is 1, then 2, ... on retries); if it
+    raises, its writes are discarded and it is retried after 2, 4, 8, ... seconds, at most
+    ``timer_retries_max`` times, after which the timer is kept as failed.
     """
 
     rpc_methods: ClassVar[frozenset[str]] = frozenset()
 
     storage: Storage
+    timers: Timers
     facets: FacetCalls
     _address: FacetAddress
 
@@ -120,12 +128,18 @@ class Facet:
 
 
 def instantiate(
-    cls: type[Facet], *, address: FacetAddress, storage: Storage, outbound: _Outbound
+    cls: type[Facet],
+    *,
+    address: FacetAddress,
+    storage: Storage,
+    timers: Timers,
+    outbound: _Outbound,
 ) -> Facet:
     """Create a facet instance with its runtime attributes set before ``__init__`` runs."""
     facet = cls.__new__(cls)
     facet._address = address
     facet.storage = storage
+    facet.timers = timers
     facet.facets = FacetCalls(outbound)
     facet.__init__()  # type: ignore[misc]  # deliberate: attributes are set before __init__
     return facet

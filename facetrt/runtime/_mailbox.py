@@ -27,9 +27,12 @@ if TYPE_CHECKING:
     from ._reply import ReplySlot
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(slots=True)
 class Envelope:
-    """One message to a facet, with the slot its caller waits on."""
+    """One message to a facet, with the slot its caller waits on.
+
+    Positional construction allowed (not keyword-only): one is built per call.
+    """
 
     method: str
     args: list[Value]
@@ -63,6 +66,7 @@ class Mailbox:
         self.envelopes_max = envelopes_max
         self._age_seconds_max = age_seconds_max
         self._lot = trio.lowlevel.ParkingLot()
+        self._consumer_parked = False  # ParkingLot.__bool__ is a Python call; put is hot
 
     def __len__(self) -> int:
         return len(self._items)
@@ -89,7 +93,8 @@ class Mailbox:
                     f"(more than {self._age_seconds_max:g} s)"
                 )
         items.append(envelope)
-        if self._lot:
+        if self._consumer_parked:
+            self._consumer_parked = False  # woken: later puts need not wake it again
             self._lot.unpark_all()
 
     def oldest_enqueued_at(self) -> float | None:
@@ -122,7 +127,11 @@ class Mailbox:
         if self._items:
             await trio.lowlevel.checkpoint()
             return
-        await self._lot.park()
+        self._consumer_parked = True
+        try:
+            await self._lot.park()
+        finally:
+            self._consumer_parked = False
 
     def statistics(self) -> MailboxStatistics:
         return MailboxStatistics(

@@ -14,12 +14,13 @@ import trio
 from .._errors import ConfigError, NotFoundError
 from .._ids import FacetAddress, validate_tenant_id
 from ..config import RuntimeConfig
-from ..storage import DataDirLock, StoreHooks, StoreRegistry
+from ..storage import DataDirLock, StoreHooks, StoreRegistry, TimerIndex
 from ._core import RuntimeCore
 from ._facet import Facet
 from ._router import Router
 from ._storage_bridge import StoreWorkers
 from ._supervisor import Supervisor
+from ._timer_scheduler import TimerScheduler
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Mapping
@@ -34,6 +35,7 @@ CLEANUP_SECONDS = 30.0
 # The node reports saturation once its oldest queued message has waited this fraction of
 # mailbox_age_seconds_max: shedding by age is then near.
 SATURATION_AGE_FRACTION = 0.5
+TIMER_INDEX_DIR = "timers"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -64,6 +66,11 @@ class RuntimeStatistics:
     map_grows: int
     deactivations_cut_short: int
     overloaded: int
+    timer_wakes: int
+    timers_fired: int
+    timer_handler_failures: int
+    timers_failed: int
+    timer_hints_removed: int
     refusals: dict[str, int]
     commit_batch_envelopes: HistogramSnapshot
     commit_durations: HistogramSnapshot
@@ -136,9 +143,9 @@ class Runtime:
         )
 
     async def inspect(self, tenant: str, agent_id: str) -> dict[str, Value]:
-        """An operator's view of one facet: class, key count, map size, and its load: mailbox
-        depth and bound, age of the oldest queued message, recent batch sizes and commit
-        latencies.
+        """An operator's view of one facet: class, key count, map size, timers (count, failed
+        ones, next due time in seconds since the epoch), and its load: mailbox depth and bound,
+        age of the oldest queued message, recent batch sizes and commit latencies.
 
         A running facet is read at once, from its committed state, without queueing behind
         its messages (an overloaded facet is the one an operator wants to see). Otherwise the
@@ -209,17 +216,24 @@ class Runtime:
         scan = partial(core.workers.call, partial(core.registry.count_facets, tenant))
         return await core.quotas.count_facets(tenant, scan)
 
-    def list_facets(
+    async def list_facets(
         self, tenant: str, *, cursor: str | None = None, limit: int = 100
     ) -> tuple[list[FacetRecord], str | None]:
         """A page of ``tenant``'s facets (agent id, class, size, last commit), without
         opening them; see ``StoreRegistry.list_facets``.
 
+        The page is read on a writer thread: a directory scan, one hint read and one ``stat``
+        per facet take tens of milliseconds for a page of 1,000, too long for the loop.
+        Cancellation waits for that read to end and discards it.
+
         Returns:
             (records, the cursor of the next page or None at the end).
         """
         validate_tenant_id(tenant)
-        page = self._core.registry.list_facets(tenant, start_after=cursor, limit=limit)
+        registry = self._core.registry
+        page = await self._core.workers.call(
+            partial(registry.list_facets, tenant, start_after=cursor, limit=limit)
+        )
         next_cursor = page[-1].cursor if len(page) == limit else None
         return page, next_cursor
 
@@ -248,6 +262,11 @@ class Runtime:
             map_grows=counters.map_grows,
             deactivations_cut_short=counters.deactivations_cut_short,
             overloaded=counters.overloaded,
+            timer_wakes=counters.timer_wakes,
+            timers_fired=counters.timers_fired,
+            timer_handler_failures=counters.timer_handler_failures,
+            timers_failed=counters.timers_failed,
+            timer_hints_removed=counters.timer_hints_removed,
             refusals=dict(self._core.quotas.refusals),
             commit_batch_envelopes=commit_stats.batch_envelopes.snapshot(),
             commit_durations=commit_stats.seconds.snapshot(),
@@ -293,6 +312,8 @@ class Runtime:
             await trio.lowlevel.checkpoint()
             return
         core.closing = True
+        if core.timer_scheduler is not None:
+            core.timer_scheduler.stop()
         for activation in self._router.activations():
             activation.request_stop()
         with trio.move_on_after(core.config.shutdown_grace_seconds, shield=True):
@@ -323,7 +344,10 @@ async def open_runtime(
         classes: facet class name -> :class:`Facet` subclass.
         config: limits and timings; defaults when omitted.
         store_hooks: fault injection for tests (``facetrt.testing``).
-        wall_clock: the clock for idempotency retention (seconds since the epoch).
+        wall_clock: the clock of idempotency retention and timer due times (seconds since
+            the epoch). Timers sleep on trio's clock for ``due - wall_clock()``, so tests that
+            use trio's autojump clock pass one derived from it, e.g.
+            ``lambda: 1.7e9 + trio.current_time()``.
 
     Raises:
         ConfigError: bad classes, or the data directory is in use by another process.
@@ -343,24 +367,42 @@ async def open_runtime(
         workers = StoreWorkers(config.commit_threads)
         workers.start()
         try:
-            async with trio.open_nursery() as nursery:
-                core = RuntimeCore(
-                    config=config,
-                    classes=classes,
-                    registry=registry,
-                    workers=workers,
-                    wall_clock=wall_clock,
+            index = await workers.call(
+                partial(
+                    TimerIndex,
+                    registry.data_dir / TIMER_INDEX_DIR,
+                    map_size_bytes=config.timer_index_map_size_bytes,
+                    readers_max=16,
                 )
-                supervisor = Supervisor(
-                    config.open_facets_max, wait_seconds_max=config.activation_wait_seconds_max
-                )
-                router = Router(core=core, supervisor=supervisor, nursery=nursery)
-                core.router = router
-                runtime = Runtime(core, router, supervisor)
-                try:
-                    yield runtime
-                finally:
-                    await runtime.aclose()
+            )
+            try:
+                async with trio.open_nursery() as nursery:
+                    core = RuntimeCore(
+                        config=config,
+                        classes=classes,
+                        registry=registry,
+                        workers=workers,
+                        timer_index=index,
+                        wall_clock=wall_clock,
+                    )
+                    supervisor = Supervisor(
+                        config.open_facets_max,
+                        wait_seconds_max=config.activation_wait_seconds_max,
+                    )
+                    router = Router(core=core, supervisor=supervisor, nursery=nursery)
+                    core.router = router
+                    scheduler = TimerScheduler(core=core, index=index)
+                    core.timer_scheduler = scheduler
+                    await nursery.start(scheduler.run)
+                    runtime = Runtime(core, router, supervisor)
+                    try:
+                        yield runtime
+                    finally:
+                        await runtime.aclose()
+            finally:
+                # Every activation (the only writers of the index) has exited with the nursery.
+                with trio.move_on_after(CLEANUP_SECONDS, shield=True):
+                    await workers.call(index.close)
         finally:
             with trio.move_on_after(CLEANUP_SECONDS, shield=True):
                 await workers.stop()

@@ -43,6 +43,9 @@ def encode_key(key: object) -> bytes:
     return data
 
 
+KEY_CACHE_MAX: Final = 4096
+
+
 class StorageOutsideMessageError(RuntimeError):
     """Raised when facet code writes storage outside a message (e.g. from a spawned task)."""
 
@@ -57,6 +60,18 @@ class Storage:
         self._pending = pending
         self._stack: list[Layer] = []
         self._value_bytes_max = value_bytes_max
+        # Handlers use the same few keys again and again: validate and encode each once.
+        self._keys: dict[str, bytes] = {}
+
+    def _key(self, key: str) -> bytes:
+        try:
+            return self._keys[key]
+        except (KeyError, TypeError):  # new, or not even hashable (encode_key refuses it)
+            encoded = encode_key(key)
+            if len(self._keys) >= KEY_CACHE_MAX:
+                self._keys.clear()  # bounded; a refill costs one encode per key
+            self._keys[key] = encoded
+            return encoded
 
     # -- used by the activation ------------------------------------------------------------
 
@@ -94,7 +109,7 @@ class Storage:
 
     def get(self, key: str, default: Value = _NO_DEFAULT) -> Value:
         """The value stored under ``key``, or ``default``."""
-        raw = self._get_raw(encode_key(key))
+        raw = self._get_raw(self._key(key))
         return default if raw is None else decode_value(raw)
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Value]:
@@ -182,7 +197,7 @@ class Storage:
 
     def put(self, key: str, value: Value) -> None:
         """Store ``value`` under ``key`` (committed when the message ends)."""
-        encoded_key = encode_key(key)
+        encoded_key = self._key(key)
         encoded = encode_scalar(value)
         if encoded is None or len(encoded) > self._value_bytes_max:
             encoded = encode_value(value, bytes_max=self._value_bytes_max, what=f"value of {key!r}")

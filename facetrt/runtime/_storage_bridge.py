@@ -39,6 +39,7 @@ class StoreWorkers:
         self._token: trio.lowlevel.TrioToken | None = None
         self.jobs_started = 0
         self.jobs_in_flight = 0  # submitted, completion not yet run on the loop thread
+        self._submitted = trio.lowlevel.ParkingLot()
 
     def start(self) -> None:
         """Start the threads; must be called from the trio thread that will receive results."""
@@ -69,12 +70,27 @@ class StoreWorkers:
         self.jobs_started += 1
         self.jobs_in_flight += 1
         self._jobs.put((job, partial(self._done, on_done)))
+        if self._submitted:
+            self._submitted.unpark_all()
 
     def _done(
         self, on_done: Callable[[outcome.Outcome[T]], None], result: outcome.Outcome[T]
     ) -> None:
         self.jobs_in_flight -= 1
         on_done(result)
+
+    @property
+    def is_busy(self) -> bool:
+        """Whether a job is queued or running (its ``on_done`` has not run yet)."""
+        return self.jobs_in_flight > 0
+
+    async def wait_submitted(self) -> None:
+        """Return after the next :meth:`submit`.
+
+        For tests on trio's autojump clock: it sees every task blocked while a thread works
+        and would jump; a test task that stays runnable while :attr:`is_busy` prevents that.
+        """
+        await self._submitted.park()
 
     async def call(self, job: Callable[[], T]) -> T:
         """Run ``job`` on a writer thread and return (or raise) its result.

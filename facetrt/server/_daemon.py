@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, final
 import trio
 from prometheus_client import CollectorRegistry
 
-from .._errors import ConfigError, FacetrtError
+from .._errors import ConfigError, FacetrtError, UnauthorizedError
 from ..config import TenantQuotaSettings
 from ..data import DataOperations
 from ..metrics import FacetrtMetrics
@@ -98,6 +98,29 @@ def ensure_admin_key(system: SystemStore, data_dir: Path) -> Path:
             return path
         logger.warning("admin key file %s is missing; create a new key with the CLI", path)
         return path
+    _write_admin_key(system, path)
+    return path
+
+
+def refresh_admin_key(system: SystemStore, path: Path) -> bool:
+    """Make the admin key in ``path`` valid in ``system``: after an offline restore of the
+    system store, the file holds the replaced store's key (backups hold only hashes).
+
+    Returns:
+        whether a new admin key was created (the file's key was missing or not an active
+        admin key of ``system``); the restored store's other admin keys stay as they were.
+    """
+    try:
+        principal = system.authenticate(path.read_text().strip())
+    except (OSError, UnauthorizedError):
+        principal = None
+    if principal is not None and principal.is_admin:
+        return False
+    _write_admin_key(system, path)
+    return True
+
+
+def _write_admin_key(system: SystemStore, path: Path) -> None:
     _, key = system.create_key(None)
     temporary = path.with_suffix(".tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -108,7 +131,6 @@ def ensure_admin_key(system: SystemStore, data_dir: Path) -> Path:
         os.close(fd)
     os.replace(temporary, path)
     logger.info("created the admin key in %s (mode 0600)", path)
-    return path
 
 
 def load_tenant_quotas(runtime: Runtime, system: SystemStore) -> None:

@@ -152,7 +152,7 @@ class AdminApi:
                 self._revoke(params[0])
                 return 200, {"key_id": params[0], "revoked": True}
             case "tenant_facets", "GET":
-                return 200, self._facets(params[0], query)
+                return 200, await self._facets(params[0], query)
             case "facet", "GET":
                 return 200, await self._data.inspect(params[0], params[1])
             case "facet", "DELETE":
@@ -312,13 +312,13 @@ class AdminApi:
         self._system.revoke_key(key_id)
         logger.info("revoked key %s", key_id)
 
-    def _facets(self, tenant: str, query: Mapping[str, list[str]]) -> dict[str, object]:
+    async def _facets(self, tenant: str, query: Mapping[str, list[str]]) -> dict[str, object]:
         cursor = (query.get("cursor") or [""])[0] or None
         text = (query.get("limit") or [""])[0]
         if text and not (text.isdigit() and 0 < int(text) <= FACETS_PAGE_MAX):
             raise BadRequestError(f"limit must be an integer from 1 to {FACETS_PAGE_MAX}")
         limit = int(text) if text else FACETS_PAGE_DEFAULT
-        facets, next_cursor = self._data.list_facets(tenant, cursor=cursor, limit=limit)
+        facets, next_cursor = await self._data.list_facets(tenant, cursor=cursor, limit=limit)
         return {"facets": facets, "next_cursor": next_cursor}
 
 

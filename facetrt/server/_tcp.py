@@ -201,6 +201,11 @@ class _Session:
         self._frame_deadline: float | None = None
         self._writer_lot = trio.lowlevel.ParkingLot()
         self._room_lot = trio.lowlevel.ParkingLot()
+        # Who is parked, as plain attributes: ParkingLot.__bool__ is a Python call, and the
+        # reply path would make three per call.
+        self._writer_parked = False
+        self._room_waiters = 0
+        self._clock = trio.lowlevel.current_clock().current_time  # one frame, not two
         self._pending: dict[int, trio.CancelScope | None] = {}
         self._reading = True
         self._read_scope = trio.CancelScope()
@@ -224,7 +229,7 @@ class _Session:
                     await self._read_loop(nursery)
                 # EOF, bye or drain: answer what is in flight, then say bye and close.
                 while self._pending:
-                    await self._room_lot.park()
+                    await self._wait_for_room()
                 if self._conn.state is State.OPEN:
                     self._queue(Bye())
             finally:
@@ -312,7 +317,7 @@ class _Session:
         conn = self._conn
         while True:
             while len(self._pending) + self._unwritten >= bound or self._outbox_bytes > outbox_max:
-                await self._room_lot.park()
+                await self._wait_for_room()
             # Every complete frame of what was read, as one batch (up to the free slots).
             events = conn.next_events(bound - len(self._pending) - self._unwritten)
             if not events:
@@ -392,7 +397,8 @@ class _Session:
         scope = self._pending.pop(call_id, None)
         if scope is not None:
             scope.cancel()
-        if self._room_lot:
+        if self._room_waiters:
+            self._room_waiters = 0  # all woken; each re-counts itself if it parks again
             self._room_lot.unpark_all()
         if type(result) is outcome.Value:
             code = "ok"
@@ -421,7 +427,7 @@ class _Session:
                 data = self._conn.send(error_reply(call_id, error))
             except LocalProtocolError:
                 return  # the connection already failed: nobody to answer
-        self._server.metrics.observe_call("tcp", code, trio.current_time() - started)
+        self._server.metrics.observe_call("tcp", code, self._clock() - started)
         self._append(data)
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -437,7 +443,8 @@ class _Session:
         self._unwritten += 1
         # Always wake the writer: a reply not followed by a flush (an error answered at
         # once, an expired deadline) must still go out. After a flush it finds nothing.
-        if self._writer_lot:
+        if self._writer_parked:
+            self._writer_parked = False  # woken: later replies need not wake it again
             self._writer_lot.unpark_all()
 
     def detach(self) -> None:
@@ -464,12 +471,18 @@ class _Session:
             self._outbox.clear()
             self._unwritten -= self._outbox_frames
             self._outbox_frames = 0
-            if self._room_lot:
+            if self._room_waiters:
+                self._room_waiters = 0
                 self._room_lot.unpark_all()
         else:
             # Its frames stay unwritten until the writer task sent the rest.
             self._outbox[:] = [data[sent:]]
         self._outbox_bytes -= sent
+
+    async def _wait_for_room(self) -> None:
+        # Counted while parked; whoever wakes the lot resets the count (all are woken).
+        self._room_waiters += 1
+        await self._room_lot.park()
 
     # -- writing -----------------------------------------------------------------------
 
@@ -479,7 +492,11 @@ class _Session:
                 if not self._outbox:
                     if not self._reading and not self._pending:
                         return
-                    await self._writer_lot.park()
+                    self._writer_parked = True
+                    try:
+                        await self._writer_lot.park()
+                    finally:
+                        self._writer_parked = False
                     continue
                 frames, self._outbox_frames = self._outbox_frames, 0
                 data = b"".join(self._outbox)
@@ -491,6 +508,7 @@ class _Session:
                     self._sending = False
                 self._outbox_bytes -= len(data)
                 self._unwritten -= frames
+                self._room_waiters = 0
                 self._room_lot.unpark_all()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._conn.send_failed()

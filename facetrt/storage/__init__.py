@@ -10,18 +10,21 @@ from ._store import DATA_DB as DATA_DB
 from ._store import IDEM_DB as IDEM_DB
 from ._store import KEY_BYTES_MAX as KEY_BYTES_MAX
 from ._store import META_DB as META_DB
+from ._store import TIMERS_DB as TIMERS_DB
 from ._store import CommitBatch as CommitBatch
 from ._store import FacetStore as FacetStore
 from ._store import StoreHooks as StoreHooks
 from ._system import KeyRecord as KeyRecord
 from ._system import Principal as Principal
 from ._system import SystemStore as SystemStore
+from ._timer_index import TimerIndex as TimerIndex
 
 __all__ = [
     "DATA_DB",
     "IDEM_DB",
     "KEY_BYTES_MAX",
     "META_DB",
+    "TIMERS_DB",
     "CommitBatch",
     "DataDirLock",
     "FacetRecord",
@@ -31,5 +34,6 @@ __all__ = [
     "StoreHooks",
     "StoreRegistry",
     "SystemStore",
+    "TimerIndex",
     "count_tenant_facets",
 ]

@@ -6,6 +6,7 @@ On-disk layout of one store (a directory named by hashes, see ``facetrt._ids``):
       db "data"             the facet's own keys (UTF-8, 1-511 bytes) -> msgpack values
       db "meta"             b"class" -> class name, b"tenant", b"agent", b"created" (msgpack)
       db "idem"             idempotency key (UTF-8) -> msgpack [expires_unix, method, result]
+      db "timers"           timer name (UTF-8) -> msgpack record (runtime/_timer_state.py)
 
 Rules (STYLE §8):
 - Every ``lmdb.open`` option is passed explicitly; durability is on (``sync``, ``metasync``,
@@ -35,9 +36,8 @@ if TYPE_CHECKING:
 DATA_DB: Final = b"data"
 META_DB: Final = b"meta"
 IDEM_DB: Final = b"idem"
-SYSTEM_DBS: Final = (META_DB, IDEM_DB)
-# Counted into the listing hint when a store has it (the timers' db, issue 4 point 1).
 TIMERS_DB: Final = b"timers"
+SYSTEM_DBS: Final = (META_DB, IDEM_DB, TIMERS_DB)
 KEY_BYTES_MAX: Final = 511
 DATA_FILE: Final = "data.mdb"
 
@@ -60,7 +60,7 @@ class CommitBatch:
     Attributes:
         cleared: drop every key of the data db first (``delete_all``).
         data: key -> encoded value, or None to delete; keys are unique by construction.
-        system: (db name, key) -> value or None, for the meta and idem dbs.
+        system: (db name, key) -> value or None, for the meta, idem and timers dbs.
     """
 
     cleared: bool = False
@@ -126,9 +126,9 @@ class FacetStore:
         # A new directory entry is durable only once its parent directory is fsynced; do it
         # now so that the first acknowledged commit cannot vanish with its directory.
         for directory in created:
-            _fsync_dir(directory.parent)
+            fsync_dir(directory.parent)
         if created:
-            _fsync_dir(path)
+            fsync_dir(path)
 
     # -- reads (event-loop thread) -------------------------------------------------------
 
@@ -341,7 +341,7 @@ def _make_dirs(path: Path) -> list[Path]:
     return list(reversed(missing))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

@@ -21,6 +21,7 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 import re
 import secrets
 import time
@@ -31,7 +32,7 @@ import lmdb
 
 from .._errors import ConflictError, NotFoundError, StorageError, UnauthorizedError
 from .._ids import validate_tenant_id
-from ._store import open_environment
+from ._store import DATA_FILE, fsync_dir, open_environment
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -77,7 +78,12 @@ class SystemStore:
     """Tenants and keys of one data directory. Open one per process (the daemon's)."""
 
     def __init__(self, path: Path) -> None:
+        self.path = path
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._open()
+
+    def _open(self) -> None:
+        path = self.path
         try:
             self._env = open_environment(
                 path, map_size_bytes=256 * 1024 * 1024, max_dbs=4, max_readers=64
@@ -100,6 +106,26 @@ class SystemStore:
 
     def close(self) -> None:
         self._env.close()
+
+    def replace_data(self, staged: Path) -> None:
+        """Make the LMDB file ``staged`` this store's data, then reopen (blocking).
+
+        For an offline restore only (``facetrt restore --system`` without a daemon): the
+        caller owns the data directory and uses this store nowhere else meanwhile, and
+        ``staged`` is a verified, fsynced copy on the same filesystem. The rename is the
+        atomic step (the store is old or new, never absent); the old lock file goes, since
+        LMDB's reader table belongs to the old file (nothing else has it open).
+
+        Raises:
+            StorageError: the restored file cannot be opened (it was verified first).
+        """
+        self._env.close()
+        try:
+            os.replace(staged, self.path / DATA_FILE)
+            (self.path / "lock.mdb").unlink(missing_ok=True)
+            fsync_dir(self.path)
+        finally:
+            self._open()  # the new store, or the old one if the rename failed
 
     def copy_to(self, directory: Path) -> None:
         """A compacted, consistent copy in ``directory``/data.mdb (for node backups); not

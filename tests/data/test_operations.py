@@ -279,10 +279,10 @@ async def test_list_shows_class_size_and_pages(rt: Runtime, ops: DataOperations)
     for index in range(5):
         await rt.call(T, f"f{index}", "put", "k", index, cls="Register")
     await rt.call(T, "g", "put", "k", 1, cls="Gate")
-    page, cursor = ops.list_facets(T, cursor=None, limit=4)
+    page, cursor = await ops.list_facets(T, cursor=None, limit=4)
     assert len(page) == 4
     assert cursor is not None
-    rest, end = ops.list_facets(T, cursor=cursor, limit=4)
+    rest, end = await ops.list_facets(T, cursor=cursor, limit=4)
     assert end is None
     listed = {row["agent"]: row for row in page + rest}
     assert set(listed) == {"f0", "f1", "f2", "f3", "f4", "g"}

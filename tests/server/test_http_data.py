@@ -6,15 +6,15 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
+import pytest
 import trio
 
-from facetrt import cli
+from facetrt import ConflictError, cli
+from facetrt.data import DataOperations
 from tests.server.test_http import Served, error_of, result_of, serve, served
 
 if TYPE_CHECKING:
     from pathlib import Path
-
-    import pytest
 
 __all__ = ["served"]  # the fixture, shared with test_http
 
@@ -172,3 +172,81 @@ def test_cli_acts_on_the_data_directory_without_a_daemon(
     assert "backup of the node" in capsys.readouterr().out
     assert cli.main(["restore", str(tmp_path / "node"), *data]) == 2
     assert "conflict" in capsys.readouterr().err
+
+
+async def test_restore_of_the_system_store_is_offline_only_and_verified(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Goal: a node backup's system store (tenants, hashed keys) comes back with
+    ``restore --system`` when no daemon runs, and never under a running daemon.
+
+    Method: a daemon with a tenant, a key and a facet takes a node backup; the CLI's
+    ``--system`` is refused while it runs. Then, offline: into a fresh data directory (the
+    disaster case) the old tenant key works again on a new daemon, and a fresh admin key is
+    written; over the old directory, ``--force`` is needed and removes a tenant created after
+    the backup; a corrupted copy or a backup without a system store changes nothing.
+    """
+    node, tenant_backup = tmp_path / "node", tmp_path / "tenant"
+    async with serve(tmp_path) as served:
+        key = await served.create_tenant("acme")
+        result_of(await served.call(key, "acme/a/increment", {"class": "Counter"}))
+        for body in ({"path": str(node)}, {"path": str(tenant_backup), "tenant": "acme"}):
+            backup = await served.client.post(
+                "/v1/admin/backups", json=body, headers=served.admin()
+            )
+            assert backup.status_code == 200, backup.text
+        await served.create_tenant("late")
+        data_dir = served.info.data_dir
+        url = f"http://{served.info.http_address[0]}:{served.info.http_address[1]}"  # type: ignore[index]
+        argv = ["restore", str(node), "--system", "--force", "--data-dir", str(data_dir)]
+        assert await trio.to_thread.run_sync(cli.main, [*argv, "--url", url]) == 2
+        assert "stop it to restore the system store" in capsys.readouterr().err
+        online = DataOperations(served.daemon.runtime, system=served.daemon.system)  # type: ignore[arg-type]
+        with pytest.raises(ConflictError, match="daemon stopped"):
+            await online.restore(node, system=True, force=True)
+        listed = await served.client.get("/v1/admin/tenants", headers=served.admin())
+        assert listed.json()["tenants"] == ["acme", "late"]
+
+    def offline(*argv: str) -> int:
+        return cli.main(list(argv))
+
+    fresh = tmp_path / "fresh"
+    assert (
+        await trio.to_thread.run_sync(
+            offline, "restore", str(node), "--system", "--data-dir", str(fresh)
+        )
+        == 0
+    )
+    output = capsys.readouterr().out
+    assert "restored the system store and 1 facets" in output
+    assert "new one in" in output
+    async with serve(tmp_path, data_dir=str(fresh)) as served:
+        assert result_of(await served.call(key, "acme/a/increment")) == 2
+        listed = await served.client.get("/v1/admin/tenants", headers=served.admin())
+        assert listed.json()["tenants"] == ["acme"]
+
+    old = ("restore", str(node), "--system", "--data-dir", str(data_dir))
+    assert await trio.to_thread.run_sync(offline, *old) == 2
+    assert "holds tenants or keys" in capsys.readouterr().err
+    assert await trio.to_thread.run_sync(offline, *old, "--force") == 0
+    assert "new one in" not in capsys.readouterr().out  # its admin key is in the backup
+    assert (
+        await trio.to_thread.run_sync(offline, "tenant", "list", "--data-dir", str(data_dir)) == 0
+    )
+    assert capsys.readouterr().out.split() == ["acme"]
+
+    partial = ("restore", str(tenant_backup), "--system", "--force", "--data-dir", str(fresh))
+    assert await trio.to_thread.run_sync(offline, *partial) == 2
+    assert "no system store" in capsys.readouterr().err
+    tenant_create = ("tenant", "create", "after", "--data-dir", str(data_dir))
+    assert await trio.to_thread.run_sync(offline, *tenant_create) == 0
+    copy = node / "system" / "data.mdb"
+    data = bytearray(await trio.to_thread.run_sync(copy.read_bytes))
+    data[-100] ^= 0xFF
+    await trio.to_thread.run_sync(copy.write_bytes, bytes(data))
+    assert await trio.to_thread.run_sync(offline, *old, "--force") == 2
+    assert "checksum mismatch" in capsys.readouterr().err
+    assert (
+        await trio.to_thread.run_sync(offline, "tenant", "list", "--data-dir", str(data_dir)) == 0
+    )
+    assert "after" in capsys.readouterr().out  # nothing changed

@@ -148,7 +148,7 @@ async def test_cli_sets_and_shows_quotas_through_the_daemon(
         assert re.search(r"^mailbox_envelopes_max\s+5 \(set\)$", shown, re.M)
         assert re.search(r"^calls_per_second\s+50 \(set\)$", shown, re.M)
         assert re.search(r"^calls_burst\s+50 \(default\)$", shown, re.M)
-        assert await trio.to_thread.run_sync(run, "tenant", "list") == 0
+        assert await trio.to_thread.run_sync(run, "tenant", "list", "--quotas") == 0
         assert re.search(
             r"^acme\s+mailbox_envelopes_max=5 calls_per_second=50", capsys.readouterr().out, re.M
         )

@@ -1,0 +1,259 @@
+"""TimerIndex: the node-level hint of when each facet next has a timer due.
+
+The facet's own store holds its timers (the truth); this index only says *when to wake which
+facet*, so that passivated facets need not stay open. It is a hint: it may name a facet that has
+nothing due (a harmless spurious wake-up), but it must never be *later* than a facet's earliest
+scheduled timer, or that timer would be lost until something else woke the facet.
+
+Layout (``<data dir>/timers/``, one LMDB environment)::
+
+    db due      8-byte big-endian due time (ms since the epoch) + facet key -> b""
+    db facets   facet key -> 8-byte big-endian due time (ms): the facet's one hint
+
+    facet key   tenant id (UTF-8) + b"\\x00" + agent id (UTF-8); neither id may hold a NUL
+
+Invariant (both dbs change in one transaction, so they always agree): a facet has at most one
+hint, and for every facet whose store holds a scheduled timer due at ``d``, the index holds a
+hint ``h <= d``. The runtime keeps it with two operations and one ordering rule (see
+``docs/decisions/0007-timers.md``): :meth:`lower` runs durably *before* the facet commit that
+adds or advances a timer; :meth:`settle` (which may raise or remove a hint) runs only *after*
+the facet commit it describes is durable. A crash between any two steps therefore leaves a hint
+at or before every timer.
+
+Writes come from the writer threads, one facet commit each; they are group-committed here
+(one thread commits the operations every other thread queued meanwhile, with one fsync), so
+the index costs one fsync per batch, not per timer. The queue is bounded by the number of
+writer threads, each of which waits for its own operation. Reads run on the event loop.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+import lmdb
+
+from .._errors import StorageError
+from .._ids import FacetAddress
+from ._store import open_environment, store_exists
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Container
+    from pathlib import Path
+
+_DUE: Final = b"due"
+_FACETS: Final = b"facets"
+_MS: Final = struct.Struct(">Q")
+
+
+def facet_key(address: FacetAddress) -> bytes:
+    return address.tenant_id.encode() + b"\x00" + address.agent_id.encode()
+
+
+def _address_of(key: bytes) -> FacetAddress:
+    tenant, separator, agent = key.partition(b"\x00")
+    assert separator, f"malformed timer index key {key!r}"
+    return FacetAddress(tenant.decode(), agent.decode())
+
+
+@dataclass(slots=True)
+class _Operation:
+    apply: Callable[[lmdb.Transaction[bytes]], object]
+    done: bool = False
+    result: object = None
+    error: BaseException | None = None
+
+
+@dataclass(slots=True)
+class _GroupCommit:
+    """Leader/follower group commit: whoever finds no commit running commits the queue."""
+
+    condition: threading.Condition = field(default_factory=threading.Condition)
+    queue: list[_Operation] = field(default_factory=list)
+    committing: bool = False
+
+
+class TimerIndex:
+    """The timer hints of one data directory. Open one per process (the runtime's).
+
+    Raises:
+        StorageError: LMDB could not open the environment.
+    """
+
+    def __init__(self, path: Path, *, map_size_bytes: int, readers_max: int) -> None:
+        self.path = path
+        try:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._env = open_environment(
+                path, map_size_bytes=map_size_bytes, max_dbs=2, max_readers=readers_max
+            )
+            with self._env.begin(write=True) as txn:
+                self._due = self._env.open_db(_DUE, txn=txn)
+                self._facets = self._env.open_db(_FACETS, txn=txn)
+        except (lmdb.Error, OSError) as exc:
+            raise StorageError(f"cannot open the timer index at {str(path)!r}: {exc}") from exc
+        self._group = _GroupCommit()
+
+    def close(self) -> None:
+        self._env.close()
+
+    # -- writes (writer threads; blocking) --------------------------------------------------
+
+    def lower(self, address: FacetAddress, due_ms: int) -> int:
+        """Make the hint of ``address`` at most ``due_ms``; return the hint now held.
+
+        Never raises a hint, so it is safe before the facet commit it prepares.
+
+        Raises:
+            StorageError: the index could not be written (the facet commit must not follow).
+        """
+        key = facet_key(address)
+
+        def apply(txn: lmdb.Transaction[bytes]) -> int:
+            current = self._hint_in(txn, key)
+            if current is not None and current <= due_ms:
+                return current
+            self._replace(txn, key, current, due_ms)
+            return due_ms
+
+        result = self._run(apply)
+        assert isinstance(result, int)
+        return result
+
+    def settle(self, address: FacetAddress, due_ms: int | None) -> None:
+        """Set the hint of ``address`` to exactly ``due_ms`` (None: remove it).
+
+        Only after the facet commit that leaves ``due_ms`` as its earliest timer is durable.
+
+        Raises:
+            StorageError: the index could not be written (the old hint stays: harmless).
+        """
+        key = facet_key(address)
+
+        def apply(txn: lmdb.Transaction[bytes]) -> None:
+            current = self._hint_in(txn, key)
+            if current != due_ms:
+                self._replace(txn, key, current, due_ms)
+
+        self._run(apply)
+
+    def forget_if_missing(self, address: FacetAddress, store_path: Path) -> bool:
+        """Remove the hint of a facet whose store does not exist (it was deleted).
+
+        The existence check runs inside the index's write transaction: a facet created
+        meanwhile has its store before any of its own index writes, which wait for this one.
+
+        Returns:
+            whether a hint was removed.
+        """
+        key = facet_key(address)
+
+        def apply(txn: lmdb.Transaction[bytes]) -> bool:
+            current = self._hint_in(txn, key)
+            if current is None or store_exists(store_path):
+                return False
+            self._replace(txn, key, current, None)
+            return True
+
+        return bool(self._run(apply))
+
+    def _hint_in(self, txn: lmdb.Transaction[bytes], key: bytes) -> int | None:
+        raw = txn.get(key, db=self._facets)
+        return None if raw is None else int(_MS.unpack(raw)[0])
+
+    def _replace(
+        self, txn: lmdb.Transaction[bytes], key: bytes, current: int | None, due_ms: int | None
+    ) -> None:
+        if current is not None:
+            txn.delete(_MS.pack(current) + key, db=self._due)
+        if due_ms is None:
+            txn.delete(key, db=self._facets)
+        else:
+            txn.put(_MS.pack(due_ms) + key, b"", db=self._due)
+            txn.put(key, _MS.pack(due_ms), db=self._facets)
+
+    def _run(self, apply: Callable[[lmdb.Transaction[bytes]], object]) -> object:
+        operation = _Operation(apply)
+        group = self._group
+        with group.condition:
+            group.queue.append(operation)
+            while not operation.done:
+                if group.committing:
+                    group.condition.wait()
+                    continue
+                group.committing = True
+                batch, group.queue = group.queue, []
+                group.condition.release()
+                try:
+                    self._commit(batch)
+                finally:
+                    group.condition.acquire()
+                    group.committing = False
+                    group.condition.notify_all()
+        if operation.error is not None:
+            raise operation.error
+        return operation.result
+
+    def _commit(self, batch: list[_Operation]) -> None:
+        """Apply every operation of ``batch`` in one durable transaction (all or none)."""
+        error: StorageError | None = None
+        results: list[object] = []
+        try:
+            with self._env.begin(write=True) as txn:
+                results = [operation.apply(txn) for operation in batch]
+        except (lmdb.Error, OSError) as exc:
+            error = StorageError(f"timer index commit failed in {str(self.path)!r}: {exc}")
+            error.__cause__ = exc
+        finally:
+            # Also on a bug (an exception we do not expect): every waiter must learn the end
+            # of its operation, or its writer thread would wait forever.
+            for index, operation in enumerate(batch):
+                if error is None and index < len(results):
+                    operation.result = results[index]
+                else:
+                    operation.error = error or StorageError("timer index commit did not finish")
+                operation.done = True
+
+    # -- reads (event loop) -----------------------------------------------------------------
+
+    def due(
+        self, now_ms: int, *, skip: Container[FacetAddress], limit: int
+    ) -> tuple[list[FacetAddress], int | None]:
+        """Facets with a hint at or before ``now_ms`` (earliest first), leaving out ``skip``.
+
+        Returns:
+            (at most ``limit`` facets, the earliest hint after ``now_ms`` not skipped, or None
+            when there is none or the scan stopped at ``limit``).
+        """
+        found: list[FacetAddress] = []
+        try:
+            with self._env.begin(db=self._due) as txn, txn.cursor() as cursor:
+                for key in cursor.iternext(keys=True, values=False):
+                    due_ms = int(_MS.unpack_from(key)[0])
+                    if due_ms > now_ms:
+                        return found, due_ms
+                    address = _address_of(key[_MS.size :])
+                    if address in skip:
+                        continue
+                    found.append(address)
+                    if len(found) >= limit:
+                        return found, None
+        except lmdb.Error as exc:
+            raise StorageError(f"timer index read failed in {str(self.path)!r}: {exc}") from exc
+        return found, None
+
+    def hint_of(self, address: FacetAddress) -> int | None:
+        """The hint of ``address`` (ms since the epoch), or None."""
+        try:
+            with self._env.begin(db=self._facets) as txn:
+                raw = txn.get(facet_key(address))
+        except lmdb.Error as exc:
+            raise StorageError(f"timer index read failed in {str(self.path)!r}: {exc}") from exc
+        return None if raw is None else int(_MS.unpack(raw)[0])
+
+    def count(self) -> int:
+        """How many facets have a hint."""
+        with self._env.begin() as txn:
+            return int(txn.stat(self._facets)["entries"])

@@ -1,0 +1,91 @@
+"""TimerIndex: the node-level timer hints (real LMDB in tmp_path)."""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+import pytest
+
+from facetrt import FacetAddress
+from facetrt.storage import TimerIndex
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+A = FacetAddress("acme", "a")
+B = FacetAddress("acme", "b/with:odd.chars")
+C = FacetAddress("other", "a")
+
+
+@pytest.fixture
+def index(tmp_path: Path) -> Iterator[TimerIndex]:
+    opened = TimerIndex(tmp_path / "timers", map_size_bytes=1 << 20, readers_max=4)
+    yield opened
+    opened.close()
+
+
+def test_lower_never_raises_a_hint(index: TimerIndex) -> None:
+    assert index.lower(A, 5_000) == 5_000
+    assert index.lower(A, 7_000) == 5_000
+    assert index.lower(A, 3_000) == 3_000
+    assert index.hint_of(A) == 3_000
+    assert index.count() == 1
+
+
+def test_settle_sets_or_removes_the_one_hint(index: TimerIndex) -> None:
+    index.lower(A, 3_000)
+    index.settle(A, 9_000)
+    assert index.hint_of(A) == 9_000
+    assert index.due(10_000, skip=(), limit=10) == ([A], None)
+    index.settle(A, None)
+    assert index.hint_of(A) is None
+    assert index.due(10_000, skip=(), limit=10) == ([], None)
+    assert index.count() == 0
+
+
+def test_due_is_earliest_first_skips_and_stops_at_the_limit(index: TimerIndex) -> None:
+    index.lower(C, 3_000)
+    index.lower(B, 1_000)
+    index.lower(A, 2_000)
+    assert index.due(2_500, skip=(), limit=10) == ([B, A], 3_000)
+    assert index.due(2_500, skip={B}, limit=10) == ([A], 3_000)
+    assert index.due(5_000, skip=(), limit=2) == ([B, A], None)
+    assert index.due(500, skip=(), limit=10) == ([], 1_000)
+
+
+def test_forget_if_missing_keeps_hints_of_existing_stores(
+    index: TimerIndex, tmp_path: Path
+) -> None:
+    index.lower(A, 1_000)
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "data.mdb").write_bytes(b"")
+    assert index.forget_if_missing(A, store) is False
+    assert index.hint_of(A) == 1_000
+    assert index.forget_if_missing(A, tmp_path / "missing") is True
+    assert index.hint_of(A) is None
+    assert index.forget_if_missing(A, tmp_path / "missing") is False
+
+
+def test_operations_from_many_threads_are_group_committed(index: TimerIndex) -> None:
+    addresses = [FacetAddress("acme", f"f{number}") for number in range(64)]
+
+    def work(address: FacetAddress, due: int) -> None:
+        for step in range(5):
+            index.lower(address, due + 10 * (5 - step))
+        index.settle(address, due)
+
+    threads = [
+        threading.Thread(target=work, args=(address, 1_000 + number))
+        for number, address in enumerate(addresses)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert index.count() == len(addresses)
+    found, _ = index.due(10_000, skip=(), limit=1000)
+    assert found == addresses  # by due time, which follows the numbering
+    assert all(index.hint_of(address) == 1_000 + n for n, address in enumerate(addresses))
