@@ -617,9 +617,10 @@ class Activation:
         else:
             index = self._core.timer_index
             job = partial(commit_with_hints, index, self.address, plan, self._store, batch)
-        if not self.mailbox and self._core.loop_is_idle():
+        if plan is None and not self.mailbox and self._core.loop_is_idle():
             # Nothing else could run meanwhile: blocking the loop for the fsync costs nobody
-            # anything and saves two thread hops and a loop wake-up (decision 0009).
+            # anything and saves two thread hops and a loop wake-up (decision 0009). Commits
+            # with timer-index work stay on the threads: the index's group commit may wait.
             self._core.counters.commits_inline += 1
             self._commit_done(layer, outcomes, seq, plan, outcome.capture(job))
             return

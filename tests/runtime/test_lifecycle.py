@@ -17,7 +17,7 @@ from facetrt import (
     rpc,
 )
 from tests.facets import CLASSES, Gate
-from tests.util import wait_until
+from tests.util import clock_held_during_store_jobs, wait_until
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -63,7 +63,8 @@ async def test_idle_facet_passivates_and_reactivates_from_disk(
         assert await rt.call(TENANT, "c", "increment", cls="Counter") == 1
         called_at = trio.current_time()
         assert rt.statistics().open_facets == 1
-        await wait_until(lambda: rt.statistics().passivations == 1, seconds=100)
+        async with clock_held_during_store_jobs(rt):  # the close runs in real time
+            await wait_until(lambda: rt.statistics().passivations == 1, seconds=100)
         assert trio.current_time() - called_at >= 30
         assert rt.statistics().open_facets == 0
         assert await rt.call(TENANT, "c", "increment") == 2
@@ -128,7 +129,8 @@ async def test_on_deactivate_is_cut_short_and_counted(
     config = RuntimeConfig(idle_timeout_seconds=5, deactivate_seconds_max=2, commit_threads=2)
     async with open_runtime(data_dir, classes={"Stubborn": Stubborn}, config=config) as rt:
         assert await rt.call(TENANT, "s", "ping", cls="Stubborn") == "pong"
-        await wait_until(lambda: rt.statistics().passivations == 1, seconds=100)
+        async with clock_held_during_store_jobs(rt):  # the close runs in real time
+            await wait_until(lambda: rt.statistics().passivations == 1, seconds=100)
         stats = rt.statistics()
         assert stats.open_facets == 0
         assert stats.deactivations_cut_short == 1
