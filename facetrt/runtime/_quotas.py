@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, final
 
-from .._errors import OverloadedError, QuotaExceededError
+from .._errors import QuotaExceededError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -182,7 +182,8 @@ class Quotas:
             The bucket (to refund if the call is refused later), or None: no rate limit.
 
         Raises:
-            OverloadedError: the bucket is empty (counted); retry after ``1 / rate`` seconds.
+            QuotaExceededError: the bucket is empty (counted): SPEC §4 puts the rate quota
+                under ``quota_exceeded``, which is not retryable.
         """
         try:
             bucket = self._buckets[tenant]
@@ -199,9 +200,9 @@ class Quotas:
             bucket.tokens -= 1.0
             return bucket
         self.refusals["rate"] += 1
-        raise OverloadedError(
-            f"tenant {tenant!r} is over its rate of {bucket.rate:g} calls/s "
-            f"(burst {bucket.burst:g}); retry later"
+        raise QuotaExceededError(
+            f"tenant {tenant!r} is over its rate quota of {bucket.rate:g} calls/s "
+            f"(burst {bucket.burst:g})"
         )
 
     def _new_bucket(self, tenant: str) -> TokenBucket | None:

@@ -155,19 +155,19 @@ async def test_rate_quota_token_bucket_refills_with_trio_time(
     rt.set_tenant_quotas(TENANT, _quotas(calls_per_second=2, calls_burst=3))
     for _ in range(3):
         assert await rt.call(TENANT, "c", "get") == 1
-    with pytest.raises(OverloadedError) as refused:
+    with pytest.raises(QuotaExceededError) as refused:
         await rt.call(TENANT, "c", "get")
-    assert refused.value.retryable is True
+    assert refused.value.retryable is False  # SPEC §4: rate quota is quota_exceeded
     assert await rt.call("globex", "c", "get") == 1  # other tenants unaffected
 
     mock_clock.jump(0.5)  # one token back
     assert await rt.call(TENANT, "c", "get") == 1
-    with pytest.raises(OverloadedError):
+    with pytest.raises(QuotaExceededError):
         await rt.call(TENANT, "c", "get")
     mock_clock.jump(10)  # refilled to the burst, not beyond
     for _ in range(3):
         await rt.call(TENANT, "c", "increment")  # writes spend tokens like reads
-    with pytest.raises(OverloadedError):
+    with pytest.raises(QuotaExceededError):
         await rt.call(TENANT, "c", "get")
     assert rt.statistics().refusals["rate"] == 3
 
@@ -184,7 +184,7 @@ async def test_default_rate_applies_to_every_tenant_and_refused_calls_cost_nothi
     async with open_runtime(data_dir, classes=CLASSES, config=config) as rt:
         assert rt.tenant_quotas(TENANT).calls_burst == 1  # one second's worth
         await rt.call(TENANT, "c", "increment", cls="Counter")
-        with pytest.raises(OverloadedError):
+        with pytest.raises(QuotaExceededError):
             await rt.call(TENANT, "c", "get")
         mock_clock.jump(1)
         # A call refused after it took its token (here: no such facet) gives it back.

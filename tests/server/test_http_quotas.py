@@ -52,8 +52,8 @@ async def test_quotas_set_through_the_admin_api_apply_to_the_next_call(served: S
     # and the next refills in 1000 s.
     assert result_of(await served.call(key, "tenant-qz/agent-qz-1/get")) == 1
     rated = await served.call(key, "tenant-qz/agent-qz-1/get")
-    assert error_of(rated) == (429, "overloaded")
-    assert rated.json()["error"]["retryable"] is True
+    assert error_of(rated) == (429, "quota_exceeded")  # SPEC §4: the rate quota
+    assert rated.json()["error"]["retryable"] is False
 
     # Every field back to the node default: a second facet may be created again.
     reset = await client.put("/v1/admin/tenants/tenant-qz/quotas", json={}, headers=admin)
