@@ -689,9 +689,14 @@ class Activation:
         self._durable_seq = seq
         if self._durable_lot:
             self._durable_lot.unpark_all()
-        for envelope, result in outcomes:
-            envelope.reply.set(result)
-        for hook in self._core.after_release:
+        core = self._core
+        core.releasing = True  # reply callbacks may count on the hooks below
+        try:
+            for envelope, result in outcomes:
+                envelope.reply.set(result)
+        finally:
+            core.releasing = False
+        for hook in core.after_release:
             hook()
 
     def _commit_failed(self, error: BaseException, outcomes: _Outcomes) -> None:

@@ -88,6 +88,7 @@ class RuntimeCore:
         # Called after an activation released a batch of replies (their callbacks ran): the
         # server sends what those callbacks queued at once, coalesced, without a task switch.
         self.after_release: list[Callable[[], None]] = []
+        self.releasing = False  # inside such a batch: the hooks run once it is done
         # Fault-injection hooks may block inside a commit: keep those on the writer threads.
         self._inline_commits = config.commit_inline_when_idle and not registry.has_hooks
 

@@ -428,10 +428,18 @@ class _Session:
             except LocalProtocolError:
                 return  # the connection already failed: nobody to answer
         self._server.metrics.observe_call("tcp", code, self._clock() - started)
-        self._append(data)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._server.dirty.append(self)
+        if self._core.releasing:
+            # Released with a commit's batch: the after_release hook writes it (flush) and
+            # wakes the writer task only if the socket did not take everything.
+            self._outbox.append(data)
+            self._outbox_bytes += len(data)
+            self._outbox_frames += 1
+            self._unwritten += 1
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._server.dirty.append(self)
+        else:
+            self._append(data)  # an error answered at once, an expired deadline, a failure
 
     def _queue(self, event: Event) -> None:
         self._append(self._conn.send(event))
@@ -441,8 +449,6 @@ class _Session:
         self._outbox_bytes += len(data)
         self._outbox_frames += 1
         self._unwritten += 1
-        # Always wake the writer: a reply not followed by a flush (an error answered at
-        # once, an expired deadline) must still go out. After a flush it finds nothing.
         if self._writer_parked:
             self._writer_parked = False  # woken: later replies need not wake it again
             self._writer_lot.unpark_all()
@@ -457,27 +463,34 @@ class _Session:
 
         Runs after the runtime released a batch of replies: one ``write`` for all of them,
         without waiting a scheduler pass for the writer task (the latency of one call at a
-        time). What the socket does not take at once is left to the writer task.
+        time). What the socket does not take at once is left to the writer task, woken here.
         """
         self._flush_scheduled = False
-        if self._fd < 0 or self._sending or not self._outbox:
+        if not self._outbox:
             return
-        data = self._outbox[0] if len(self._outbox) == 1 else b"".join(self._outbox)
-        try:
-            sent = os.write(self._fd, data)
-        except OSError:
-            return  # full (EAGAIN) or broken: the writer task finds out and handles it
-        if sent == len(data):
-            self._outbox.clear()
-            self._unwritten -= self._outbox_frames
-            self._outbox_frames = 0
-            if self._room_waiters:
-                self._room_waiters = 0
-                self._room_lot.unpark_all()
-        else:
+        if self._fd >= 0 and not self._sending:
+            data = self._outbox[0] if len(self._outbox) == 1 else b"".join(self._outbox)
+            try:
+                sent = os.write(self._fd, data)
+            except OSError:
+                sent = 0  # full (EAGAIN) or broken: the writer task finds out and handles it
+            self._outbox_bytes -= sent
+            if sent == len(data):
+                self._outbox.clear()
+                self._unwritten -= self._outbox_frames
+                self._outbox_frames = 0
+                if self._room_waiters:
+                    self._room_waiters = 0
+                    self._room_lot.unpark_all()
+                return
             # Its frames stay unwritten until the writer task sent the rest.
             self._outbox[:] = [data[sent:]]
-        self._outbox_bytes -= sent
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        if self._writer_parked:
+            self._writer_parked = False
+            self._writer_lot.unpark_all()
 
     async def _wait_for_room(self) -> None:
         # Counted while parked; whoever wakes the lot resets the count (all are woken).
