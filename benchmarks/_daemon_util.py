@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 HEADER: Final = struct.Struct(">I")
-RECEIVE_BYTES_MAX: Final = 256 * 1024  # as the daemon's TCP surface reads
+RECEIVE_BYTES_MAX: Final = 64 * 1024  # as the daemon's TCP surface reads
 ECHO_INFLIGHT: Final = 256  # what the echo server's welcome announces (the daemon's default)
 ECHO_FRAME_BYTES: Final = 4 * 1024 * 1024
 CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")

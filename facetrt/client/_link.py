@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-RECEIVE_BYTES_MAX: Final = 256 * 1024
+RECEIVE_BYTES_MAX: Final = 64 * 1024  # as the server reads (see server/_tcp.py)
 HEADER_BYTES: Final = 4  # the frame's length prefix
 # The largest frame the server may be configured to send (ServerConfig.frame_bytes_max's bound):
 # the real limit is only known from the welcome, read by this same decoder.

@@ -59,7 +59,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-RECEIVE_BYTES_MAX = 256 * 1024
+# One read's buffer. Not larger: recv(n) allocates n bytes before it knows how many arrived,
+# and above glibc's mmap threshold that is an mmap and munmap per read (recv(256 KiB) of 600
+# bytes costs 14.5 us here, recv(64 KiB) 2.4 us).
+RECEIVE_BYTES_MAX = 64 * 1024
 CLOSE_SECONDS = 5.0
 TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
