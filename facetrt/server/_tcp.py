@@ -306,11 +306,31 @@ class _Session:
             if self._frame_deadline is None:
                 self._frame_deadline = trio.current_time() + self._config.frame_seconds
             with trio.fail_at(self._frame_deadline):
-                data = await self._stream.receive_some(RECEIVE_BYTES_MAX)
+                data = await self._read()
         else:
             self._frame_deadline = None
-            data = await self._stream.receive_some(RECEIVE_BYTES_MAX)
+            data = await self._read()
         self._conn.receive_data(data)
+
+    async def _read(self) -> bytes | bytearray:
+        """The next bytes from the peer (``b""`` at EOF).
+
+        Plain TCP waits for readability, then reads the descriptor directly: one scheduler
+        pass per read. ``SocketStream.receive_some`` tries the read first and, when it
+        succeeds, still yields once more (trio's checkpoint guarantee), which costs a second
+        pass for every read. Waiting first keeps this a checkpoint, so a peer that always has
+        data ready cannot starve the facets.
+        """
+        if self._fd < 0:
+            return await self._stream.receive_some(RECEIVE_BYTES_MAX)
+        while True:
+            await trio.lowlevel.wait_readable(self._fd)
+            try:
+                return os.read(self._fd, RECEIVE_BYTES_MAX)
+            except BlockingIOError:
+                continue  # readiness without data (rare): wait again
+            except OSError as exc:  # e.g. ECONNRESET
+                raise trio.BrokenResourceError(f"connection lost: {exc}") from exc
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
         bound = self._config.calls_in_flight_max

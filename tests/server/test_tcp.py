@@ -444,3 +444,25 @@ async def test_a_late_reply_never_writes_to_a_reused_descriptor(
         again, _ = await RawClient.connect(info, tenant_keys["acme"])
         assert await again.call_once("late", "get", "k") == Result(id=1, value=1)
         daemon.stop()
+
+
+async def test_a_reset_connection_ends_only_its_session(
+    served: tuple[Daemon, DaemonInfo, dict[str, str]],
+) -> None:
+    """The session reads the socket's descriptor directly: a reset (RST) from the peer is a
+    lost connection, not a crash, and the call it sent still completes."""
+    import socket as stdlib_socket
+
+    _, info, keys = served
+    Gate.events["rst"] = trio.Event()
+    client, _ = await RawClient.connect(info, keys["acme"])
+    await client.send(client.call("rst", "wait_and_put", "k", 7, cls="Gate"))
+    await trio.testing.wait_all_tasks_blocked()
+    linger_zero = struct.pack("ii", 1, 0)
+    client.stream.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_LINGER, linger_zero)
+    await client.stream.aclose()  # close with SO_LINGER 0: the peer gets an RST
+    await trio.testing.wait_all_tasks_blocked()
+    Gate.events["rst"].set()
+    again, _ = await RawClient.connect(info, keys["acme"])
+    with trio.fail_after(5):
+        assert await again.call_once("rst", "get", "k") == Result(id=1, value=7)
