@@ -85,7 +85,11 @@ class RuntimeConfig(BaseModel):
         "commit is in flight: saves two thread hops and a loop wake-up per idle call.",
     )
     commit_queue_max: int = Field(
-        65_536, gt=0, le=10_000_000, description="Store jobs queued for the writer threads."
+        65_536,
+        gt=0,
+        le=10_000_000,
+        description="Store jobs in flight before opens, closes and data operations wait "
+        "(commits are bounded by open facets: one in flight each).",
     )
     idempotency_retention_seconds: float = Field(
         86_400.0, gt=0, le=90 * 86_400, description="How long a stored idempotent result lives."

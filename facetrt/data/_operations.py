@@ -720,7 +720,11 @@ def _copy_checked(source: Path, destination: Path, sha256: str) -> None:
     fsync_dir(destination.parent)
 
 
+CLEANUP_SECONDS = 30.0
+
+
 def _cleanup_shield() -> trio.CancelScope:
     # Removing a scratch directory is a writer-thread job (not abandoned); it must run even
-    # when the operation was cancelled, and is bounded by the disk.
-    return trio.CancelScope(shield=True)
+    # when the operation was cancelled. Bounded per STYLE §6.5: a removal that has not started
+    # within the bound is left to the scratch sweep at the next start.
+    return trio.move_on_after(CLEANUP_SECONDS, shield=True)

@@ -30,6 +30,8 @@ from .._errors import NotFoundError, OverloadedError, UnavailableError
 from ._activation import Activation, ActivationState
 from ._mailbox import Mailbox
 
+CLEANUP_SECONDS = 30.0  # as Runtime.aclose's cleanup bound
+
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
@@ -230,7 +232,10 @@ class Router:
             try:
                 yield store
             finally:
-                with trio.CancelScope(shield=True):  # a store must never be left open
+                # A store must never be left open. Bounded per STYLE §6.5; the close is a
+                # writer-thread job that cannot be abandoned, so the bound only ever applies
+                # to a close that has not started.
+                with trio.move_on_after(CLEANUP_SECONDS, shield=True):
                     await workers.call(partial(registry.close, store, address))
 
     def is_active(self, address: FacetAddress) -> bool:

@@ -364,7 +364,7 @@ async def open_runtime(
             map_size_bytes_max=config.map_size_bytes_max,
             hooks=store_hooks,
         )
-        workers = StoreWorkers(config.commit_threads)
+        workers = StoreWorkers(config.commit_threads, jobs_max=config.commit_queue_max)
         workers.start()
         try:
             index = await workers.call(

@@ -31,8 +31,12 @@ _STOP = None
 class StoreWorkers:
     """A pool of ``threads`` writer threads; start with :meth:`start`, stop with :meth:`stop`."""
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, *, jobs_max: int = 65_536) -> None:
         self._thread_count = threads
+        # Commits (submit) are bounded by construction: one in flight per open facet. Other
+        # jobs (opens, closes, data operations: call) wait for room below jobs_max.
+        self._jobs_max = jobs_max
+        self._room = trio.lowlevel.ParkingLot()
         self._jobs: queue.SimpleQueue[tuple[Callable[[], object], Callable[[object], None]] | None]
         self._jobs = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
@@ -77,6 +81,8 @@ class StoreWorkers:
         self, on_done: Callable[[outcome.Outcome[T]], None], result: outcome.Outcome[T]
     ) -> None:
         self.jobs_in_flight -= 1
+        if self._room and self.jobs_in_flight < self._jobs_max:
+            self._room.unpark()
         on_done(result)
 
     @property
@@ -95,8 +101,11 @@ class StoreWorkers:
     async def call(self, job: Callable[[], T]) -> T:
         """Run ``job`` on a writer thread and return (or raise) its result.
 
-        Cancellation is deferred until the job finished; then ``Cancelled`` is raised.
+        Waits first while ``jobs_max`` jobs are in flight (cancellable then). Once submitted,
+        cancellation is deferred until the job finished; then ``Cancelled`` is raised.
         """
+        while self.jobs_in_flight >= self._jobs_max:
+            await self._room.park()
         task = trio.lowlevel.current_task()
 
         def on_done(result: outcome.Outcome[T]) -> None:
