@@ -59,6 +59,10 @@ class TimerScheduler:
         self._in_flight = 0
         self._starved = False  # the last refill stopped at the bound
         self._target_ms: int | None = None  # the hint the loop sleeps until
+        # Where the last refill that filled up stopped in the index: the next one starts
+        # after it (round robin), or facets whose wakes keep failing, whose hints stay the
+        # earliest, would take every wake again once deferred and starve the others.
+        self._position: bytes | None = None
         self._lot = trio.lowlevel.ParkingLot()
         self._scope = trio.CancelScope()
 
@@ -93,7 +97,9 @@ class TimerScheduler:
         due: list[FacetAddress] = []
         next_ms: int | None = None
         if room > 0:
-            due, next_ms = self._index.due(wall_ms(wall_now), skip=self._busy, limit=room)
+            due, self._position, next_ms = self._index.due_after(
+                wall_ms(wall_now), after=self._position, skip=self._busy, limit=room
+            )
         for address in due:
             self._wake(address)
         self._starved = len(self._busy) >= self._wakes_max

@@ -40,7 +40,7 @@ from .._ids import FacetAddress
 from ._store import open_environment, store_exists
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Container
+    from collections.abc import Callable, Container, Iterator
     from pathlib import Path
 
 _DUE: Final = b"due"
@@ -56,6 +56,21 @@ def _address_of(key: bytes) -> FacetAddress:
     tenant, separator, agent = key.partition(b"\x00")
     assert separator, f"malformed timer index key {key!r}"
     return FacetAddress(tenant.decode(), agent.decode())
+
+
+def _keys_between(
+    cursor: lmdb.Cursor[bytes], start: bytes | None, stop: bytes | None
+) -> Iterator[bytes]:
+    """Keys after ``start`` (exclusive; None: from the first) up to ``stop`` (inclusive;
+    None: to the last), in order."""
+    positioned = cursor.first() if start is None else cursor.set_range(start)
+    while positioned:
+        key = cursor.key()
+        if stop is not None and key > stop:
+            return
+        if key != start:
+            yield key
+        positioned = cursor.next()
 
 
 @dataclass(slots=True)
@@ -227,22 +242,41 @@ class TimerIndex:
             (at most ``limit`` facets, the earliest hint after ``now_ms`` not skipped, or None
             when there is none or the scan stopped at ``limit``).
         """
+        found, _, next_ms = self.due_after(now_ms, after=None, skip=skip, limit=limit)
+        return found, next_ms
+
+    def due_after(
+        self, now_ms: int, *, after: bytes | None, skip: Container[FacetAddress], limit: int
+    ) -> tuple[list[FacetAddress], bytes | None, int | None]:
+        """Like :meth:`due`, but the scan starts after the position ``after`` and wraps
+        around to the start, so that facets whose wakes keep failing (their hints stay the
+        earliest) cannot hold back the facets due after them: each due facet gets its turn.
+
+        Returns:
+            (at most ``limit`` facets, the position of the last one when the scan stopped at
+            ``limit`` (pass it as ``after`` next time) or None when it saw every due hint,
+            the earliest hint after ``now_ms`` or None as for :meth:`due`).
+        """
         found: list[FacetAddress] = []
+        next_ms: int | None = None
+        segments = [(after, None)] if after is None else [(after, None), (None, after)]
         try:
             with self._env.begin(db=self._due) as txn, txn.cursor() as cursor:
-                for key in cursor.iternext(keys=True, values=False):
-                    due_ms = int(_MS.unpack_from(key)[0])
-                    if due_ms > now_ms:
-                        return found, due_ms
-                    address = _address_of(key[_MS.size :])
-                    if address in skip:
-                        continue
-                    found.append(address)
-                    if len(found) >= limit:
-                        return found, None
+                for start, stop in segments:
+                    for key in _keys_between(cursor, start, stop):
+                        due_ms = int(_MS.unpack_from(key)[0])
+                        if due_ms > now_ms:
+                            next_ms = due_ms if next_ms is None else min(next_ms, due_ms)
+                            break
+                        address = _address_of(key[_MS.size :])
+                        if address in skip:
+                            continue
+                        found.append(address)
+                        if len(found) >= limit:
+                            return found, key, None
         except lmdb.Error as exc:
             raise StorageError(f"timer index read failed in {str(self.path)!r}: {exc}") from exc
-        return found, None
+        return found, None, next_ms
 
     def hint_of(self, address: FacetAddress) -> int | None:
         """The hint of ``address`` (ms since the epoch), or None."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import shutil
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import pytest
 import trio
@@ -350,3 +350,42 @@ async def test_store_without_a_hint_registers_its_timers_when_it_activates(
         assert await rt.call(TENANT, "x", "fired") == {}  # activates it: the hint comes back
         await Alarm.wait_deliveries(1)
         assert await rt.call(TENANT, "x", "fired") == {"t": 1}
+
+
+class _BrokenOnActivate(Alarm):
+    """An Alarm whose ``on_activate`` raises while ``broken`` is set: its wakes all fail."""
+
+    broken: ClassVar[bool] = False
+
+    async def on_activate(self) -> None:
+        if _BrokenOnActivate.broken:
+            raise RuntimeError("on_activate fails on purpose")
+
+
+async def test_facets_whose_wakes_fail_do_not_starve_other_tenants_timers(
+    autojump_clock: Clock, data_dir: Path
+) -> None:
+    """Goal: one tenant's facets that cannot be woken (their ``on_activate`` raises, or their
+    class is gone) must not keep another tenant's timers from firing.
+
+    Method: two wake slots; tenant ``bad`` has two facets due first whose wakes fail (so their
+    hints stay the earliest and they are deferred, then woken again); tenant ``good`` has one
+    timer due after them. It must fire, on the first refill after the deferrals end.
+    """
+    config = RuntimeConfig(commit_threads=2, timer_wakes_in_flight_max=2, idle_timeout_seconds=1)
+    classes = {**CLASSES, "Broken": _BrokenOnActivate}
+    async with (
+        open_runtime(data_dir, classes=classes, config=config, wall_clock=trio_wall_clock) as rt,
+        clock_held_during_store_jobs(rt),
+    ):
+        for agent in ("b0", "b1"):
+            await rt.call("bad", agent, "set", "t", after_seconds=5, cls="Broken")
+        _BrokenOnActivate.broken = True
+        try:
+            await rt.call("good", "g", "set", "t", after_seconds=10, cls="Alarm")
+            with trio.move_on_after(600):
+                await Alarm.wait_deliveries(1)
+        finally:
+            _BrokenOnActivate.broken = False
+        assert delivered() == ["t"]
+        assert [who for who, *_ in Alarm.deliveries] == ["g"]

@@ -55,6 +55,24 @@ def test_due_is_earliest_first_skips_and_stops_at_the_limit(index: TimerIndex) -
     assert index.due(500, skip=(), limit=10) == ([], 1_000)
 
 
+def test_due_after_resumes_after_its_position_and_wraps_around(index: TimerIndex) -> None:
+    index.lower(C, 3_000)
+    index.lower(B, 1_000)
+    index.lower(A, 2_000)
+    found, position, next_ms = index.due_after(5_000, after=None, skip=(), limit=2)
+    assert (found, next_ms) == ([B, A], None)
+    assert position is not None
+    # The next scan starts after A: C first, then around to B (A is where it stopped).
+    found, after_b, next_ms = index.due_after(5_000, after=position, skip=(), limit=2)
+    assert (found, next_ms) == ([C, B], None)
+    assert after_b is not None
+    assert index.due_after(5_000, after=after_b, skip=(), limit=1) == ([A], position, None)
+    # A scan that sees every due hint (its own position last) returns no position.
+    assert index.due_after(5_000, after=position, skip=(), limit=10) == ([C, B, A], None, None)
+    assert index.due_after(2_500, after=position, skip={B}, limit=10) == ([A], None, 3_000)
+    assert index.due_after(500, after=position, skip=(), limit=10) == ([], None, 1_000)
+
+
 def test_forget_if_missing_keeps_hints_of_existing_stores(
     index: TimerIndex, tmp_path: Path
 ) -> None:
