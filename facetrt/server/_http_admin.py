@@ -315,7 +315,7 @@ class AdminApi:
     async def _facets(self, tenant: str, query: Mapping[str, list[str]]) -> dict[str, object]:
         cursor = (query.get("cursor") or [""])[0] or None
         text = (query.get("limit") or [""])[0]
-        if text and not (text.isdigit() and 0 < int(text) <= FACETS_PAGE_MAX):
+        if text and not (text.isascii() and text.isdigit() and 0 < int(text) <= FACETS_PAGE_MAX):
             raise BadRequestError(f"limit must be an integer from 1 to {FACETS_PAGE_MAX}")
         limit = int(text) if text else FACETS_PAGE_DEFAULT
         facets, next_cursor = await self._data.list_facets(tenant, cursor=cursor, limit=limit)

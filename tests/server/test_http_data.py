@@ -250,3 +250,12 @@ async def test_restore_of_the_system_store_is_offline_only_and_verified(
         await trio.to_thread.run_sync(offline, "tenant", "list", "--data-dir", str(data_dir)) == 0
     )
     assert "after" in capsys.readouterr().out  # nothing changed
+
+
+async def test_facet_listing_refuses_a_limit_that_is_not_an_ascii_number(served: Served) -> None:
+    await served.create_tenant("acme")
+    for limit in ("%C2%B2", "0", "1001", "x", "-1"):  # "²" passes str.isdigit, not int()
+        response = await served.client.get(
+            f"/v1/admin/tenants/acme/facets?limit={limit}", headers=served.admin()
+        )
+        assert error_of(response) == (400, "bad_request"), limit
