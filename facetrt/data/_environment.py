@@ -17,7 +17,7 @@ import msgpack
 
 from .._errors import BadRequestError, StorageError
 from ..runtime._timer_record import parse_record
-from ..storage import TIMERS_DB
+from ..storage import IDEM_DB, META_DB, TIMERS_DB
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -139,6 +139,61 @@ def scan_timers(directory: Path) -> TimerScan:
     except lmdb.Error as exc:
         raise StorageError(f"cannot read the timers of {str(directory)!r}: {exc}") from exc
     return TimerScan(count=count, earliest_ms=earliest)
+
+
+def check_records(directory: Path) -> None:
+    """Check the meta and idempotency records of the store in ``directory`` (a private
+    copy) have the shape the activation reads them with.
+
+    The activation decodes them when it opens the store (the class, the expiry of every
+    idempotency record) and asserts nothing about a store the runtime wrote itself, so a
+    record edited into an import or a backup would raise out of it and stop the runtime.
+
+    Raises:
+        BadRequestError: a meta record is not msgpack (or the class not a string), or an
+            idempotency record is not ``[expires, method, result]``: nothing is installed.
+        StorageError: LMDB cannot read the copy.
+    """
+    try:
+        env = open_readonly(directory)
+        try:
+            with env.begin() as txn:
+                dbs = named_dbs(env, txn)
+                meta, idem = dbs.get(META_DB), dbs.get(IDEM_DB)
+                for key, raw in [] if meta is None else txn.cursor(meta):
+                    value = _unpack(raw)
+                    if value is _MALFORMED or (key == b"class" and not isinstance(value, str)):
+                        raise BadRequestError(f"meta record {key[:64]!r} is malformed")
+                for key, raw in [] if idem is None else txn.cursor(idem):
+                    if not _is_idempotency_record(_unpack(raw)):
+                        raise BadRequestError(f"idempotency record {key[:64]!r} is malformed")
+        finally:
+            env.close()
+    except lmdb.Error as exc:
+        raise StorageError(f"cannot read the records of {str(directory)!r}: {exc}") from exc
+
+
+_MALFORMED: Final = object()
+
+
+def _unpack(raw: bytes) -> object:
+    try:
+        return msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
+    except Exception:  # noqa: BLE001 - msgpack raises many types; any failure means malformed
+        return _MALFORMED
+
+
+def _is_idempotency_record(record: object) -> bool:
+    if not isinstance(record, list) or len(record) != 3:
+        return False
+    expires, method, result = record
+    return (
+        isinstance(expires, int | float)
+        and not isinstance(expires, bool)
+        and isinstance(method, str)
+        and isinstance(result, bytes)
+        and _unpack(result) is not _MALFORMED
+    )
 
 
 def _is_text(key: bytes) -> bool:

@@ -43,7 +43,7 @@ from ._backup import (
     read_manifest,
     seal_copy,
 )
-from ._environment import TimerScan, scan_timers, set_identity, verify_store
+from ._environment import TimerScan, check_records, scan_timers, set_identity, verify_store
 from ._files import (
     DATA_FILE,
     clear_scratch,
@@ -651,6 +651,7 @@ class DataOperations:
             BadRequestError: a timer of the staged store is malformed (nothing installed).
             ConflictError: the facet exists and ``force`` is off.
         """
+        await self._run(check_records, staged)
         timers = await self._run(scan_timers, staged)
         hint = {"class": class_name, "timers": timers.count}
         await self._run(write_hint, staged, address, hint)
@@ -705,9 +706,11 @@ def _fsync_upper_dirs(target: Path) -> None:
 
 
 def _check_copy_and_timers(directory: Path, entry: BackupEntry) -> None:
-    """``check_copy``, and the copy's timers are well formed: a restore refuses a backup
-    with a bad timer record before it changes anything (not halfway through)."""
+    """``check_copy``, and the copy's timers, meta and idempotency records are well formed:
+    a restore refuses a backup with a bad record before it changes anything (not halfway
+    through)."""
     check_copy(directory, entry)
+    check_records((directory / entry.path).parent)
     scan_timers((directory / entry.path).parent)
 
 

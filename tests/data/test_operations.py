@@ -7,6 +7,7 @@ the running handler; calls queued meanwhile run afterwards against the new state
 
 from __future__ import annotations
 
+import base64
 import json
 from functools import partial
 from typing import TYPE_CHECKING
@@ -115,6 +116,44 @@ async def test_import_refuses_bad_lines_and_changes_nothing(
         assert not rt.core.registry.exists(rt.core.address_of(T, "target"))
     with pytest.raises(ConflictError):
         await ops.import_facet(T, "src", chunks_of(good), force=False)
+    assert await rt.call(T, "src", "get", "n") == 1
+
+
+async def test_import_refuses_records_the_activation_cannot_read(
+    rt: Runtime, ops: DataOperations
+) -> None:
+    """Goal: an export edited by hand must not install a store whose meta or idempotency
+    records the activation decodes unguarded: activating it raised out of the activation
+    (TypeError, msgpack errors) and took the whole runtime, every tenant, down with it.
+
+    Method: valid exports with one such record replaced ("raw" accepts any bytes); each is
+    refused and nothing is installed; the runtime keeps serving.
+    """
+    await fill(rt, "src")
+    lines = await export_text(ops, "src")
+
+    def raw(data: bytes) -> dict[str, object]:
+        return {"raw": {"$bytes": base64.b64encode(data).decode()}}
+
+    replacements: list[tuple[str, str, dict[str, object]]] = [
+        ("idem", "once", raw(b"\x01")),  # msgpack, but not [expires, method, result]
+        ("idem", "once", raw(b"\xc1")),  # not msgpack
+        ("idem", "once", {"value": ["later", "put", {"$bytes": "wA=="}]}),
+        ("meta", "class", raw(b"\xc1")),
+        ("meta", "class", {"value": 7}),
+        ("meta", "created", raw(b"\xc1")),
+    ]
+    for db, key, replacement in replacements:
+        edited = []
+        for line in lines:
+            if line.get("db") == db and line.get("key") == key:
+                line = {"db": db, "key": key, **replacement}
+            edited.append(line)
+        assert edited != lines
+        data = b"".join(json.dumps(line).encode() + b"\n" for line in edited)
+        with pytest.raises(BadRequestError, match="malformed"):
+            await ops.import_facet(T, "target", chunks_of(data), force=False)
+        assert not rt.core.registry.exists(rt.core.address_of(T, "target"))
     assert await rt.call(T, "src", "get", "n") == 1
 
 
