@@ -226,6 +226,11 @@ class _Admin:
 
 def cmd_tenant_create(options: argparse.Namespace) -> int:
     def direct(system: SystemStore) -> dict[str, str]:
+        from .data import refuse_leftover_tenant_data
+        from .storage import tenant_path
+
+        data_dir = Path(options.data_dir or DEFAULT_DATA_DIR)
+        refuse_leftover_tenant_data(tenant_path(data_dir, options.name), options.name)
         system.create_tenant(options.name)
         key_id, key = system.create_key(options.name)
         return {"tenant": options.name, "key_id": key_id, "key": key}

@@ -8,7 +8,7 @@ What each quota costs, and where it is checked (decision 0010):
 
 - **rate**: one token bucket per rate-limited tenant, refilled lazily from the arrival time
   the call already carries: a dict lookup and a few float operations per call from outside,
-  no task and no timer. Refused with ``overloaded`` (retryable: the bucket refills).
+  no task and no timer. Refused with ``quota_exceeded`` (SPEC §4: the rate quota).
 - **mailbox length**: the bound is set on a facet's mailbox when its slot is made, and
   updated in place when the operator changes it, so the call path pays nothing for it.
 - **facet count**: checked only when an activation is about to create a store, never per

@@ -44,7 +44,7 @@ import trio
 from .._errors import BadRequestError, ConflictError, FacetrtError, NotFoundError
 from .._ids import validate_tenant_id
 from ..config import TenantQuotaSettings
-from ..data import DataOperations
+from ..data import DataOperations, refuse_leftover_tenant_data
 from ._http_exchange import dump_json, to_json
 
 if TYPE_CHECKING:
@@ -261,6 +261,7 @@ class AdminApi:
         if not isinstance(body, dict) or set(body) != {"tenant"}:
             raise BadRequestError('send {"tenant": "<tenant id>"}')
         tenant = validate_tenant_id(body["tenant"])
+        refuse_leftover_tenant_data(self._runtime.core.registry.tenant_path(tenant), tenant)
         self._system.create_tenant(tenant)
         key_id, key = self._system.create_key(tenant)
         logger.info("created tenant %s with key %s", tenant, key_id)

@@ -6,6 +6,7 @@ from ._registry import DataDirLock as DataDirLock
 from ._registry import FacetRecord as FacetRecord
 from ._registry import StoreRegistry as StoreRegistry
 from ._registry import count_tenant_facets as count_tenant_facets
+from ._registry import tenant_path as tenant_path
 from ._store import DATA_DB as DATA_DB
 from ._store import IDEM_DB as IDEM_DB
 from ._store import KEY_BYTES_MAX as KEY_BYTES_MAX
@@ -36,4 +37,5 @@ __all__ = [
     "SystemStore",
     "TimerIndex",
     "count_tenant_facets",
+    "tenant_path",
 ]

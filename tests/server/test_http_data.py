@@ -259,3 +259,23 @@ async def test_facet_listing_refuses_a_limit_that_is_not_an_ascii_number(served:
             f"/v1/admin/tenants/acme/facets?limit={limit}", headers=served.admin()
         )
         assert error_of(response) == (400, "bad_request"), limit
+
+
+async def test_a_tenant_name_is_reused_only_over_a_clean_slate(served: Served) -> None:
+    """Facets left on disk by a tenant delete that did not finish are never handed to a new
+    tenant of the same name: creating it is refused until the delete is run again."""
+    from facetrt.storage import tenant_path
+
+    client, admin = served.client, served.admin()
+    leftover = tenant_path(served.info.data_dir, "ghost") / "facets" / "ab"
+    leftover.mkdir(parents=True)  # what an interrupted wipe leaves behind
+    refused = await client.post("/v1/admin/tenants", json={"tenant": "ghost"}, headers=admin)
+    assert refused.status_code == 409
+    assert refused.json()["error"]["code"] == "conflict"
+    listed = await client.get("/v1/admin/tenants", headers=admin)
+    assert "ghost" not in listed.text  # nothing was created
+    wiped = await client.delete("/v1/admin/tenants/ghost", headers=admin)
+    assert wiped.status_code == 200, wiped.text
+    assert not leftover.exists()
+    created = await client.post("/v1/admin/tenants", json={"tenant": "ghost"}, headers=admin)
+    assert created.status_code == 201, created.text
