@@ -369,18 +369,24 @@ class DataOperations:
                 raise
         deleted = 0
         cursor: str | None = None
-        while page := await self._run(
-            partial(list_facets_in, root, start_after=cursor, limit=PAGE)
-        ):
-            for record in page:
-                address = FacetAddress(record.tenant, record.agent)
-                async with self._router.hold(address):
-                    if await self._run(self._remove, address):
-                        deleted += 1
-                progress(deleted, None)
-            cursor = page[-1].cursor
-        if not self._router.has_tenant(tenant):
-            await self._run(remove_tree, root)
+        # No message of the tenant may start until the wipe is done: a queued call naming a
+        # class, or a facet-to-facet call, would re-create a facet after it.
+        self._router.close_tenant(tenant)
+        try:
+            while page := await self._run(
+                partial(list_facets_in, root, start_after=cursor, limit=PAGE)
+            ):
+                for record in page:
+                    address = FacetAddress(record.tenant, record.agent)
+                    async with self._router.hold(address):
+                        if await self._run(self._remove, address):
+                            deleted += 1
+                    progress(deleted, None)
+                cursor = page[-1].cursor
+            if not self._router.has_tenant(tenant):
+                await self._run(remove_tree, root)
+        finally:
+            self._router.reopen_tenant(tenant)
         # Its quota overrides went with its record; its facet count is read afresh if a
         # tenant of that name is created again.
         self._core.quotas.forget_tenant(tenant)

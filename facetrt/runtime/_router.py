@@ -59,6 +59,7 @@ class Router:
         self._supervisor = supervisor
         self._nursery = nursery
         self._slots: dict[FacetAddress, _Slot] = {}
+        self._closed_tenants: set[str] = set()  # being deleted: nothing of theirs may start
         self._emptied = trio.lowlevel.ParkingLot()
         # Woken when an activation ends or a hold is released: holds wait on it (rare).
         self._maintenance = trio.lowlevel.ParkingLot()
@@ -71,6 +72,8 @@ class Router:
             OverloadedError: the facet's mailbox is full, or its oldest queued message is
                 older than ``mailbox_age_seconds_max`` (counted by reason).
         """
+        if self._closed_tenants and address.tenant_id in self._closed_tenants:
+            raise NotFoundError(f"tenant {address.tenant_id!r} is being deleted")
         slot = self._slots.get(address)
         if slot is None:
             if envelope.cls is None and not self._core.registry.exists(address):
@@ -140,6 +143,14 @@ class Router:
 
     # -- holds (data operations) ---------------------------------------------------------
 
+    def close_tenant(self, tenant: str) -> None:
+        """Refuse every new message of ``tenant`` (``not_found``), and fail those queued behind
+        a hold when it ends: its facets are being deleted."""
+        self._closed_tenants.add(tenant)
+
+    def reopen_tenant(self, tenant: str) -> None:
+        self._closed_tenants.discard(tenant)
+
     @contextlib.asynccontextmanager
     async def hold(self, address: FacetAddress) -> AsyncIterator[None]:
         """Own ``address``'s store exclusively for the block (its activation is stopped).
@@ -183,6 +194,12 @@ class Router:
             error = UnavailableError("runtime closed before the message was handled")
             while (envelope := slot.mailbox.get_nowait()) is not None:
                 envelope.reply.set(outcome.Error(error))
+        elif slot.mailbox and address.tenant_id in self._closed_tenants:
+            # Queued while its tenant is wiped: a call naming a class would re-create the
+            # facet after the wipe, for a later tenant of the same name to find.
+            gone = NotFoundError(f"tenant {address.tenant_id!r} was deleted")
+            while (envelope := slot.mailbox.get_nowait()) is not None:
+                envelope.reply.set(outcome.Error(gone))
         elif slot.mailbox and not self._core.registry.exists(address):
             missing = NotFoundError(f"facet {str(address)!r} does not exist (give a class)")
             for envelope in slot.mailbox.remove_if(lambda envelope: envelope.cls is None):

@@ -19,6 +19,7 @@ import trio.testing
 from facetrt import (
     BadRequestError,
     ConflictError,
+    FacetrtError,
     NotFoundError,
     Runtime,
     RuntimeConfig,
@@ -344,3 +345,32 @@ async def test_delete_tenant_wipes_every_facet(rt: Runtime, ops: DataOperations)
     assert await rt.call("other", "keep", "get", "k") == 1
     with pytest.raises(NotFoundError):
         await ops.delete_tenant(T)
+
+
+async def test_calls_queued_during_a_tenant_delete_do_not_recreate_its_facets(
+    rt: Runtime, ops: DataOperations
+) -> None:
+    """A call naming a class would create the facet again once the wipe released it, for a
+    later tenant of the same name to find: it fails not_found instead, as do new calls."""
+    Gate.events["busy"] = trio.Event()
+    await rt.call(T, "busy", "put", "k", 1, cls="Gate")
+    outcomes: dict[str, object] = {}
+
+    async def call(name: str, *args: object) -> None:
+        try:
+            outcomes[name] = await rt.call(T, "busy", *args, cls="Gate")  # type: ignore[arg-type]
+        except FacetrtError as exc:
+            outcomes[name] = exc.code.value
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call, "running", "wait_and_put", "w", 2)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(ops.delete_tenant, T)  # holds "busy": waits for its message
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(call, "queued", "put", "k", 3)
+        await trio.testing.wait_all_tasks_blocked()
+        Gate.events["busy"].set()
+    assert outcomes == {"running": None, "queued": "not_found"}
+    assert not rt.core.registry.tenant_path(T).exists()
+    # Once the delete is over, the name is free again.
+    assert await rt.call(T, "busy", "get", "k", cls="Gate") is None
