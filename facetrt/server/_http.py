@@ -41,7 +41,6 @@ from .._errors import (
     UnauthorizedError,
     UnavailableError,
 )
-from .._ids import FacetAddress
 from ._http_admin import ADMIN_ROUTES, EXCHANGE_ROUTES, AdminApi, resolve_admin_route
 from ._http_exchange import (
     JSON_TYPE,
@@ -279,7 +278,7 @@ class HttpGateway:
         if traceparent is not None and TRACEPARENT.fullmatch(traceparent) is None:
             raise BadRequestError("traceparent is not a W3C trace context header")
         args, kwargs, cls = parse_call_body(await x.read_json())
-        address = FacetAddress(tenant, agent)
+        address = self._runtime.core.address_of(tenant, agent)  # validated once, cached
         return await self._runtime.core.call(
             address, method, args, kwargs, cls=cls, idempotency_key=idempotency_key, chain=()
         )
