@@ -1,0 +1,546 @@
+"""A linearizability checker: Wing-Gong search with Lowe's memoisation, partitioned per key.
+
+A history is a list of client operations, each with the process that issued it, the (facet, key)
+it touched, what it asked, what it was told, and two client-side timestamps: when it was invoked
+and when its reply arrived. An operation whose reply never came (a timeout, a dropped connection,
+a crash) has ``complete_seconds=None``: its outcome is unknown, so it may have taken effect at any
+moment after its invocation, or never.
+
+The history is linearizable if there is one total order of (a subset of) its operations that
+
+* contains every operation with a known outcome, and may contain any with an unknown outcome,
+* respects real time: if A's reply arrived before B was invoked, A comes before B,
+* is a legal run of the sequential specification (the model) with every known result matching.
+
+Rules the checker relies on, and why:
+
+* **Partitioning.** Operations on different (facet, key) pairs never interact in the models
+  here, and linearizability is compositional (Herlihy & Wing's locality, P-compositionality in
+  Porcupine): the history is linearizable iff each partition is. Each partition is searched on its
+  own, which turns one exponential search into many small ones.
+* **Ties are concurrency.** Equal timestamps could be either order; treating them as overlapping
+  can only accept more histories, so the checker never rejects a history because of clock
+  resolution.
+* **Unknown reads are dropped.** A read changes nothing, so "never happened" is always a valid
+  choice for a read whose reply was lost, and its result is unknown anyway.
+* **A process is sequential.** Its operations must not overlap, and after an operation with an
+  unknown outcome it issues nothing more (Jepsen's convention: the recorder gives a client that
+  reconnects a fresh process id). A history that breaks this is a recorder bug: ``ValueError``.
+
+The search (Lowe, "Testing for linearizability", 2017, after Wing & Gong 1993) walks the call and
+return events in time order in a doubly linked list. At a call event it tries to linearize that
+operation next: if the model accepts it and the pair (set of linearized operations, model state)
+has not been seen before, it is lifted out of the list and the walk restarts from the head. At the
+return event of an operation not yet linearized, the current prefix cannot be extended, so the
+search backtracks. The cache of (bitmask, state) pairs is what makes the search practical: two
+prefixes with the same operations and the same state have the same futures. The number of cached
+pairs is bounded by ``states_max``; past it the partition's verdict is ``UNKNOWN``.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar, final
+
+__all__ = [
+    "COUNTER",
+    "REGISTER",
+    "STATES_MAX_DEFAULT",
+    "CheckResult",
+    "CounterModel",
+    "Explanation",
+    "Model",
+    "OpKind",
+    "Operation",
+    "PartitionKey",
+    "PartitionResult",
+    "RegisterModel",
+    "Value",
+    "Verdict",
+    "check_history",
+    "partition_history",
+]
+
+# A register holds one of these; None means "absent" (a key never written).
+Value = None | bool | int | str | bytes
+
+# One million cached (bitmask, state) pairs is a few hundred MB in CPython at worst and a few
+# seconds of search: enough for partitions of hundreds of operations with a handful of processes.
+STATES_MAX_DEFAULT = 1_000_000
+
+
+class OpKind(enum.Enum):
+    """What an operation asked for; each model accepts a subset."""
+
+    READ = "read"
+    WRITE = "write"
+    CAS = "cas"
+    INCREMENT = "increment"
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Operation:
+    """One client operation as the recorder saw it.
+
+    Attributes:
+        process_id: The client process (one operation at a time) that issued it.
+        facet: The facet touched, e.g. ``"tenant/agent"``; with ``key``, the partition.
+        key: The key (register or counter) within the facet.
+        kind: What was asked.
+        argument: WRITE: the value written; CAS: the new value; INCREMENT: the amount.
+        expected: CAS only: the value the register must hold for the swap to happen.
+        result: READ: the value seen; CAS: whether it swapped; INCREMENT: the new total;
+            WRITE: None. Ignored when the outcome is unknown.
+        invoke_seconds: Client clock when the request was sent.
+        complete_seconds: Client clock when the reply arrived; None if it never did.
+    """
+
+    process_id: int
+    facet: str
+    key: str
+    kind: OpKind
+    argument: Value = None
+    expected: Value = None
+    result: Value = None
+    invoke_seconds: float
+    complete_seconds: float | None
+
+    @property
+    def is_known(self) -> bool:
+        """Whether the reply arrived, so the operation certainly happened with ``result``."""
+        return self.complete_seconds is not None
+
+    def describe(self) -> str:
+        """A one-line human description, for failure explanations."""
+        if self.kind is OpKind.READ:
+            what = f"read -> {self.result!r}"
+        elif self.kind is OpKind.WRITE:
+            what = f"write {self.argument!r}"
+        elif self.kind is OpKind.CAS:
+            what = f"cas {self.expected!r}->{self.argument!r}"
+            what += f" = {self.result!r}" if self.is_known else ""
+        else:
+            what = f"increment {self.argument!r}"
+            what += f" -> {self.result!r}" if self.is_known else ""
+        end = "unknown" if self.complete_seconds is None else f"{self.complete_seconds:g}"
+        return f"p{self.process_id} {what} [{self.invoke_seconds:g}, {end}]"
+
+
+StateT = TypeVar("StateT", bound=Hashable)
+
+
+class Model(Protocol[StateT]):
+    """A sequential specification: an initial state and a transition per operation.
+
+    States must be hashable and compare by value: the search caches them.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def kinds(self) -> frozenset[OpKind]: ...
+
+    def initial(self) -> StateT: ...
+
+    def step(self, state: StateT, op: Operation) -> tuple[bool, StateT]:
+        """Apply ``op`` to ``state``.
+
+        Returns ``(False, state)`` if ``op`` cannot happen in ``state`` with its recorded
+        result; otherwise ``(True, next_state)``. For an operation with an unknown outcome the
+        result is not checked: only the effect is applied.
+        """
+        ...
+
+
+def _same(a: Value, b: Value) -> bool:
+    # 1 == True in Python; a register that held True must not satisfy a read of 1.
+    return type(a) is type(b) and a == b
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RegisterModel:
+    """A register: READ returns the last value written; WRITE sets it; CAS swaps if equal."""
+
+    initial_value: Value = None
+    name: str = "register"
+    kinds: frozenset[OpKind] = frozenset({OpKind.READ, OpKind.WRITE, OpKind.CAS})
+
+    def initial(self) -> tuple[str, Value]:
+        return _tagged(self.initial_value)
+
+    def step(self, state: tuple[str, Value], op: Operation) -> tuple[bool, tuple[str, Value]]:
+        current = state[1]
+        if op.kind is OpKind.READ:
+            return _same(op.result, current), state
+        if op.kind is OpKind.WRITE:
+            return True, _tagged(op.argument)
+        assert op.kind is OpKind.CAS, op
+        swaps = _same(op.expected, current)
+        if op.is_known and op.result is not swaps:
+            return False, state
+        return True, _tagged(op.argument) if swaps else state
+
+
+def _tagged(value: Value) -> tuple[str, Value]:
+    # The type name keeps 1 and True apart in the search cache, where they hash and compare equal.
+    return type(value).__name__, value
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CounterModel:
+    """A counter: INCREMENT by n returns the new total; READ returns the total."""
+
+    initial_value: int = 0
+    name: str = "counter"
+    kinds: frozenset[OpKind] = frozenset({OpKind.READ, OpKind.INCREMENT})
+
+    def initial(self) -> int:
+        return self.initial_value
+
+    def step(self, state: int, op: Operation) -> tuple[bool, int]:
+        if op.kind is OpKind.READ:
+            return _same(op.result, state), state
+        assert op.kind is OpKind.INCREMENT, op
+        assert isinstance(op.argument, int), op
+        total = state + op.argument
+        if op.is_known and not _same(op.result, total):
+            return False, state
+        return True, total
+
+
+REGISTER = RegisterModel()
+COUNTER = CounterModel()
+
+
+class Verdict(enum.Enum):
+    """The answer for a partition or a whole history."""
+
+    LINEARIZABLE = "linearizable"
+    NOT_LINEARIZABLE = "not linearizable"
+    UNKNOWN = "unknown (search limit)"
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PartitionKey:
+    """The (facet, key) pair a partition's operations share."""
+
+    facet: str
+    key: str
+
+    def __str__(self) -> str:
+        return f"{self.facet}:{self.key}"
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Explanation:
+    """Why a partition is not linearizable, at the deepest point the search reached.
+
+    Attributes:
+        linearized: The longest prefix the search could build, in order.
+        state: The model state after that prefix (its repr).
+        blocking: A completed operation that could not be placed after the prefix, although
+            real time required it to come before everything still pending.
+        unplaced: The candidates tried after the prefix and refused (``blocking`` among them).
+    """
+
+    linearized: tuple[Operation, ...]
+    state: str
+    blocking: Operation
+    unplaced: tuple[Operation, ...]
+
+    def __str__(self) -> str:
+        lines = [f"after {len(self.linearized)} operations (state {self.state}):"]
+        lines += [f"  placed    {op.describe()}" for op in self.linearized]
+        lines += [f"  unplaced  {op.describe()}" for op in self.unplaced]
+        lines.append(f"  and {self.blocking.describe()} had completed")
+        return "\n".join(lines)
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PartitionResult:
+    """The verdict for one (facet, key) partition and what the search cost."""
+
+    partition: PartitionKey
+    verdict: Verdict
+    operations: int
+    states_explored: int
+    explanation: Explanation | None = None
+
+    def __str__(self) -> str:
+        text = f"{self.partition}: {self.verdict.value} ({self.operations} operations"
+        text += f", {self.states_explored} states)"
+        return text if self.explanation is None else f"{text}\n{self.explanation}"
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckResult:
+    """The verdict for a whole history: the worst of its partitions."""
+
+    verdict: Verdict
+    partitions: tuple[PartitionResult, ...] = field(default=())
+
+    @property
+    def failures(self) -> tuple[PartitionResult, ...]:
+        """The partitions that are not linearizable or were not decided."""
+        return tuple(p for p in self.partitions if p.verdict is not Verdict.LINEARIZABLE)
+
+    def __str__(self) -> str:
+        shown = self.failures or self.partitions
+        return "\n".join([self.verdict.value, *(str(p) for p in shown)])
+
+
+def partition_history(
+    history: Sequence[Operation],
+) -> dict[PartitionKey, list[Operation]]:
+    """Split a history per (facet, key), dropping reads whose outcome is unknown.
+
+    Raises:
+        ValueError: The history is malformed (see :func:`check_history`).
+    """
+    _validate_processes(history)
+    partitions: dict[PartitionKey, list[Operation]] = {}
+    for op in history:
+        if op.kind is OpKind.READ and not op.is_known:
+            continue
+        partitions.setdefault(PartitionKey(facet=op.facet, key=op.key), []).append(op)
+    return partitions
+
+
+def check_history(
+    history: Sequence[Operation],
+    model: Model[StateT],
+    *,
+    states_max: int = STATES_MAX_DEFAULT,
+) -> CheckResult:
+    """Decide whether ``history`` is linearizable with respect to ``model``, per (facet, key).
+
+    Every partition is checked, so a failing result lists every failing partition.
+
+    Args:
+        history: The operations, in any order.
+        model: The sequential specification each partition is checked against.
+        states_max: Per partition, how many (linearized set, state) pairs the search may cache
+            before it gives up with ``Verdict.UNKNOWN``.
+
+    Returns:
+        NOT_LINEARIZABLE if any partition is, else UNKNOWN if any hit the limit, else
+        LINEARIZABLE.
+
+    Raises:
+        ValueError: The history is malformed: an operation completes before it was invoked, a
+            process has overlapping operations or continues after an unknown outcome, or an
+            operation's kind or values do not fit the model.
+    """
+    assert states_max > 0, states_max
+    for op in history:
+        _validate_operation(op, model)
+    results = tuple(
+        _check_partition(key, ops, model, states_max)
+        for key, ops in partition_history(history).items()
+    )
+    verdicts = {r.verdict for r in results}
+    verdict = Verdict.LINEARIZABLE
+    if Verdict.NOT_LINEARIZABLE in verdicts:
+        verdict = Verdict.NOT_LINEARIZABLE
+    elif Verdict.UNKNOWN in verdicts:
+        verdict = Verdict.UNKNOWN
+    return CheckResult(verdict=verdict, partitions=results)
+
+
+def _validate_operation(op: Operation, model: Model[StateT]) -> None:
+    if op.kind not in model.kinds:
+        raise ValueError(f"the {model.name} model has no {op.kind.value!r}: {op!r}")
+    if op.complete_seconds is not None and op.complete_seconds < op.invoke_seconds:
+        raise ValueError(f"operation completes before it was invoked: {op!r}")
+    if op.kind is OpKind.INCREMENT and (
+        isinstance(op.argument, bool) or not isinstance(op.argument, int)
+    ):
+        raise ValueError(f"an increment needs an integer amount: {op!r}")
+    if op.kind is OpKind.CAS and op.is_known and not isinstance(op.result, bool):
+        raise ValueError(f"a completed cas needs a boolean result: {op!r}")
+
+
+def _validate_processes(history: Sequence[Operation]) -> None:
+    by_process: dict[int, list[Operation]] = {}
+    for op in history:
+        by_process.setdefault(op.process_id, []).append(op)
+    for process_id, ops in by_process.items():
+        ops.sort(key=lambda op: op.invoke_seconds)
+        for before, after in itertools.pairwise(ops):
+            if before.complete_seconds is None:
+                raise ValueError(
+                    f"process {process_id} continues after an unknown outcome: {after!r}"
+                )
+            if after.invoke_seconds < before.complete_seconds:
+                raise ValueError(f"process {process_id} has overlapping operations: {after!r}")
+
+
+# Event kinds in the linked list. At equal times calls sort before returns: ties are overlap.
+_CALL = 0
+_RETURN = 1
+
+
+@dataclass(slots=True)
+class _Events:
+    """Lowe's doubly linked list of call and return events; node ``head`` is a sentinel.
+
+    Lifting an operation unlinks its call and return nodes; unlifting relinks them in reverse
+    order (dancing links), which restores the list exactly because lifts and unlifts nest.
+    """
+
+    kind: list[int]
+    op_index: list[int]
+    next: list[int]
+    prev: list[int]
+    call_node: list[int]
+    return_node: list[int]
+    head: int
+
+    @classmethod
+    def build(cls, ops: Sequence[Operation]) -> _Events:
+        assert ops, "a partition has at least one operation"
+        events: list[tuple[float, int, int]] = []
+        for i, op in enumerate(ops):
+            events.append((op.invoke_seconds, _CALL, i))
+            if op.complete_seconds is not None:
+                events.append((op.complete_seconds, _RETURN, i))
+        events.sort()
+        count = len(events)
+        head = count
+        call_node = [-1] * len(ops)
+        return_node = [-1] * len(ops)
+        for node, (_, kind, i) in enumerate(events):
+            (call_node if kind == _CALL else return_node)[i] = node
+        return cls(
+            kind=[kind for _, kind, _ in events] + [_CALL],
+            op_index=[i for _, _, i in events] + [-1],
+            # Node count - 1 links to -1, the end; the sentinel links to node 0.
+            next=[*range(1, count), -1, 0],
+            prev=[head, *range(count - 1), -1],
+            call_node=call_node,
+            return_node=return_node,
+            head=head,
+        )
+
+    def first(self) -> int:
+        return self.next[self.head]
+
+    def _unlink(self, node: int) -> None:
+        self.next[self.prev[node]] = self.next[node]
+        if self.next[node] != -1:
+            self.prev[self.next[node]] = self.prev[node]
+
+    def _relink(self, node: int) -> None:
+        self.next[self.prev[node]] = node
+        if self.next[node] != -1:
+            self.prev[self.next[node]] = node
+
+    def lift(self, i: int) -> None:
+        self._unlink(self.call_node[i])
+        if self.return_node[i] != -1:
+            self._unlink(self.return_node[i])
+
+    def unlift(self, i: int) -> None:
+        if self.return_node[i] != -1:
+            self._relink(self.return_node[i])
+        self._relink(self.call_node[i])
+
+    def calls_before(self, stop: int) -> list[int]:
+        """The operations whose call nodes lie between the head and node ``stop``."""
+        found: list[int] = []
+        node = self.first()
+        while node != stop:
+            if self.kind[node] == _CALL:
+                found.append(self.op_index[node])
+            node = self.next[node]
+        return found
+
+
+@final
+class _Search(Generic[StateT]):
+    """One partition's search; its fields are the state Lowe's algorithm mutates."""
+
+    def __init__(self, ops: Sequence[Operation], model: Model[StateT], states_max: int) -> None:
+        self.ops = ops
+        self.model = model
+        self.states_max = states_max
+        self.events = _Events.build(ops)
+        self.cache: set[tuple[int, StateT]] = set()
+        self.deepest: Explanation | None = None
+
+    def run(self) -> Verdict:
+        ops, model, events = self.ops, self.model, self.events
+        state = model.initial()
+        linearized = 0  # bit i set: ops[i] is in the current prefix
+        # Unknown-outcome operations may stay unplaced: done when every known one is placed.
+        pending_known = sum(op.is_known for op in ops)
+        stack: list[tuple[int, StateT]] = []  # (operation, state before it)
+        node = events.first()
+        while pending_known:
+            # A known operation is pending, so its return node is still ahead in the list.
+            assert node != -1
+            i = events.op_index[node]
+            if events.kind[node] == _CALL:
+                accepted, after = model.step(state, ops[i])
+                candidate = (linearized | (1 << i), after)
+                if accepted and candidate not in self.cache:
+                    if len(self.cache) >= self.states_max:
+                        return Verdict.UNKNOWN
+                    self.cache.add(candidate)
+                    stack.append((i, state))
+                    linearized, state = candidate
+                    pending_known -= ops[i].is_known
+                    events.lift(i)
+                    node = events.first()
+                else:
+                    node = events.next[node]
+                continue
+            # ops[i] has returned yet cannot be placed after this prefix: backtrack.
+            self._remember(stack, state, i, node)
+            if not stack:
+                return Verdict.NOT_LINEARIZABLE
+            j, state = stack.pop()
+            linearized &= ~(1 << j)
+            pending_known += ops[j].is_known
+            events.unlift(j)
+            node = events.next[events.call_node[j]]
+        return Verdict.LINEARIZABLE
+
+    def _remember(
+        self, stack: list[tuple[int, StateT]], state: StateT, blocking: int, node: int
+    ) -> None:
+        # Keep the first dead end at the greatest depth: the longest prefix is the shortest
+        # story of what went wrong (Porcupine reports the same).
+        if self.deepest is not None and len(self.deepest.linearized) >= len(stack):
+            return
+        self.deepest = Explanation(
+            linearized=tuple(self.ops[j] for j, _ in stack),
+            state=repr(state),
+            blocking=self.ops[blocking],
+            unplaced=tuple(self.ops[j] for j in self.events.calls_before(node)),
+        )
+
+
+def _check_partition(
+    key: PartitionKey, ops: Sequence[Operation], model: Model[StateT], states_max: int
+) -> PartitionResult:
+    search = _Search(ops, model, states_max)
+    verdict = search.run()
+    return PartitionResult(
+        partition=key,
+        verdict=verdict,
+        operations=len(ops),
+        states_explored=len(search.cache),
+        explanation=search.deepest if verdict is Verdict.NOT_LINEARIZABLE else None,
+    )
