@@ -31,6 +31,17 @@ class Register(Facet):
         return self.storage.get(key, default)
 
     @rpc
+    async def cas(self, key: str, expected: Value, value: Value) -> bool:
+        """Compare-and-swap, for the linearizability recorder: put ``value`` if ``key`` holds
+        ``expected`` (None: absent); return whether it did."""
+        current = self.storage.get(key)
+        # Same type as well as equal, as the checker's register model compares (1 is not True).
+        if type(current) is not type(expected) or current != expected:
+            return False
+        self.storage.put(key, value)
+        return True
+
+    @rpc
     async def put_then_fail(self, key: str, value: Value) -> None:
         self.storage.put(key, value)
         raise ValueError("failing on purpose")
