@@ -17,7 +17,7 @@ import msgpack
 
 from .._errors import BadRequestError, StorageError
 from ..runtime._timer_record import parse_record
-from ..storage import IDEM_DB, META_DB, TIMERS_DB
+from ..storage import IDEM_DB, META_DB, TIMERS_DB, open_environment
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -221,23 +221,13 @@ def set_identity(directory: Path, *, tenant: str, agent: str) -> None:
         BadRequestError: the copy has no meta db or no class binding (not a facet).
     """
     # The map size asked for is a minimum: LMDB keeps the larger one recorded in the copy.
-    env = lmdb.open(
-        str(directory),
-        map_size=1 << 20,
-        subdir=True,
-        readonly=False,
-        metasync=True,
-        sync=True,
-        map_async=False,
-        mode=0o600,
-        create=False,
-        readahead=False,
-        writemap=False,
-        meminit=True,
-        max_readers=1,
+    env = open_environment(
+        directory,
+        map_size_bytes=1 << 20,
         max_dbs=DBS_MAX,
+        max_readers=1,
+        create=False,
         max_spare_txns=0,
-        lock=True,
     )
     try:
         with env.begin(write=True) as txn:

@@ -35,6 +35,7 @@ import msgpack
 from .._errors import BadRequestError, StorageError
 from .._json import BYTES_MARKER, dump_json, from_json, to_json
 from .._values import check_value
+from ..storage import open_environment
 from ._environment import DB_NAME, DBS_MAX, named_dbs, open_readonly
 
 if TYPE_CHECKING:
@@ -163,23 +164,14 @@ class ImportBuilder:
         self._directory = directory
         # Stored records may be a little larger than a value (an idempotency record wraps one).
         self._value_bytes_max = value_bytes_max + LINE_OVERHEAD_BYTES
-        self._env = lmdb.open(
-            str(directory),
-            map_size=map_size_bytes,
-            subdir=True,
-            readonly=False,
-            metasync=False,  # a scratch store: synced once in finish()
-            sync=False,
-            map_async=False,
-            mode=0o600,
-            create=True,
-            readahead=False,
-            writemap=False,
-            meminit=True,
-            max_readers=1,
+        # A scratch store, synced once in finish().
+        self._env = open_environment(
+            directory,
+            map_size_bytes=map_size_bytes,
             max_dbs=DBS_MAX,
+            max_readers=1,
+            durable=False,
             max_spare_txns=0,
-            lock=True,
         )
         self._dbs: dict[str, Any] = {}
         self._header: dict[str, object] | None = None

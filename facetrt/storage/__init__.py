@@ -15,6 +15,7 @@ from ._store import TIMERS_DB as TIMERS_DB
 from ._store import CommitBatch as CommitBatch
 from ._store import FacetStore as FacetStore
 from ._store import StoreHooks as StoreHooks
+from ._store import open_environment as open_environment
 from ._system import KeyRecord as KeyRecord
 from ._system import Principal as Principal
 from ._system import SystemStore as SystemStore
@@ -37,5 +38,6 @@ __all__ = [
     "SystemStore",
     "TimerIndex",
     "count_tenant_facets",
+    "open_environment",
     "tenant_path",
 ]

@@ -262,30 +262,39 @@ def _unpack_text(raw: bytes) -> str | None:
 
 
 def open_environment(
-    path: Path, *, map_size_bytes: int, max_dbs: int, max_readers: int = 16
+    path: Path,
+    *,
+    map_size_bytes: int,
+    max_dbs: int,
+    max_readers: int = 16,
+    create: bool = True,
+    durable: bool = True,
+    max_spare_txns: int = 1,
 ) -> lmdb.Environment:
-    """Open one durable LMDB environment with every option explicit (STYLE §8).
+    """Open one LMDB environment with every option explicit (STYLE §8).
 
-    Durable: a commit returns after fsync of data and meta (``sync``, ``metasync``), through
-    ``write()`` rather than a writable map (``writemap=False``: a stray pointer cannot scribble
-    on the file). Files are private (0600). Raises ``lmdb.Error``.
+    Durable by default: a commit returns after fsync of data and meta (``sync``,
+    ``metasync``), through ``write()`` rather than a writable map (``writemap=False``: a stray
+    pointer cannot scribble on the file). ``durable=False`` only for scratch stores that are
+    synced once by their owner before use (imports). Files are private (0600). Raises
+    ``lmdb.Error``.
     """
     return lmdb.open(
         str(path),
         map_size=map_size_bytes,
         subdir=True,
         readonly=False,
-        metasync=True,
-        sync=True,
+        metasync=durable,
+        sync=durable,
         map_async=False,
         mode=0o600,
-        create=True,
+        create=create,
         readahead=False,
         writemap=False,
         meminit=True,
         max_readers=max_readers,
         max_dbs=max_dbs,
-        max_spare_txns=1,
+        max_spare_txns=max_spare_txns,
         lock=True,
     )
 
