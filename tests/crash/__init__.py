@@ -270,38 +270,9 @@ class CrashHarness:
             f"--fresh-interval={config.fresh_interval_seconds}",
             f"--max-seconds={config.child_max_seconds}",
         ]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-        stderr_path = log_path.with_suffix(".err")
-        with (
-            stderr_path.open("wb") as stderr,
-            subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                cwd=REPO_ROOT,
-                env=env,
-            ) as child,
-        ):
-            try:
-                if _wait_ready(child, config.ready_timeout_seconds):
-                    time.sleep(report.kill_after_seconds)
-                else:
-                    report.problems.append(
-                        f"child did not report running within {config.ready_timeout_seconds} s"
-                    )
-                if child.poll() is None:
-                    child.send_signal(signal.SIGKILL)
-            finally:
-                if child.poll() is None:
-                    child.kill()
-                returncode = child.wait()
-        if returncode != -signal.SIGKILL:
-            errors = stderr_path.read_text(errors="replace").strip()[-2000:]
-            report.problems.append(
-                f"child exited with {returncode} instead of being killed; stderr: {errors}"
-            )
+        report.problems.extend(
+            run_and_kill(command, log_path, config.ready_timeout_seconds, report.kill_after_seconds)
+        )
 
     def _verify_stores(self, report: CycleReport, agents: Sequence[str], log: CycleLog) -> None:
         """Verify the data files of ``agents`` as the crash left them, before anything reopens
@@ -352,6 +323,46 @@ class CrashHarness:
             )
         report.values[agent] = value
         self.values[agent] = value
+
+
+def run_and_kill(
+    command: list[str], log_path: Path, ready_timeout_seconds: float, kill_after_seconds: float
+) -> list[str]:
+    """Start a crash child, let it run ``kill_after_seconds`` once it reports running, then
+    SIGKILL it. Returns the problems seen (it never reported running; it exited by itself).
+
+    Its stderr goes to ``log_path`` with the suffix ``.err``; the repository is on its path.
+    """
+    problems: list[str] = []
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    stderr_path = log_path.with_suffix(".err")
+    with (
+        stderr_path.open("wb") as stderr,
+        subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            cwd=REPO_ROOT,
+            env=env,
+        ) as child,
+    ):
+        try:
+            if _wait_ready(child, ready_timeout_seconds):
+                time.sleep(kill_after_seconds)
+            else:
+                problems.append(f"child did not report running within {ready_timeout_seconds} s")
+            if child.poll() is None:
+                child.send_signal(signal.SIGKILL)
+        finally:
+            if child.poll() is None:
+                child.kill()
+            returncode = child.wait()
+    if returncode != -signal.SIGKILL:
+        errors = stderr_path.read_text(errors="replace").strip()[-2000:]
+        problems.append(f"child exited with {returncode} instead of being killed; stderr: {errors}")
+    return problems
 
 
 def _wait_ready(child: subprocess.Popen[bytes], timeout: float) -> bool:

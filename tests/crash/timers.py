@@ -20,18 +20,14 @@ commit together, so even at-least-once delivery counts once).
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 import trio
 
 from facetrt import FacetrtError, RuntimeConfig, open_runtime
-from tests.crash import REPO_ROOT, STORE_GLOB, TENANT, _wait_ready, verify_store
+from tests.crash import STORE_GLOB, TENANT, run_and_kill, verify_store
 from tests.facets import Alarm
 
 if TYPE_CHECKING:
@@ -181,31 +177,6 @@ class TimerCrashHarness:
             f"--prefix={prefix}",
             f"--max-seconds={config.child_max_seconds}",
         ]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-        stderr_path = log_path.with_suffix(".err")
-        with (
-            stderr_path.open("wb") as stderr,
-            subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                cwd=REPO_ROOT,
-                env=env,
-            ) as child,
-        ):
-            try:
-                if _wait_ready(child, config.ready_timeout_seconds):
-                    time.sleep(report.kill_after_seconds)
-                else:
-                    report.problems.append("child did not report running")
-                if child.poll() is None:
-                    child.send_signal(signal.SIGKILL)
-            finally:
-                if child.poll() is None:
-                    child.kill()
-                returncode = child.wait()
-        if returncode != -signal.SIGKILL:
-            errors = stderr_path.read_text(errors="replace").strip()[-2000:]
-            report.problems.append(f"child exited with {returncode}; stderr: {errors}")
+        report.problems.extend(
+            run_and_kill(command, log_path, config.ready_timeout_seconds, report.kill_after_seconds)
+        )
