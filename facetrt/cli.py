@@ -112,25 +112,14 @@ class _Admin:
         path: str,
         body: dict[str, object] | None = None,
     ) -> Any:
-        from .storage import DataDirLock, SystemStore
-
-        try:
-            lock = DataDirLock(self.data_dir)
-        except ConfigError:
-            return self._http(method, path, body)  # a daemon holds the directory
-        try:
-            system = SystemStore(self.data_dir / "system")
-            try:
-                return direct(system)
-            finally:
-                system.close()
-        finally:
-            lock.release()
+        """``direct(system)`` on the data directory, or one admin request when a daemon holds it."""
+        return self.run_system(direct, lambda: self._http(method, path, body))
 
     def run_system(
         self, direct: Callable[[SystemStore], Any], through_daemon: Callable[[], Any]
     ) -> Any:
-        """Like :meth:`run`, for an operation that takes more than one request."""
+        """``direct(system)`` on the data directory, or ``through_daemon()`` when a daemon
+        holds it (operations that take more than one request)."""
         from .storage import DataDirLock, SystemStore
 
         try:
