@@ -451,30 +451,25 @@ class _Session:
             except LocalProtocolError:
                 return  # the connection already failed: nobody to answer
         self._server.metrics.observe_call("tcp", code, self._clock() - started)
+        self._append(data)
         if self._core.releasing:
             # Released with a commit's batch: the after_release hook writes it (flush) and
             # wakes the writer task only if the socket did not take everything.
-            self._outbox.append(data)
-            self._outbox_bytes += len(data)
-            self._outbox_frames += 1
-            self._unwritten += 1
             if not self._flush_scheduled:
                 self._flush_scheduled = True
                 self._server.dirty.append(self)
         else:
-            self._append(data)  # an error answered at once, an expired deadline, a failure
+            self._wake_writer()  # an error answered at once, an expired deadline, a failure
 
     def _queue(self, event: Event) -> None:
         self._append(self._conn.send(event))
+        self._wake_writer()
 
     def _append(self, data: bytes) -> None:
         self._outbox.append(data)
         self._outbox_bytes += len(data)
         self._outbox_frames += 1
         self._unwritten += 1
-        if self._writer_parked:
-            self._writer_parked = False  # woken: later replies need not wake it again
-            self._writer_lot.unpark_all()
 
     def detach(self) -> None:
         """The stream is about to close: never write to its descriptor again (the number
@@ -512,7 +507,7 @@ class _Session:
 
     def _wake_writer(self) -> None:
         if self._writer_parked:
-            self._writer_parked = False
+            self._writer_parked = False  # woken: later replies need not wake it again
             self._writer_lot.unpark_all()
 
     async def _wait_for_room(self) -> None:
