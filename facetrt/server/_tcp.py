@@ -420,9 +420,7 @@ class _Session:
         scope = self._pending.pop(call_id, None)
         if scope is not None:
             scope.cancel()
-        if self._room_waiters:
-            self._room_waiters = 0  # all woken; each re-counts itself if it parks again
-            self._room_lot.unpark_all()
+        self._wake_for_room()
         if type(result) is outcome.Value:
             code = "ok"
             try:
@@ -497,9 +495,7 @@ class _Session:
                 self._outbox.clear()
                 self._unwritten -= self._outbox_frames
                 self._outbox_frames = 0
-                if self._room_waiters:
-                    self._room_waiters = 0
-                    self._room_lot.unpark_all()
+                self._wake_for_room()
                 return
             # Its frames stay unwritten until the writer task sent the rest.
             self._outbox[:] = [data[sent:]]
@@ -509,6 +505,11 @@ class _Session:
         if self._writer_parked:
             self._writer_parked = False  # woken: later replies need not wake it again
             self._writer_lot.unpark_all()
+
+    def _wake_for_room(self) -> None:
+        if self._room_waiters:
+            self._room_waiters = 0  # all woken; each re-counts itself if it parks again
+            self._room_lot.unpark_all()
 
     async def _wait_for_room(self) -> None:
         # Counted while parked; whoever wakes the lot resets the count (all are woken).
@@ -539,8 +540,7 @@ class _Session:
                     self._sending = False
                 self._outbox_bytes -= len(data)
                 self._unwritten -= frames
-                self._room_waiters = 0
-                self._room_lot.unpark_all()
+                self._wake_for_room()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._conn.send_failed()
             self._read_scope.cancel()
