@@ -28,6 +28,7 @@ from typing import Final
 import msgpack
 
 from .._errors import RemoteProtocolError
+from .._values import packb
 
 HEADER: Final = struct.Struct(">I")
 HEADER_BYTES: Final = HEADER.size
@@ -38,15 +39,12 @@ def _refuse_ext(code: int, data: bytes) -> object:
     raise ValueError(f"msgpack extension type {code} is not allowed")
 
 
-# msgpack.packb builds a Packer per call (0.6 µs); a reused one costs 0.12 µs. Shared safely:
-# packing runs no Python code (no ``default`` hook), so it holds the GIL from start to end.
-_pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 _header = HEADER.pack
 
 
 def encode_frame(body: dict[str, object]) -> bytes:
     """One frame holding ``body``; the caller checks the size against the peer's limit."""
-    payload: bytes = _pack(body)
+    payload: bytes = packb(body)  # the shared Packer (_values.packb: 0.12 us, not 0.6)
     return _header(len(payload)) + payload
 
 
