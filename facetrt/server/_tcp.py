@@ -28,6 +28,7 @@ from .._errors import (
     ForbiddenError,
     InternalError,
     LocalProtocolError,
+    OverloadedError,
     RemoteProtocolError,
     UnauthorizedError,
     UnavailableError,
@@ -153,8 +154,17 @@ class TcpServer:
     async def _handle(self, stream: trio.abc.Stream) -> None:
         surface = "tcp"
         if len(self._sessions) >= self.config.connections_max or self.draining:
-            reason = "draining" if self.draining else "at its connection limit"
-            refusal = error_reply(None, UnavailableError(f"server is {reason}; retry later"))
+            # Full is `overloaded` (SPEC §4: the node is full), draining `unavailable`.
+            refused: FacetrtError = (
+                UnavailableError("server is draining; retry later")
+                if self.draining
+                else OverloadedError(
+                    f"server has {self.config.connections_max} connections open, its limit; "
+                    "retry later"
+                )
+            )
+            self.metrics.connections_refused.labels(surface).inc()
+            refusal = error_reply(None, refused)
             with trio.move_on_after(CLOSE_SECONDS), contextlib.suppress(trio.BrokenResourceError):
                 await stream.send_all(Connection(Role.SERVER).send(refusal))
             await trio.aclose_forcefully(stream)
