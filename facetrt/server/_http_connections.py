@@ -67,6 +67,23 @@ def refusal_response(connections_max: int) -> bytes:
     return head.encode() + body
 
 
+class _Connection(TCPServer):
+    """hypercorn's connection handler, ending as soon as the connection has.
+
+    hypercorn starts a keep-alive timer when a connection opens and stops it only when a
+    request arrives; a connection that ends without a complete request (the peer closed, or
+    hypercorn refused a malformed head and closed) still waits for that timer before its task
+    ends. Under a connection limit that would let a client hold every slot with connections
+    it has already closed: opening and closing a connection per second per slot would do.
+    """
+
+    async def _read_data(self) -> None:
+        try:
+            await super()._read_data()
+        finally:
+            await self.idle_task.stop()
+
+
 @final
 class HttpConnections:
     """Accepts HTTP connections and serves each with hypercorn, at most ``connections_max``."""
@@ -137,7 +154,7 @@ class HttpConnections:
             metrics.connections_accepted.labels("http").inc()
             metrics.connections.labels("http").inc()
         try:
-            await TCPServer(self._app, self._config, self._context, self._state, stream)  # type: ignore[arg-type]  # hypercorn types the stream as SSLStream; it takes plain ones too
+            await _Connection(self._app, self._config, self._context, self._state, stream)  # type: ignore[arg-type]  # hypercorn types the stream as SSLStream; it takes plain ones too
         finally:
             self.open -= 1
             if metrics is not None:

@@ -65,6 +65,8 @@ logger = logging.getLogger(__name__)
 # bytes costs 14.5 us here, recv(64 KiB) 2.4 us).
 RECEIVE_BYTES_MAX = 64 * 1024
 CLOSE_SECONDS = 5.0
+# At most 4 KiB of UTF-8: an error reply always fits in a frame (frame_bytes_max >= 64 KiB).
+ERROR_MESSAGE_CHARS_MAX = 1024
 TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
@@ -79,9 +81,12 @@ def _peer_host(stream: trio.abc.Stream) -> str:
 
 
 def error_reply(call_id: int | None, error: FacetrtError) -> ErrorReply:
-    return ErrorReply(
-        id=call_id, code=error.code.value, message=error.message, retryable=error.retryable
-    )
+    message = error.message
+    if len(message) > ERROR_MESSAGE_CHARS_MAX:
+        # Messages echo what the caller sent (an id, a method name): one as long as a whole
+        # frame made a reply that did not fit, and the call went unanswered.
+        message = message[:ERROR_MESSAGE_CHARS_MAX] + "... (cut)"
+    return ErrorReply(id=call_id, code=error.code.value, message=message, retryable=error.retryable)
 
 
 @final
