@@ -38,14 +38,20 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from ._daemon_util import Spec
-from ._util import REPO_ROOT, Latency, describe_load, load_snapshot, machine_info, scratch_dir
+from ._util import (
+    Latency,
+    describe_load,
+    load_snapshot,
+    machine_info,
+    scratch_dir,
+    write_result,
+)
 from .daemon import HOST, Generator, Window, running_daemon
 
 if TYPE_CHECKING:
     from ._util import JsonValue
     from .daemon import Daemon
 
-RESULTS_DIR: Final = REPO_ROOT / "benchmarks" / "results"
 QUIET: Final = "quiet"
 NOISY_CONNECTIONS: Final = 8
 NOISY_WINDOW: Final = 128
@@ -247,10 +253,7 @@ def report(
         "load_end": load_end,
     }
     if not options.no_json:
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        out = RESULTS_DIR / f"noisy-neighbour-{stamp}.json"
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {out}")
+        write_result("noisy-neighbour", stamp, result)
     return result
 
 

@@ -32,7 +32,6 @@ import argparse
 import bisect
 import contextlib
 import datetime
-import json
 import struct
 import sys
 import threading
@@ -50,14 +49,20 @@ from facetrt.config import RuntimeConfig, ServerConfig
 from facetrt.protocol import encode_frame
 
 from ._daemon_util import RECEIVE_BYTES_MAX, Spec, _handshake
-from ._util import REPO_ROOT, Latency, describe_load, load_snapshot, machine_info, scratch_dir
+from ._util import (
+    Latency,
+    describe_load,
+    load_snapshot,
+    machine_info,
+    scratch_dir,
+    write_result,
+)
 from .daemon import HOST, Generator, running_daemon
 
 if TYPE_CHECKING:
     from ._util import JsonValue
     from .daemon import Daemon
 
-RESULTS_DIR: Final = REPO_ROOT / "benchmarks" / "results"
 AGENT: Final = "burst-counter"
 PHASES: Final = ("before", "burst", "after")
 TICK_SECONDS: Final = 0.002
@@ -418,10 +423,7 @@ def _report(
         "load_end": load_end,
     }
     if not options.no_json:
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        out = RESULTS_DIR / f"overload-{stamp}.json"
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {out}")
+        write_result("overload", stamp, result)
     return 0
 
 
