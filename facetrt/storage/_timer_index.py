@@ -88,6 +88,7 @@ def _keys_between(
 @dataclass(slots=True)
 class _Operation:
     apply: Callable[[lmdb.Transaction[bytes]], object]
+    reopen: bool = False  # open the environment again first (a repair)
     done: bool = False
     result: object = None
     error: BaseException | None = None
@@ -213,13 +214,13 @@ class TimerIndex:
         return bool(self._run(apply))
 
     def repair(self) -> None:
-        """Reopen the environment if a failed commit left it broken (a write with nothing
-        to write otherwise). Blocking: for a writer thread.
+        """Close and open the environment again, between two group commits: after reads
+        failed (it was left broken, or LMDB refuses it). Blocking: for a writer thread.
 
         Raises:
             StorageError: it could not be reopened.
         """
-        self._run(lambda txn: None)
+        self._run(lambda txn: None, reopen=True)
 
     def _hint_in(self, txn: lmdb.Transaction[bytes], key: bytes) -> int | None:
         raw = txn.get(key, db=self._facets)
@@ -236,8 +237,10 @@ class TimerIndex:
             txn.put(_MS.pack(due_ms) + key, b"", db=self._due)
             txn.put(key, _MS.pack(due_ms), db=self._facets)
 
-    def _run(self, apply: Callable[[lmdb.Transaction[bytes]], object]) -> object:
-        operation = _Operation(apply)
+    def _run(
+        self, apply: Callable[[lmdb.Transaction[bytes]], object], *, reopen: bool = False
+    ) -> object:
+        operation = _Operation(apply, reopen=reopen)
         group = self._group
         with group.condition:
             group.queue.append(operation)
@@ -263,7 +266,7 @@ class TimerIndex:
         error: StorageError | None = None
         results: list[object] = []
         try:
-            if self._broken:
+            if self._broken or any(operation.reopen for operation in batch):
                 self._reopen()
             with self._env.begin(write=True) as txn:
                 results = [operation.apply(txn) for operation in batch]
