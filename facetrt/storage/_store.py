@@ -41,6 +41,8 @@ SYSTEM_DBS: Final = (META_DB, IDEM_DB, TIMERS_DB)
 KEY_BYTES_MAX: Final = 511
 DATA_FILE: Final = "data.mdb"
 LOCK_FILE: Final = "lock.mdb"
+LOCK_HEADER_BYTES: Final = 128
+READER_SLOT_BYTES: Final = 64
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -274,9 +276,11 @@ def open_environment(
     Durable by default: a commit returns after fsync of data and meta (``sync``,
     ``metasync``), through ``write()`` rather than a writable map (``writemap=False``: a stray
     pointer cannot scribble on the file). ``durable=False`` only for scratch stores that are
-    synced once by their owner before use (imports). Files are private (0600). Raises
-    ``lmdb.Error``.
+    synced once by their owner before use (imports). Files are private (0600). The lock file
+    gets its disk space first (:func:`reserve_lock_file`). Raises ``lmdb.Error``.
     """
+    if path.is_dir():
+        reserve_lock_file(path, max_readers)
     return lmdb.open(
         str(path),
         map_size=map_size_bytes,
@@ -295,6 +299,36 @@ def open_environment(
         max_spare_txns=max_spare_txns,
         lock=True,
     )
+
+
+def lock_file_bytes(max_readers: int) -> int:
+    """The size LMDB gives ``lock.mdb`` (0.9, 64-bit Linux): a 128-byte header, then one
+    64-byte slot per reader."""
+    return LOCK_HEADER_BYTES + READER_SLOT_BYTES * max_readers
+
+
+def reserve_lock_file(path: Path, max_readers: int) -> None:
+    """Allocate the disk space of the environment's lock file before LMDB maps it.
+
+    LMDB writes its lock file through a shared memory map. Where the file has no blocks yet (a
+    new file that LMDB extends with ``ftruncate``), the first write to a page must allocate
+    one, and on a full file system that page fault is ``SIGBUS``: the whole node would die
+    creating one facet's store. Allocated here first, the same full disk is an ``ENOSPC``
+    for that facet alone. Costs one ``fallocate`` per open (nothing to do once allocated).
+
+    Raises:
+        lmdb.Error: the space cannot be allocated (``ENOSPC``, ``EFBIG``, ...).
+    """
+    lock_path = path / LOCK_FILE
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            size = max(os.fstat(fd).st_size, lock_file_bytes(max_readers))
+            os.posix_fallocate(fd, 0, size)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise lmdb.Error(f"cannot allocate the lock file {str(lock_path)!r}: {exc}") from exc
 
 
 def _apply(txn: lmdb.Transaction[bytes], db: object, ops: dict[bytes, bytes | None]) -> None:
