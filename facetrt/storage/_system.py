@@ -14,13 +14,18 @@ constant-time. Revocation is recorded (not deleted) so that it is auditable.
 
 All methods are synchronous and short; writes commit durably (``sync=True``).
 
+Threads: reads run on the event loop; the daemon's writes and backup copies on its writer
+threads (an fsync must not stop the loop); LMDB serialises the write transactions.
+
 Storage failures raise :class:`StorageError` (``internal``, retryable): nothing of a failed
-write is kept, in LMDB or in memory. After a failed write the environment is probed and, if
-LMDB has marked it fatal (a failed meta page write makes it refuse every later transaction,
+write is kept, in LMDB or in memory. After a failed transaction the environment is probed and,
+if LMDB has marked it fatal (a failed meta page write makes it refuse every later transaction,
 reads included), closed and opened again, so one failed write does not leave the node unable
-to create tenants or keys until a restart. The reopen waits for no one: while a backup copies
-the store on a writer thread it is put off, and the store reports itself unavailable until a
-later call finds it possible.
+to read or create tenants and keys until a restart. A reopen must not close the environment
+under another thread's transaction or copy: every use holds the store's gate shared, a reopen
+holds it exclusively. Writers wait for the gate (they run on writer threads); a read on the
+event loop never waits: it reopens only if the gate is free at once, and otherwise fails and
+leaves the reopen to the next call.
 """
 
 from __future__ import annotations
@@ -97,6 +102,48 @@ def _new_key(tenant: str | None) -> tuple[str, str, bytes, bytes]:
     return key_id, secret, digest, _dump(record)
 
 
+class _Gate:
+    """Shared use of an environment (transactions, copies) against its exclusive reopen."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._users = 0
+        self._exclusive = False
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._condition:
+            while self._exclusive:
+                self._condition.wait()
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._users -= 1
+                if not self._users:
+                    self._condition.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self, *, blocking: bool) -> Iterator[bool]:
+        """Yield True while held alone; False (not held) if ``blocking`` is off and it is
+        in use. Blocking waits for the current users, which hold it only briefly."""
+        with self._condition:
+            while blocking and (self._exclusive or self._users):
+                self._condition.wait()
+            acquired = not (self._exclusive or self._users)
+            self._exclusive = self._exclusive or acquired
+        if not acquired:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            with self._condition:
+                self._exclusive = False
+                self._condition.notify_all()
+
+
 class SystemStore:
     """Tenants and keys of one data directory. Open one per process (the daemon's).
 
@@ -107,11 +154,8 @@ class SystemStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # Held to reopen the environment, and to count copies running on writer threads
-        # (a reopen would close the environment under them).
-        self._lock = threading.Lock()
-        self._copies = 0
-        self._broken = False
+        self._gate = _Gate()
+        self._broken = False  # a transaction failed: probe (and maybe reopen) before the next
         self._open()
 
     def _open(self) -> None:
@@ -151,41 +195,43 @@ class SystemStore:
             StorageError: LMDB failed (the block's writes are not kept), or the store is
                 unavailable after an earlier failure.
         """
-        if self._broken:
-            self._recover()
-        try:
-            with self._env.begin(write=write) as txn:
-                yield txn
-        except lmdb.Error as exc:
-            if write or isinstance(exc, lmdb.PanicError):
-                self._broken = True
-                with contextlib.suppress(StorageError):
-                    self._recover()  # now if possible; otherwise the next call tries again
-            action = "write" if write else "read"
-            raise StorageError(
-                f"system store {action} failed in {str(self.path)!r}: {exc}"
-            ) from exc
+        if self._broken and write:
+            self._recover(blocking=True)
+        failure: lmdb.Error | None = None
+        with self._gate.shared():
+            try:
+                with self._env.begin(write=write) as txn:
+                    yield txn
+            except lmdb.Error as exc:
+                failure = exc
+        if failure is None:
+            return
+        if write or isinstance(failure, lmdb.PanicError):
+            self._broken = True
+            with contextlib.suppress(StorageError):
+                self._recover(blocking=write)  # if possible now; otherwise the next call
+        action = "write" if write else "read"
+        raise StorageError(
+            f"system store {action} failed in {str(self.path)!r}: {failure}"
+        ) from failure
 
-    def _recover(self) -> None:
+    def _recover(self, *, blocking: bool) -> None:
         """After a failed transaction: reopen the environment if LMDB no longer serves it.
 
         Raises:
-            StorageError: it is still unusable (a copy is running, or it cannot be opened).
+            StorageError: it cannot be opened (the next call tries again).
         """
-        with self._lock:
+        with self._gate.exclusive(blocking=blocking) as alone:
+            if not alone or not self._broken:
+                return  # in use (a reader does not wait), or another thread reopened it
             try:
                 with self._env.begin():
                     pass
             except lmdb.Error:
-                pass  # fatal (MDB_PANIC) or closed by a failed reopen: open it again
+                pass  # fatal (MDB_PANIC), or closed by a failed reopen: open it again
             else:
                 self._broken = False
                 return
-            if self._copies:
-                raise StorageError(
-                    f"the system store at {str(self.path)!r} failed and is reopened once the "
-                    "backup copying it ends"
-                )
             self._env.close()
             self._open()
             self._broken = False
@@ -218,16 +264,11 @@ class SystemStore:
         Raises:
             StorageError: the copy failed.
         """
-        with self._lock:
-            self._copies += 1
-            env = self._env
-        try:
-            env.copy(str(directory), compact=True)
-        except lmdb.Error as exc:
-            raise StorageError(f"cannot copy the system store: {exc}") from exc
-        finally:
-            with self._lock:
-                self._copies -= 1
+        with self._gate.shared():
+            try:
+                self._env.copy(str(directory), compact=True)
+            except lmdb.Error as exc:
+                raise StorageError(f"cannot copy the system store: {exc}") from exc
 
     # -- tenants ---------------------------------------------------------------------------
 
@@ -342,8 +383,13 @@ class SystemStore:
         self._active[key_id] = (digest, tenant)
         return key_id, f"frt_{key_id}_{secret}"
 
-    def revoke_key(self, key_id: str) -> None:
-        """Raises: NotFoundError (unknown or already revoked key id)."""
+    def revoke_key(self, key_id: str, *, keep_an_admin_key: bool = False) -> None:
+        """Revoke ``key_id``; with ``keep_an_admin_key``, never the last active admin key
+        (checked in the same write transaction, so two revocations cannot both pass).
+
+        Raises: NotFoundError (unknown or already revoked key id), ConflictError (the last
+        admin key, with ``keep_an_admin_key``).
+        """
         with self._txn(write=True) as txn:
             raw = txn.get(key_id.encode(), db=self._keys)
             if raw is None:
@@ -351,6 +397,17 @@ class SystemStore:
             record = _load(raw)
             if record["revoked"] is not None:
                 raise NotFoundError(f"key {key_id!r} is already revoked")
+            if keep_an_admin_key and record["tenant"] is None:
+                others = (
+                    other
+                    for other_id, other_raw in txn.cursor(self._keys)
+                    if other_id != key_id.encode()
+                    for other in (_load(other_raw),)
+                )
+                if not any(o["tenant"] is None and o["revoked"] is None for o in others):
+                    raise ConflictError(
+                        "refusing to revoke the last admin key; create another first"
+                    )
             record["revoked"] = time.time()
             txn.put(key_id.encode(), _dump(record), db=self._keys)
         self._active.pop(key_id, None)
