@@ -56,6 +56,21 @@ class Ledger:
     health_failures: list[str] = field(default_factory=list)
     retryable_failures: int = 0
     non_retryable_failures: list[str] = field(default_factory=list)
+    # Timers: names whose ``set`` was acknowledged, or failed, per Alarm facet.
+    timers_set: dict[str, set[str]] = field(default_factory=dict)
+    timers_refused: dict[str, set[str]] = field(default_factory=dict)
+    # Tenants created through the admin API (201), or refused with a retryable internal.
+    tenants_created: list[str] = field(default_factory=list)
+    tenants_refused: list[str] = field(default_factory=list)
+    admin_problems: list[str] = field(default_factory=list)
+    # What each failure was, by where it happened (see ``failure_kind``).
+    failure_kinds: collections.Counter[str] = field(default_factory=collections.Counter)
+    failure_samples: dict[str, str] = field(default_factory=dict)  # place -> first message
+
+    def failure_seen(self, message: str) -> None:
+        place = failure_kind(message)
+        self.failure_kinds[place] += 1
+        self.failure_samples.setdefault(place, message)
 
     def facet(self, agent: str) -> FacetLedger:
         return self.facets.setdefault(agent, FacetLedger())
@@ -96,6 +111,7 @@ class Ledger:
         problems += [f"read failed: {failure}" for failure in self.read_failures[:5]]
         problems += [f"/healthz failed: {failure}" for failure in self.health_failures[:5]]
         problems += [f"not retryable: {failure}" for failure in self.non_retryable_failures[:5]]
+        problems += self.admin_problems[:5]
         unexpected = set(self.failures_by_code()) - EXPECTED_WRITE_FAILURES
         if unexpected:
             problems.append(f"writes failed with unexpected codes: {sorted(unexpected)}")
@@ -116,7 +132,23 @@ async def write_loop(client: AsyncClient, ledger: Ledger, agent: str, stop: trio
             entry.acks.append(value)
 
 
+def failure_kind(message: str) -> str:
+    """Where a failure happened, from its message."""
+    if "timer index" in message:
+        return "timer index write"
+    if "commit failed" in message:
+        return "facet commit"
+    if "cannot open store" in message:
+        return "store creation"
+    if "read failed" in message:
+        return "facet read"  # a read of a store LMDB refused after a failed meta page write
+    if "system store" in message:
+        return "system store write"
+    return "other"
+
+
 def record_failure(ledger: Ledger, entry: FacetLedger, agent: str, exc: FacetrtError) -> None:
+    ledger.failure_seen(exc.message)
     if exc.code in ("unavailable", "timeout"):
         entry.unknown += 1  # a lost connection or deadline: the call may have run
     else:
@@ -125,6 +157,113 @@ def record_failure(ledger: Ledger, entry: FacetLedger, agent: str, exc: FacetrtE
         ledger.retryable_failures += 1
     else:
         ledger.non_retryable_failures.append(f"{agent}: {exc.code}: {exc.message}")
+
+
+async def create_loop(
+    client: AsyncClient, ledger: Ledger, prefix: str, stop: trio.Event, *, pause: float = 0.02
+) -> None:
+    """Create new counters one after another (``<prefix>0``, ...), each called until its
+    first increment is acknowledged: new stores, whose directories are fsynced."""
+    index = 0
+    while not stop.is_set():
+        agent = f"{prefix}{index}"
+        entry = ledger.facet(agent)
+        while not entry.acks:
+            try:
+                value = await client.call(agent, "increment", cls="Counter")
+            except FacetrtError as exc:
+                record_failure(ledger, entry, agent, exc)
+                await trio.sleep(0.005)
+            else:
+                assert isinstance(value, int)
+                entry.acks.append(value)
+        index += 1
+        await trio.sleep(pause)
+
+
+async def timer_loop(
+    client: AsyncClient, ledger: Ledger, agent: str, stop: trio.Event, *, after_seconds: float
+) -> None:
+    """Set timers ``t0``, ``t1``, ... on the Alarm facet ``agent``, each due shortly."""
+    acked = ledger.timers_set.setdefault(agent, set())
+    refused = ledger.timers_refused.setdefault(agent, set())
+    index = 0
+    while not stop.is_set():
+        name = f"t{index}"
+        index += 1
+        try:
+            await client.call(agent, "set", name, after_seconds=after_seconds, cls="Alarm")
+        except FacetrtError as exc:
+            refused.add(name)
+            ledger.failure_seen(exc.message)
+            if not exc.retryable or exc.code != "internal":
+                ledger.admin_problems.append(f"timer {agent}/{name}: {exc.code}: {exc.message}")
+            await trio.sleep(0.005)
+        else:
+            acked.add(name)
+        await trio.sleep(0.01)
+
+
+async def check_timers(client: AsyncClient, ledger: Ledger, *, seconds: float) -> list[str]:
+    """Wait until every acknowledged timer fired; problems: acknowledged timers that never
+    fired, refused ones that did (a failed ``set`` must leave nothing), any fired twice."""
+    deadline = trio.current_time() + seconds
+    problems: list[str] = []
+    for agent, acked in sorted(ledger.timers_set.items()):
+        while True:
+            fired = await client.call(agent, "fired", cls="Alarm")
+            assert isinstance(fired, dict)
+            missing = acked - set(fired)
+            if not missing or trio.current_time() > deadline:
+                break
+            await trio.sleep(0.2)
+        if missing:
+            problems.append(f"{agent}: acknowledged timers never fired: {sorted(missing)[:5]}")
+        ghosts = ledger.timers_refused.get(agent, set()) & set(fired)
+        if ghosts:
+            problems.append(f"{agent}: refused timers fired: {sorted(ghosts)[:5]}")
+        twice = sorted(name for name, count in fired.items() if count != 1)
+        if twice:
+            problems.append(f"{agent}: timers whose delivery committed twice: {twice[:5]}")
+    return problems
+
+
+async def tenant_loop(
+    http: httpx.AsyncClient, admin_key: str, ledger: Ledger, prefix: str, stop: trio.Event
+) -> None:
+    """Create tenants through the admin API: each answer is 201, or a retryable internal."""
+    headers = {"Authorization": f"Bearer {admin_key}"}
+    index = 0
+    while not stop.is_set():
+        tenant = f"{prefix}{index}"
+        index += 1
+        response = await http.post("/v1/admin/tenants", json={"tenant": tenant}, headers=headers)
+        if response.status_code == 201:
+            ledger.tenants_created.append(tenant)
+        else:
+            error = response.json().get("error", {})
+            if (response.status_code, error.get("code"), error.get("retryable")) == (
+                500,
+                "internal",
+                True,
+            ):
+                ledger.tenants_refused.append(tenant)
+                ledger.failure_seen(error["message"])
+            else:
+                ledger.admin_problems.append(f"tenant {tenant}: {response.text[:200]}")
+        await trio.sleep(0.05)
+
+
+async def check_tenants(http: httpx.AsyncClient, admin_key: str, ledger: Ledger) -> list[str]:
+    """Created tenants exist; refused ones do not (tenant and key commit together)."""
+    response = await http.get("/v1/admin/tenants", headers={"Authorization": f"Bearer {admin_key}"})
+    response.raise_for_status()
+    existing = set(response.json()["tenants"])
+    problems = [
+        f"created tenant {t} is missing" for t in ledger.tenants_created if t not in existing
+    ]
+    problems += [f"refused tenant {t} exists" for t in ledger.tenants_refused if t in existing]
+    return problems
 
 
 async def read_loop(
