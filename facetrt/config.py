@@ -213,7 +213,12 @@ class ServerConfig(BaseModel):
     http: str | None = Field(
         "127.0.0.1:7421", description="HOST:PORT of the HTTP gateway; empty disables it."
     )
-    connections_max: int = Field(1024, gt=0, le=1_000_000, description="Open TCP connections.")
+    connections_max: int = Field(
+        1024,
+        gt=0,
+        le=1_000_000,
+        description="Open TCP connections; more are refused with `overloaded` and closed.",
+    )
     calls_in_flight_max: int = Field(
         256, gt=0, le=100_000, description="Calls in flight per connection before reads pause."
     )
@@ -223,6 +228,19 @@ class ServerConfig(BaseModel):
     handshake_seconds: float = Field(10.0, gt=0, le=600, description="Time to send `hello`.")
     frame_seconds: float = Field(
         30.0, gt=0, le=3600, description="Time to finish a frame once its first byte arrived."
+    )
+    http_connections_max: int = Field(
+        1024,
+        gt=0,
+        le=1_000_000,
+        description="Open HTTP connections; more are answered 429 `overloaded` and closed.",
+    )
+    http_keep_alive_seconds: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="An HTTP connection without a request for this long is closed; a "
+        "request's head must arrive within it.",
     )
     http_body_bytes_max: int = Field(
         4 * MIB, ge=1024, le=256 * MIB, description="Largest HTTP request body."

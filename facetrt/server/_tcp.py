@@ -28,6 +28,7 @@ from .._errors import (
     ForbiddenError,
     InternalError,
     LocalProtocolError,
+    OverloadedError,
     RemoteProtocolError,
     UnauthorizedError,
     UnavailableError,
@@ -64,6 +65,8 @@ logger = logging.getLogger(__name__)
 # bytes costs 14.5 us here, recv(64 KiB) 2.4 us).
 RECEIVE_BYTES_MAX = 64 * 1024
 CLOSE_SECONDS = 5.0
+# At most 4 KiB of UTF-8: an error reply always fits in a frame (frame_bytes_max >= 64 KiB).
+ERROR_MESSAGE_CHARS_MAX = 1024
 TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
@@ -78,9 +81,12 @@ def _peer_host(stream: trio.abc.Stream) -> str:
 
 
 def error_reply(call_id: int | None, error: FacetrtError) -> ErrorReply:
-    return ErrorReply(
-        id=call_id, code=error.code.value, message=error.message, retryable=error.retryable
-    )
+    message = error.message
+    if len(message) > ERROR_MESSAGE_CHARS_MAX:
+        # Messages echo what the caller sent (an id, a method name): one as long as a whole
+        # frame made a reply that did not fit, and the call went unanswered.
+        message = message[:ERROR_MESSAGE_CHARS_MAX] + "... (cut)"
+    return ErrorReply(id=call_id, code=error.code.value, message=message, retryable=error.retryable)
 
 
 @final
@@ -153,8 +159,17 @@ class TcpServer:
     async def _handle(self, stream: trio.abc.Stream) -> None:
         surface = "tcp"
         if len(self._sessions) >= self.config.connections_max or self.draining:
-            reason = "draining" if self.draining else "at its connection limit"
-            refusal = error_reply(None, UnavailableError(f"server is {reason}; retry later"))
+            # Full is `overloaded` (SPEC §4: the node is full), draining `unavailable`.
+            refused: FacetrtError = (
+                UnavailableError("server is draining; retry later")
+                if self.draining
+                else OverloadedError(
+                    f"server has {self.config.connections_max} connections open, its limit; "
+                    "retry later"
+                )
+            )
+            self.metrics.connections_refused.labels(surface).inc()
+            refusal = error_reply(None, refused)
             with trio.move_on_after(CLOSE_SECONDS), contextlib.suppress(trio.BrokenResourceError):
                 await stream.send_all(Connection(Role.SERVER).send(refusal))
             await trio.aclose_forcefully(stream)
