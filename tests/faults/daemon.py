@@ -31,9 +31,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Final
+from typing import IO, Final
 
 import httpx
 
@@ -85,6 +86,14 @@ def _child_environment() -> dict[str, str]:
     return env
 
 
+def _copy_log(source: IO[bytes], path: Path) -> None:
+    """Copy the daemon's stderr to ``path`` as it comes, until the daemon closes it."""
+    with source, path.open("wb") as target:
+        while chunk := os.read(source.fileno(), 65536):
+            target.write(chunk)
+            target.flush()
+
+
 class FaultDaemon:
     """``facetrt serve`` on ``data_dir`` (default ``root/data``); logs and pipes in ``root``.
 
@@ -114,6 +123,7 @@ class FaultDaemon:
         self.tcp_port = 0
         self.http_port = 0
         self.process: subprocess.Popen[bytes] | None = None
+        self._log_copier = threading.Thread()
 
     # -- addresses ---------------------------------------------------------------------------
 
@@ -150,15 +160,20 @@ class FaultDaemon:
         if self.fiu:
             # fiu-run execs the program: the daemon keeps fiu-run's pid, which names the pipes.
             command = ["fiu-run", "-x", "-f", str(self.root / "fiu"), *command]
-        with out.open("wb") as stdout, self.stderr_path.open("wb") as stderr:
+        with out.open("wb") as stdout:
             self.process = subprocess.Popen(
                 command,
                 stdin=subprocess.DEVNULL,
                 stdout=stdout,
-                stderr=stderr,
+                stderr=subprocess.PIPE,  # through a pipe: a file size limit does not apply
                 env=_child_environment(),
                 cwd=REPO_ROOT,
             )
+        assert self.process.stderr is not None
+        self._log_copier = threading.Thread(
+            target=_copy_log, args=(self.process.stderr, self.stderr_path), daemon=True
+        )
+        self._log_copier.start()
         deadline = time.monotonic() + START_SECONDS
         while (match := SERVING.search(out.read_text())) is None:
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -181,6 +196,7 @@ class FaultDaemon:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        self._log_copier.join(STOP_SECONDS)  # the pipe ends with the process
         return process.returncode
 
     def is_running(self) -> bool:
