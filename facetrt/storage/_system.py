@@ -206,7 +206,7 @@ class SystemStore:
                 failure = exc
         if failure is None:
             return
-        if write or isinstance(failure, lmdb.PanicError):
+        if write or self._broken or isinstance(failure, lmdb.PanicError):
             self._broken = True
             with contextlib.suppress(StorageError):
                 self._recover(blocking=write)  # if possible now; otherwise the next call
