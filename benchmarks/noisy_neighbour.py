@@ -17,7 +17,10 @@ Cases, each repeat taking one window of every case in turn:
 - ``flood-1-quota``: as ``flood-1`` with A under a per-tenant rate quota (decision 0010)
   of ``--quota`` calls/s (default: a quarter of A's unquota'd rate in the first repeat); A's
   generator ignores its ``quota_exceeded`` answers and sends the next call at once, as an
-  abusive client would.
+  abusive client would;
+- ``flood-1-bounded``, ``flood-64-bounded``: as ``flood-1`` and ``flood-64`` with A's calls
+  in flight across its connections bounded at ``--in-flight`` (the tenant quota
+  ``calls_in_flight_max``: backpressure, nothing refused).
 
 The target: B's p99 under each flood within 2x its p99 alone. Prints a table and PASS/FAIL
 per case, and writes ``benchmarks/results/noisy-neighbour-<timestamp>.json``.
@@ -71,8 +74,8 @@ def admin(daemon: Daemon, method: str, path: str, body: dict[str, Any] | None) -
         return json.loads(response.read())
 
 
-def set_rate_quota(daemon: Daemon, tenant: str, calls_per_second: float | None) -> None:
-    quotas = {} if calls_per_second is None else {"calls_per_second": calls_per_second}
+def set_quotas(daemon: Daemon, tenant: str, quotas: dict[str, float]) -> None:
+    """Replace ``tenant``'s quota overrides (empty: the node defaults)."""
     admin(daemon, "PUT", f"/v1/admin/tenants/{tenant}/quotas", quotas)
 
 
@@ -166,7 +169,15 @@ def run(options: argparse.Namespace) -> dict[str, JsonValue]:
             created = admin(daemon, "POST", "/v1/admin/tenants", {"tenant": QUIET})
             bench = Bench(daemon, created["key"], quiet_generator, noisy_generator, options.seconds)
             cases = {
-                name: CaseRuns(name) for name in ("alone", "flood-1", "flood-64", "flood-1-quota")
+                name: CaseRuns(name)
+                for name in (
+                    "alone",
+                    "flood-1",
+                    "flood-64",
+                    "flood-1-quota",
+                    "flood-1-bounded",
+                    "flood-64-bounded",
+                )
             }
             quota = options.quota
             for repeat in range(options.repeat):
@@ -177,11 +188,16 @@ def run(options: argparse.Namespace) -> dict[str, JsonValue]:
                     cases[name].noisy.append(noisy)
                 if quota is None:
                     quota = round(cases["flood-1"].noisy_rate() / 4)
-                set_rate_quota(daemon, "bench", quota)
-                quiet, noisy = bench.together(1)
-                set_rate_quota(daemon, "bench", None)
-                cases["flood-1-quota"].quiet.append(quiet)
-                cases["flood-1-quota"].noisy.append(noisy)
+                for name, agents, quotas in (
+                    ("flood-1-quota", 1, {"calls_per_second": quota}),
+                    ("flood-1-bounded", 1, {"calls_in_flight_max": options.in_flight}),
+                    ("flood-64-bounded", 64, {"calls_in_flight_max": options.in_flight}),
+                ):
+                    set_quotas(daemon, "bench", quotas)
+                    quiet, noisy = bench.together(agents)
+                    set_quotas(daemon, "bench", {})
+                    cases[name].quiet.append(quiet)
+                    cases[name].noisy.append(noisy)
                 print(
                     f"  [{repeat + 1}/{options.repeat}] "
                     + ", ".join(
@@ -236,6 +252,7 @@ def report(
             "passed": passed,
         }
     print(f"\nA's rate quota in flood-1-quota: {quota:,.0f} calls/s")
+    print(f"A's calls_in_flight_max in the *-bounded cases: {options.in_flight}")
     print(f"load at the end: {describe_load(load_end)} (this benchmark's own load included)")
     result: dict[str, JsonValue] = {
         "benchmark": "benchmarks.noisy_neighbour",
@@ -248,6 +265,7 @@ def report(
             "noisy_window": NOISY_WINDOW,
         },
         "quota_calls_per_second": quota,
+        "quota_calls_in_flight_max": options.in_flight,
         "cases": rows,
         "load_start": load_start,
         "load_end": load_end,
@@ -267,6 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="repeats per case (default 3)")
     parser.add_argument("--quick", action="store_true", help="1 repeat of 2 s windows")
     parser.add_argument("--quota", type=float, default=None, help="A's rate quota, calls/s")
+    parser.add_argument(
+        "--in-flight",
+        type=int,
+        default=32,
+        help="A's calls_in_flight_max in the *-bounded cases (default 32)",
+    )
     parser.add_argument(
         "--batch-envelopes-max",
         type=int,

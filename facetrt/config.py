@@ -25,6 +25,7 @@ MAP_SIZE_BYTES_LIMIT = 1 << 40
 FACETS_LIMIT = 1 << 32
 CALLS_PER_SECOND_LIMIT = 10_000_000.0
 CALLS_BURST_LIMIT = 10_000_000
+CALLS_IN_FLIGHT_LIMIT = 1_000_000
 
 
 class RuntimeConfig(BaseModel):
@@ -127,6 +128,14 @@ class RuntimeConfig(BaseModel):
         description="Calls a tenant may send at once above its rate (default quota); unset: "
         "one second's worth.",
     )
+    tenant_calls_in_flight_max: int | None = Field(
+        None,
+        gt=0,
+        le=CALLS_IN_FLIGHT_LIMIT,
+        description="Calls one tenant may have in flight from outside, across all its "
+        "connections (default quota); at the bound its connections stop being read until "
+        "replies go out (backpressure, nothing refused). Unset: only the per-connection bound.",
+    )
     timers_per_facet_max: int = Field(
         10_000, gt=0, le=1_000_000, description="Timers (scheduled or failed) one facet may hold."
     )
@@ -158,8 +167,9 @@ class TenantQuotaSettings(BaseModel):
 
     A field left unset (None) follows the node default in :class:`RuntimeConfig`
     (``tenant_facets_max``, ``map_size_bytes_max``, ``mailbox_envelopes_max``,
-    ``tenant_calls_per_second``, ``tenant_calls_burst``). Stored with the tenant's record in
-    the system store; validated here, never on the call path.
+    ``tenant_calls_per_second``, ``tenant_calls_burst``, ``tenant_calls_in_flight_max``).
+    Stored with the tenant's record in the system store; validated here, never on the call
+    path.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -181,6 +191,12 @@ class TenantQuotaSettings(BaseModel):
     )
     calls_burst: int | None = Field(
         None, gt=0, le=CALLS_BURST_LIMIT, description="Calls at once above the rate."
+    )
+    calls_in_flight_max: int | None = Field(
+        None,
+        gt=0,
+        le=CALLS_IN_FLIGHT_LIMIT,
+        description="Calls in flight at once, across its connections (backpressure).",
     )
 
     def overrides(self) -> dict[str, object]:

@@ -279,10 +279,18 @@ class HttpGateway:
         if traceparent is not None and TRACEPARENT.fullmatch(traceparent) is None:
             raise BadRequestError("traceparent is not a W3C trace context header")
         args, kwargs, cls = parse_call_body(await x.read_json())
-        address = self._runtime.core.address_of(tenant, agent)  # validated once, cached
-        return await self._runtime.core.call(
-            address, method, args, kwargs, cls=cls, idempotency_key=idempotency_key, chain=()
-        )
+        core = self._runtime.core
+        address = core.address_of(tenant, agent)  # validated once, cached
+        flight = core.quotas.in_flight(tenant)
+        while flight.count >= flight.bound:
+            await flight.wait_for_room()  # the tenant's bound (backpressure, as over TCP)
+        flight.count += 1
+        try:
+            return await core.call(
+                address, method, args, kwargs, cls=cls, idempotency_key=idempotency_key, chain=()
+            )
+        finally:
+            flight.give()
 
     async def _authenticate(self, x: Exchange) -> Principal:
         """The principal of the request's bearer key (counted and throttled when refused)."""

@@ -16,7 +16,7 @@ import logging
 import os
 import re
 from functools import partial
-from typing import TYPE_CHECKING, final
+from typing import TYPE_CHECKING, Final, final
 
 import outcome
 import trio
@@ -47,6 +47,7 @@ from ..protocol import (
     State,
     Welcome,
 )
+from ..runtime import InFlight
 
 if TYPE_CHECKING:
     from .._values import Value
@@ -78,6 +79,12 @@ def _peer_host(stream: trio.abc.Stream) -> str:
         return str(socket.getpeername()[0]) if socket is not None else "?"
     except OSError:  # pragma: no cover - the socket died before we looked
         return "?"
+
+
+# A call id not in _pending (answered at once, or a late result after its deadline).
+_ABSENT: Final = trio.CancelScope()
+# Before the handshake names the tenant: a bound no session reaches.
+_UNBOUNDED: Final = InFlight(None)
 
 
 def error_reply(call_id: int | None, error: FacetrtError) -> ErrorReply:
@@ -229,6 +236,7 @@ class _Session:
         self._read_scope = trio.CancelScope()
         self._principal: Principal | None = None
         self._tenant = ""
+        self._flight = _UNBOUNDED  # the tenant's calls in flight, node-wide (after the hello)
         self._peer = _peer_host(stream)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -288,6 +296,7 @@ class _Session:
                     server.throttle.succeeded(self._peer)
                     self._principal = principal
                     self._tenant = principal.tenant
+                    self._flight = self._core.quotas.in_flight(principal.tenant)
         if error is not None:
             await self._stream.send_all(self._conn.send(error_reply(None, error)))
             return False
@@ -353,11 +362,18 @@ class _Session:
         # sends but never reads can make us hold at most calls_in_flight_max replies.
         outbox_max = self._config.frame_bytes_max * 2
         conn = self._conn
+        flight = self._flight
         while True:
             while len(self._pending) + self._unwritten >= bound or self._outbox_bytes > outbox_max:
                 await self._wait_for_room()
+            if flight.count >= flight.bound:
+                # The tenant's bound, across its connections: read nothing more until one of
+                # its calls is answered (backpressure; see runtime/_quotas.py).
+                await flight.wait_for_room()
+                continue
             # Every complete frame of what was read, as one batch (up to the free slots).
-            events = conn.next_events(bound - len(self._pending) - self._unwritten)
+            room = bound - len(self._pending) - self._unwritten
+            events = conn.next_events(min(room, flight.bound - flight.count))
             if not events:
                 await self._receive()
                 continue
@@ -412,6 +428,7 @@ class _Session:
             self._answer(call.id, started, outcome.Error(exc))
             return
         assert not reply.is_set, "replies never arrive synchronously"
+        self._flight.count += 1  # given back when the call leaves _pending (in _answer)
         if call.deadline_ms is None:
             self._pending[call.id] = None
             return
@@ -432,9 +449,14 @@ class _Session:
 
     def _answer(self, call_id: int, started: float, result: outcome.Outcome[Value]) -> None:
         """Encode the reply of ``call_id`` now and queue it (runs as the runtime's callback)."""
-        scope = self._pending.pop(call_id, None)
-        if scope is not None:
-            scope.cancel()
+        scope = self._pending.pop(call_id, _ABSENT)
+        if scope is not _ABSENT:
+            flight = self._flight
+            flight.count -= 1  # InFlight.give, inlined: once per call
+            if flight.waiting:
+                flight.give_waiters()
+            if scope is not None:
+                scope.cancel()
         self._wake_for_room()
         if type(result) is outcome.Value:
             code = "ok"
