@@ -220,8 +220,7 @@ def cmd_tenant_create(options: argparse.Namespace) -> int:
 
         data_dir = Path(options.data_dir or DEFAULT_DATA_DIR)
         refuse_leftover_tenant_data(tenant_path(data_dir, options.name), options.name)
-        system.create_tenant(options.name)
-        key_id, key = system.create_key(options.name)
+        key_id, key = system.create_tenant_with_key(options.name)
         return {"tenant": options.name, "key_id": key_id, "key": key}
 
     result = _Admin(options).run(direct, "POST", "/v1/admin/tenants", {"tenant": options.name})

@@ -270,9 +270,7 @@ class AdminApi:
             raise BadRequestError('send {"tenant": "<tenant id>"}')
         tenant = validate_tenant_id(body["tenant"])
         refuse_leftover_tenant_data(self._runtime.core.registry.tenant_path(tenant), tenant)
-        system = self._system
-        await self._offload(partial(system.create_tenant, tenant))
-        key_id, key = await self._offload(partial(system.create_key, tenant))
+        key_id, key = await self._offload(partial(self._system.create_tenant_with_key, tenant))
         logger.info("created tenant %s with key %s", tenant, key_id)
         return 201, {"tenant": tenant, "key_id": key_id, "key": key}
 

@@ -13,17 +13,33 @@ URL-safe characters (32 random bytes). Only SHA-256 of the secret is stored; the
 constant-time. Revocation is recorded (not deleted) so that it is auditable.
 
 All methods are synchronous and short; writes commit durably (``sync=True``).
+
+Threads: reads run on the event loop; the daemon's writes and backup copies on its writer
+threads (an fsync must not stop the loop); LMDB serialises the write transactions.
+
+Storage failures raise :class:`StorageError` (``internal``, retryable): nothing of a failed
+write is kept, in LMDB or in memory. After a failed transaction the environment is probed and,
+if LMDB has marked it fatal (a failed meta page write makes it refuse every later transaction,
+reads included), closed and opened again, so one failed write does not leave the node unable
+to read or create tenants and keys until a restart. A reopen must not close the environment
+under another thread's transaction or copy: every use holds the store's gate shared, a reopen
+holds it exclusively. Writers wait for the gate (they run on writer threads); a read on the
+event loop never waits: it reopens only if the gate is free at once, and otherwise fails and
+leaves the reopen to the next call.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -35,11 +51,14 @@ from .._ids import validate_tenant_id
 from ._store import DATA_FILE, fsync_dir, open_environment
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from pathlib import Path
 
 KEY_PATTERN: Final = re.compile(r"frt_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
 _TENANTS: Final = b"tenants"
 _KEYS: Final = b"keys"
+
+logger = logging.getLogger(__name__)
 
 
 def _dump(value: object) -> bytes:
@@ -74,38 +93,149 @@ class Principal:
         return self.tenant is None
 
 
+def _new_key(tenant: str | None) -> tuple[str, str, bytes, bytes]:
+    """A fresh key for ``tenant``: (key id, secret, SHA-256 of the secret, stored record)."""
+    key_id = secrets.token_hex(8)
+    secret = base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
+    digest = hashlib.sha256(secret.encode()).digest()
+    record = {"tenant": tenant, "hash": digest.hex(), "created": time.time(), "revoked": None}
+    return key_id, secret, digest, _dump(record)
+
+
+class _Gate:
+    """Shared use of an environment (transactions, copies) against its exclusive reopen."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._users = 0
+        self._exclusive = False
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._condition:
+            while self._exclusive:
+                self._condition.wait()
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._users -= 1
+                if not self._users:
+                    self._condition.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self, *, blocking: bool) -> Iterator[bool]:
+        """Yield True while held alone; False (not held) if ``blocking`` is off and it is
+        in use. Blocking waits for the current users, which hold it only briefly."""
+        with self._condition:
+            while blocking and (self._exclusive or self._users):
+                self._condition.wait()
+            acquired = not (self._exclusive or self._users)
+            self._exclusive = self._exclusive or acquired
+        if not acquired:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            with self._condition:
+                self._exclusive = False
+                self._condition.notify_all()
+
+
 class SystemStore:
-    """Tenants and keys of one data directory. Open one per process (the daemon's)."""
+    """Tenants and keys of one data directory. Open one per process (the daemon's).
+
+    Raises:
+        StorageError: LMDB could not open it.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._gate = _Gate()
+        self._broken = False  # a transaction failed: probe (and maybe reopen) before the next
         self._open()
 
     def _open(self) -> None:
+        """Open the environment and load the active keys; on failure nothing is replaced."""
         path = self.path
         try:
-            self._env = open_environment(
+            env = open_environment(
                 path, map_size_bytes=256 * 1024 * 1024, max_dbs=4, max_readers=64
             )
-            self._tenants = self._env.open_db(_TENANTS)
-            self._keys = self._env.open_db(_KEYS)
         except lmdb.Error as exc:
             raise StorageError(f"cannot open the system store at {str(path)!r}: {exc}") from exc
-        # key id -> (hash, tenant) of every active key: authentication is a dict lookup, and a
-        # revocation (which goes through this object) takes effect on the very next call.
-        self._active: dict[str, tuple[bytes, str | None]] = {}
-        with self._env.begin() as txn:
-            for key_id, raw in txn.cursor(self._keys):
-                record = _load(raw)
-                if record["revoked"] is None:
-                    self._active[key_id.decode()] = (
-                        bytes.fromhex(record["hash"]),
-                        record["tenant"],
-                    )
+        try:
+            tenants = env.open_db(_TENANTS)
+            keys = env.open_db(_KEYS)
+            # key id -> (hash, tenant) of every active key: authentication is a dict lookup,
+            # and a revocation (which goes through this object) takes effect on the very next
+            # call.
+            active: dict[str, tuple[bytes, str | None]] = {}
+            with env.begin() as txn:
+                for key_id, raw in txn.cursor(keys):
+                    record = _load(raw)
+                    if record["revoked"] is None:
+                        active[key_id.decode()] = (bytes.fromhex(record["hash"]), record["tenant"])
+        except lmdb.Error as exc:
+            env.close()
+            raise StorageError(f"cannot open the system store at {str(path)!r}: {exc}") from exc
+        self._env, self._tenants, self._keys, self._active = env, tenants, keys, active
 
     def close(self) -> None:
         self._env.close()
+
+    @contextlib.contextmanager
+    def _txn(self, *, write: bool = False) -> Iterator[lmdb.Transaction[bytes]]:
+        """A transaction of the store's environment, committed when the block ends.
+
+        Raises:
+            StorageError: LMDB failed (the block's writes are not kept), or the store is
+                unavailable after an earlier failure.
+        """
+        if self._broken and write:
+            self._recover(blocking=True)
+        failure: lmdb.Error | None = None
+        with self._gate.shared():
+            try:
+                with self._env.begin(write=write) as txn:
+                    yield txn
+            except lmdb.Error as exc:
+                failure = exc
+        if failure is None:
+            return
+        if write or self._broken or isinstance(failure, lmdb.PanicError):
+            self._broken = True
+            with contextlib.suppress(StorageError):
+                self._recover(blocking=write)  # if possible now; otherwise the next call
+        action = "write" if write else "read"
+        raise StorageError(
+            f"system store {action} failed in {str(self.path)!r}: {failure}"
+        ) from failure
+
+    def _recover(self, *, blocking: bool) -> None:
+        """After a failed transaction: reopen the environment if LMDB no longer serves it.
+
+        Raises:
+            StorageError: it cannot be opened (the next call tries again).
+        """
+        with self._gate.exclusive(blocking=blocking) as alone:
+            if not alone or not self._broken:
+                return  # in use (a reader does not wait), or another thread reopened it
+            try:
+                with self._env.begin():
+                    pass
+            except lmdb.Error:
+                pass  # fatal (MDB_PANIC), or closed by a failed reopen: open it again
+            else:
+                self._broken = False
+                return
+            self._env.close()
+            self._open()
+            self._broken = False
+            logger.warning("reopened the system store at %s after a failed write", self.path)
 
     def replace_data(self, staged: Path) -> None:
         """Make the LMDB file ``staged`` this store's data, then reopen (blocking).
@@ -134,27 +264,47 @@ class SystemStore:
         Raises:
             StorageError: the copy failed.
         """
-        try:
-            self._env.copy(str(directory), compact=True)
-        except lmdb.Error as exc:
-            raise StorageError(f"cannot copy the system store: {exc}") from exc
+        with self._gate.shared():
+            try:
+                self._env.copy(str(directory), compact=True)
+            except lmdb.Error as exc:
+                raise StorageError(f"cannot copy the system store: {exc}") from exc
 
     # -- tenants ---------------------------------------------------------------------------
 
     def create_tenant(self, tenant: str) -> None:
         """Raises: AddressError (bad id), ConflictError (exists)."""
         validate_tenant_id(tenant)
-        with self._write() as txn:
-            if txn.get(tenant.encode(), db=self._tenants) is not None:
-                raise ConflictError(f"tenant {tenant!r} already exists")
-            txn.put(tenant.encode(), _dump({"created": time.time()}), db=self._tenants)
+        with self._txn(write=True) as txn:
+            self._put_new_tenant(txn, tenant)
+
+    def create_tenant_with_key(self, tenant: str) -> tuple[str, str]:
+        """Create ``tenant`` and its first key in one transaction; return (key id, the key).
+
+        One commit, so a failure leaves neither (a retry is then a clean second attempt,
+        not a ``conflict`` over a tenant created without its key).
+
+        Raises: AddressError (bad id), ConflictError (exists), StorageError.
+        """
+        validate_tenant_id(tenant)
+        key_id, secret, digest, record = _new_key(tenant)
+        with self._txn(write=True) as txn:
+            self._put_new_tenant(txn, tenant)
+            txn.put(key_id.encode(), record, db=self._keys)
+        self._active[key_id] = (digest, tenant)
+        return key_id, f"frt_{key_id}_{secret}"
+
+    def _put_new_tenant(self, txn: lmdb.Transaction[bytes], tenant: str) -> None:
+        if txn.get(tenant.encode(), db=self._tenants) is not None:
+            raise ConflictError(f"tenant {tenant!r} already exists")
+        txn.put(tenant.encode(), _dump({"created": time.time()}), db=self._tenants)
 
     def tenant_exists(self, tenant: str) -> bool:
-        with self._env.begin(db=self._tenants) as txn:
-            return txn.get(tenant.encode()) is not None
+        with self._txn() as txn:
+            return txn.get(tenant.encode(), db=self._tenants) is not None
 
     def list_tenants(self) -> list[str]:
-        with self._env.begin() as txn:
+        with self._txn() as txn:
             return [key.decode() for key, _ in txn.cursor(self._tenants)]
 
     def tenant_quotas(self, tenant: str) -> dict[str, object]:
@@ -162,8 +312,8 @@ class SystemStore:
 
         Raises: NotFoundError.
         """
-        with self._env.begin(db=self._tenants) as txn:
-            raw = txn.get(tenant.encode())
+        with self._txn() as txn:
+            raw = txn.get(tenant.encode(), db=self._tenants)
         if raw is None:
             raise NotFoundError(f"tenant {tenant!r} does not exist")
         quotas = _load(raw).get("quotas", {})
@@ -172,7 +322,7 @@ class SystemStore:
     def all_tenant_quotas(self) -> dict[str, dict[str, object]]:
         """Every tenant's stored quota overrides (tenants without any are left out)."""
         found: dict[str, dict[str, object]] = {}
-        with self._env.begin() as txn:
+        with self._txn() as txn:
             for key, raw in txn.cursor(self._tenants):
                 quotas = _load(raw).get("quotas")
                 if isinstance(quotas, dict) and quotas:
@@ -184,7 +334,7 @@ class SystemStore:
 
         Raises: NotFoundError.
         """
-        with self._write() as txn:
+        with self._txn(write=True) as txn:
             raw = txn.get(tenant.encode(), db=self._tenants)
             if raw is None:
                 raise NotFoundError(f"tenant {tenant!r} does not exist")
@@ -202,7 +352,7 @@ class SystemStore:
         """
         revoked = 0
         now = time.time()
-        with self._write() as txn:
+        with self._txn(write=True) as txn:
             if not txn.delete(tenant.encode(), db=self._tenants):
                 raise NotFoundError(f"tenant {tenant!r} does not exist")
             for key_id, raw in list(txn.cursor(self._keys)):
@@ -225,14 +375,11 @@ class SystemStore:
 
         Raises: NotFoundError (no such tenant).
         """
-        key_id = secrets.token_hex(8)
-        secret = base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
-        digest = hashlib.sha256(secret.encode()).digest()
-        record = {"tenant": tenant, "hash": digest.hex(), "created": time.time(), "revoked": None}
-        with self._write() as txn:
+        key_id, secret, digest, record = _new_key(tenant)
+        with self._txn(write=True) as txn:
             if tenant is not None and txn.get(tenant.encode(), db=self._tenants) is None:
                 raise NotFoundError(f"tenant {tenant!r} does not exist")
-            txn.put(key_id.encode(), _dump(record), db=self._keys)
+            txn.put(key_id.encode(), record, db=self._keys)
         self._active[key_id] = (digest, tenant)
         return key_id, f"frt_{key_id}_{secret}"
 
@@ -243,7 +390,7 @@ class SystemStore:
         Raises: NotFoundError (unknown or already revoked key id), ConflictError (the last
         admin key, with ``keep_an_admin_key``).
         """
-        with self._write() as txn:
+        with self._txn(write=True) as txn:
             raw = txn.get(key_id.encode(), db=self._keys)
             if raw is None:
                 raise NotFoundError(f"no key with id {key_id!r}")
@@ -266,7 +413,7 @@ class SystemStore:
         self._active.pop(key_id, None)
 
     def list_keys(self, tenant: str | None = None) -> list[KeyRecord]:
-        with self._env.begin() as txn:
+        with self._txn() as txn:
             records = [(key_id.decode(), _load(raw)) for key_id, raw in txn.cursor(self._keys)]
         return [
             KeyRecord(
@@ -298,6 +445,3 @@ class SystemStore:
     def is_active(self, principal: Principal) -> bool:
         """Whether the key is still valid (checked on every call: revocation is immediate)."""
         return principal.key_id in self._active
-
-    def _write(self) -> lmdb.Transaction[bytes]:
-        return self._env.begin(write=True)
