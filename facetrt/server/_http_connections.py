@@ -7,7 +7,7 @@ HTTP connections itself and runs hypercorn's own connection handler (``TCPServer
 keep-alive, the ASGI hand-off) on each, at most ``http_connections_max`` at once. A connection
 over the limit gets a complete ``429`` answer with the SPEC §4 body (code ``overloaded``,
 retryable, ``Retry-After: 1``, ``Connection: close``) and is closed; no task of hypercorn's
-runs for it (decision 0011-abuse).
+runs for it (decision 0011).
 
 Shutdown mirrors hypercorn's worker: stop accepting, tell every connection the worker is
 terminating (idle keep-alive connections close at once, busy ones after their response), and

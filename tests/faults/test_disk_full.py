@@ -1,7 +1,7 @@
 """A full disk under the running daemon: clear errors, nothing corrupted, service resumes.
 
 Goal: while the data directory's disk is full, a write that needs space fails at once with a
-retryable ``internal`` naming the cause (decision 0011: a full disk is a storage failure of
+retryable ``internal`` naming the cause (decision 0012: a full disk is a storage failure of
 the node, not the tenant's ``quota_exceeded``), resetting only that facet; reads, ``/healthz``
 and writes that still fit go on, and no process dies (LMDB's lock file of a new store is
 allocated before it is mapped: see ``reserve_lock_file``). When space returns the same daemon
