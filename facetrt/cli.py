@@ -370,6 +370,62 @@ def cmd_tenant_delete(options: argparse.Namespace) -> int:
     return 0
 
 
+def _egress_path(tenant: str) -> str:
+    return f"/v1/admin/tenants/{urllib.parse.quote(tenant)}/egress"
+
+
+def _show_egress(result: dict[str, Any]) -> None:
+    source = result["source"]
+    _out(f"egress policy of tenant {result['tenant']} ({source}):")
+    if result["policy"] is None:
+        _out("(the node default from the daemon's [egress] configuration; deny all by default)")
+        return
+    _out(json.dumps(result["policy"], indent=2))
+
+
+def cmd_egress_show(options: argparse.Namespace) -> int:
+    tenant = options.tenant
+
+    def direct(system: SystemStore) -> dict[str, object]:
+        stored = system.tenant_egress(tenant)
+        return {"tenant": tenant, "policy": stored, "source": "tenant" if stored else "default"}
+
+    _show_egress(_Admin(options).run(direct, "GET", _egress_path(tenant)))
+    return 0
+
+
+def cmd_egress_set(options: argparse.Namespace) -> int:
+    from .policy import EgressPolicy
+
+    tenant = options.tenant
+    source = sys.stdin if options.file == "-" else Path(options.file).open()  # noqa: SIM115
+    with source:
+        try:
+            data = json.loads(source.read())
+        except ValueError as exc:
+            raise ConfigError(f"{options.file}: not JSON: {exc}") from None
+    policy = EgressPolicy.parse(data).to_json()  # refuse a bad file before anything changes
+
+    def direct(system: SystemStore) -> dict[str, object]:
+        system.set_tenant_egress(tenant, policy)
+        return {"tenant": tenant, "policy": policy, "source": "tenant"}
+
+    result = _Admin(options).run(direct, "PUT", _egress_path(tenant), policy)
+    _show_egress(result)
+    return 0
+
+
+def cmd_egress_reset(options: argparse.Namespace) -> int:
+    tenant = options.tenant
+
+    def direct(system: SystemStore) -> dict[str, object]:
+        system.set_tenant_egress(tenant, None)
+        return {"tenant": tenant, "policy": None, "source": "default"}
+
+    _show_egress(_Admin(options).run(direct, "DELETE", _egress_path(tenant)))
+    return 0
+
+
 def cmd_key_create(options: argparse.Namespace) -> int:
     def direct(system: SystemStore) -> dict[str, str]:
         key_id, key = system.create_key(options.tenant)
@@ -709,6 +765,23 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = management(key.add_parser("revoke", help="revoke a key (takes effect at once)"))
     revoke.add_argument("key_id")
     revoke.set_defaults(handler=cmd_key_revoke)
+
+    egress_text = "tenants' egress policies (deny by default; see docs/egress.md)"
+    egress = commands.add_parser("egress", help=egress_text, description=egress_text)
+    egress_commands = egress.add_subparsers(dest="sub", required=True)
+    egress_show = management(egress_commands.add_parser("show", help="a tenant's egress policy"))
+    egress_show.add_argument("tenant")
+    egress_show.set_defaults(handler=cmd_egress_show)
+    set_text = "replace a tenant's egress policy with a JSON file; in force from its next request"
+    egress_set = management(egress_commands.add_parser("set", help=set_text, description=set_text))
+    egress_set.add_argument("tenant")
+    egress_set.add_argument("--file", required=True, help="the policy (JSON; - for stdin)")
+    egress_set.set_defaults(handler=cmd_egress_set)
+    egress_reset = management(
+        egress_commands.add_parser("reset", help="back to the node's default policy")
+    )
+    egress_reset.add_argument("tenant")
+    egress_reset.set_defaults(handler=cmd_egress_reset)
 
     facet = commands.add_parser("facet", help="facets: list, inspect, export, import, ...")
     facet_commands = facet.add_subparsers(dest="sub", required=True)

@@ -28,6 +28,7 @@ from .._errors import ConfigError, FacetrtError, UnauthorizedError
 from ..config import TenantQuotaSettings
 from ..data import DataOperations
 from ..metrics import FacetrtMetrics
+from ..policy import Policies
 from ..runtime import Facet, open_runtime
 from ..storage import SystemStore
 from ._auth import AuthThrottle
@@ -157,6 +158,7 @@ class Daemon:
         self.registry = CollectorRegistry(auto_describe=True)
         self.runtime: Runtime | None = None  # set while running (for embedding and tests)
         self.system: SystemStore | None = None
+        self.egress_policies: Policies | None = None  # set while running
         self._stop = trio.Event()
 
     def stop(self) -> None:
@@ -193,6 +195,9 @@ class Daemon:
         config = self.config.server
         admin_key_path = ensure_admin_key(system, data_dir)
         load_tenant_quotas(runtime, system)
+        policies = Policies(self.config.egress.default_policy)
+        policies.load(system)
+        self.egress_policies = policies
         await DataOperations(runtime, system=system).start()  # clear crashed operations' scratch
         metrics = FacetrtMetrics(self.registry, runtime.statistics)
         throttle = AuthThrottle(
@@ -225,6 +230,7 @@ class Daemon:
                     health=self.health,
                     config=config,
                     throttle=throttle,
+                    policies=policies,
                 )
 
                 async def run_http(task_status: trio.TaskStatus[tuple[str, int]]) -> None:

@@ -8,6 +8,10 @@
     GET    tenants/{t}/keys                 {"keys": [{"key_id", "tenant", "created", "revoked"}]}
     POST   tenants/{t}/keys                 201 {"tenant", "key_id", "key"}
     GET    tenants/{t}/quotas               {"tenant", "facets", "quotas", "overrides"}
+    GET    tenants/{t}/egress               {"tenant", "policy", "source": "tenant"|"default"}
+    PUT    tenants/{t}/egress  {policy}     the same; replaces the tenant's policy, in force
+                                            from its next outbound request
+    DELETE tenants/{t}/egress               the same; back to the node default policy
     PUT    tenants/{t}/quotas  {overrides}  the same; replaces every override (null or
                                             missing: the node default), in force at once
     DELETE keys/{key id}                    {"key_id", "revoked": true}
@@ -45,6 +49,7 @@ from .._errors import BadRequestError, ConflictError, FacetrtError, NotFoundErro
 from .._ids import validate_tenant_id
 from ..config import TenantQuotaSettings
 from ..data import DataOperations, refuse_leftover_tenant_data
+from ..policy import EgressPolicy, Policies
 from ._http_exchange import dump_json, to_json
 
 if TYPE_CHECKING:
@@ -65,6 +70,7 @@ ADMIN_ROUTES: Final[Mapping[str, tuple[str, ...]]] = {
     "tenant": ("DELETE",),
     "tenant_keys": ("GET", "POST"),
     "tenant_quotas": ("GET", "PUT"),
+    "tenant_egress": ("GET", "PUT", "DELETE"),
     "key": ("DELETE",),
     "tenant_facets": ("GET",),
     "facet": ("GET", "DELETE"),
@@ -95,6 +101,8 @@ def resolve_admin_route(segments: list[str]) -> tuple[str, tuple[str, ...]] | No
             return "tenant_keys", (tenant,)
         case ["tenants", tenant, "quotas"]:
             return "tenant_quotas", (tenant,)
+        case ["tenants", tenant, "egress"]:
+            return "tenant_egress", (tenant,)
         case ["keys", key_id]:
             return "key", (key_id,)
         case ["tenants", tenant, "facets"]:
@@ -112,9 +120,12 @@ def resolve_admin_route(segments: list[str]) -> tuple[str, tuple[str, ...]] | No
 
 @final
 class AdminApi:
-    def __init__(self, *, runtime: Runtime, system: SystemStore) -> None:
+    def __init__(
+        self, *, runtime: Runtime, system: SystemStore, policies: Policies | None = None
+    ) -> None:
         self._runtime = runtime
         self._system = system
+        self._policies = policies or Policies()
         self._data = DataOperations(runtime, system=system)
 
     async def handle(
@@ -148,6 +159,13 @@ class AdminApi:
                 return 200, await self._quotas(params[0])
             case "tenant_quotas", "PUT":
                 return 200, await self._set_quotas(params[0], body)
+            case "tenant_egress", "GET":
+                return 200, self._egress(params[0])
+            case "tenant_egress", "PUT":
+                return 200, self._set_egress(params[0], EgressPolicy.parse(body))
+            case "tenant_egress", "DELETE":
+                _check_empty(body)
+                return 200, self._set_egress(params[0], None)
             case "key", "DELETE":
                 self._revoke(params[0])
                 return 200, {"key_id": params[0], "revoked": True}
@@ -304,6 +322,26 @@ class AdminApi:
         self._runtime.set_tenant_quotas(tenant, settings)
         logger.info("set the quotas of tenant %s: %s", tenant, settings.overrides())
         return await self._quotas(tenant)
+
+    def _egress(self, tenant: str) -> dict[str, object]:
+        validate_tenant_id(tenant)
+        if not self._system.tenant_exists(tenant):
+            raise NotFoundError(f"tenant {tenant!r} does not exist")
+        own = self._policies.own(tenant)
+        policy = own if own is not None else self._policies.default
+        return {
+            "tenant": tenant,
+            "policy": policy.to_json(),
+            "source": "default" if own is None else "tenant",
+        }
+
+    def _set_egress(self, tenant: str, policy: EgressPolicy | None) -> dict[str, object]:
+        validate_tenant_id(tenant)
+        # Durable first: a policy the node enforces is one it still enforces after a restart.
+        self._system.set_tenant_egress(tenant, None if policy is None else policy.to_json())
+        self._policies.set(tenant, policy)
+        logger.info("set the egress policy of tenant %s (own: %s)", tenant, policy is not None)
+        return self._egress(tenant)
 
     def _revoke(self, key_id: str) -> None:
         records = self._system.list_keys()
