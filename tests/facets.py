@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import trio
 
@@ -215,10 +215,52 @@ def _timer_dict(timer: Timer) -> dict[str, Value]:
     }
 
 
+class Fetcher(Facet):
+    """Outbound HTTP through ``self.fetch``; answers what facet code received."""
+
+    @rpc
+    async def request(
+        self,
+        url: str,
+        method: str = "GET",
+        headers: dict[str, str] | None = None,
+        body: str | None = None,
+        json: Value = None,
+    ) -> dict[str, Value]:
+        options: dict[str, Any] = {"method": method, "headers": headers, "body": body}
+        response = await self.fetch(url, json=json, **options)
+        return {
+            "status": response.status,
+            "headers": [list(pair) for pair in response.headers],
+            "text": response.text,
+            "url": response.url,
+        }
+
+    @rpc
+    async def put(self, key: str, value: Value) -> None:
+        self.storage.put(key, value)
+
+    @rpc
+    async def put_then_fetch(self, key: str, url: str) -> int:
+        """Write, then fetch in the same message (the fetch waits only for earlier ones)."""
+        self.storage.put(key, True)
+        return (await self.fetch(url)).status
+
+    @rpc
+    async def fetch_error(self, url: str, headers: dict[str, str] | None = None) -> str:
+        """Fetch and answer the error facet code sees (type and message), or 'ok'."""
+        try:
+            await self.fetch(url, headers=headers)
+        except Exception as exc:  # noqa: BLE001 - the test inspects what facet code sees
+            return f"{type(exc).__name__}: {exc}"
+        return "ok"
+
+
 CLASSES: dict[str, type[Facet]] = {
     "Counter": Counter,
     "AgentMemory": AgentMemory,
     "Register": Register,
     "Gate": Gate,
     "Alarm": Alarm,
+    "Fetcher": Fetcher,
 }

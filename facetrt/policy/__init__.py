@@ -5,18 +5,30 @@ from __future__ import annotations
 
 from ._decide import CompiledPolicy as CompiledPolicy
 from ._decide import Decision as Decision
+from ._egress import Egress as Egress
+from ._egress import EgressStatistics as EgressStatistics
+from ._egress import open_egress as open_egress
 from ._model import AddressRule as AddressRule
 from ._model import AllowRule as AllowRule
 from ._model import EgressConfig as EgressConfig
 from ._model import EgressPolicy as EgressPolicy
 from ._policies import Policies as Policies
+from ._secrets import NodeKey as NodeKey
+from ._secrets import Secret as Secret
+from ._secrets import Secrets as Secrets
 
 __all__ = [
     "AddressRule",
     "AllowRule",
     "CompiledPolicy",
     "Decision",
+    "Egress",
     "EgressConfig",
     "EgressPolicy",
+    "EgressStatistics",
+    "NodeKey",
     "Policies",
+    "Secret",
+    "Secrets",
+    "open_egress",
 ]

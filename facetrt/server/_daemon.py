@@ -28,7 +28,7 @@ from .._errors import ConfigError, FacetrtError, UnauthorizedError
 from ..config import TenantQuotaSettings
 from ..data import DataOperations
 from ..metrics import FacetrtMetrics
-from ..policy import Policies
+from ..policy import Egress, NodeKey
 from ..runtime import Facet, open_runtime
 from ..storage import SystemStore
 from ._auth import AuthThrottle
@@ -158,7 +158,7 @@ class Daemon:
         self.registry = CollectorRegistry(auto_describe=True)
         self.runtime: Runtime | None = None  # set while running (for embedding and tests)
         self.system: SystemStore | None = None
-        self.egress_policies: Policies | None = None  # set while running
+        self.egress: Egress | None = None  # set while running
         self._stop = trio.Event()
 
     def stop(self) -> None:
@@ -174,13 +174,18 @@ class Daemon:
         config = self.config
         classes = resolve_classes(config.classes)
         data_dir = Path(config.data_dir)
-        async with open_runtime(data_dir, classes=classes, config=config.runtime) as runtime:
+        # Built here, started in _serve (it writes nothing before a fetch, which needs the
+        # runtime and therefore the data directory's lock).
+        egress = Egress(config.egress, data_dir=data_dir)
+        async with open_runtime(
+            data_dir, classes=classes, config=config.runtime, egress=egress
+        ) as runtime:
             system = SystemStore(data_dir / "system")
-            self.runtime, self.system = runtime, system
+            self.runtime, self.system, self.egress = runtime, system, egress
             try:
-                await self._serve(runtime, system, data_dir, handle_signals, task_status)
+                await self._serve(runtime, system, egress, data_dir, handle_signals, task_status)
             finally:
-                self.runtime = self.system = None
+                self.runtime = self.system = self.egress = None
                 system.close()
         logger.info("facetrt stopped")
 
@@ -188,6 +193,7 @@ class Daemon:
         self,
         runtime: Runtime,
         system: SystemStore,
+        egress: Egress,
         data_dir: Path,
         handle_signals: bool,
         task_status: trio.TaskStatus[DaemonInfo],
@@ -195,11 +201,10 @@ class Daemon:
         config = self.config.server
         admin_key_path = ensure_admin_key(system, data_dir)
         load_tenant_quotas(runtime, system)
-        policies = Policies(self.config.egress.default_policy)
-        policies.load(system)
-        self.egress_policies = policies
+        egress.policies.load(system)
+        egress.secrets.load(system, NodeKey.load_or_create(data_dir))
         await DataOperations(runtime, system=system).start()  # clear crashed operations' scratch
-        metrics = FacetrtMetrics(self.registry, runtime.statistics)
+        metrics = FacetrtMetrics(self.registry, runtime.statistics, egress=egress.statistics)
         throttle = AuthThrottle(
             failures_free=config.auth_failures_free,
             delay_seconds_max=config.auth_delay_seconds_max,
@@ -209,6 +214,7 @@ class Daemon:
         )
         http_shutdown = trio.Event()
         async with trio.open_nursery() as nursery:
+            await nursery.start(egress.run)
             host, port = parse_host_port(config.listen)
             listeners: list[trio.SocketListener] = await trio.open_tcp_listeners(port, host=host)
             tcp_address = listeners[0].socket.getsockname()[:2]
@@ -230,7 +236,7 @@ class Daemon:
                     health=self.health,
                     config=config,
                     throttle=throttle,
-                    policies=policies,
+                    egress=egress,
                 )
 
                 async def run_http(task_status: trio.TaskStatus[tuple[str, int]]) -> None:
@@ -278,6 +284,8 @@ class Daemon:
             with trio.move_on_after(self.config.runtime.shutdown_grace_seconds):
                 await tcp.drain()
                 await http_done.wait()
+            # Drain the runtime while the egress still runs: messages finishing now may fetch.
+            await runtime.aclose()
             nursery.cancel_scope.cancel()
 
     async def _accept(

@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     from .._values import Value
     from ..config import ServerConfig
     from ..metrics import FacetrtMetrics
-    from ..policy import Policies
+    from ..policy import Egress
     from ..runtime import Runtime
     from ..storage import Principal, SystemStore
     from ._auth import AuthThrottle
@@ -144,7 +144,7 @@ def build_app(
     health: Health,
     config: ServerConfig,
     throttle: AuthThrottle,
-    policies: Policies | None = None,
+    egress: Egress | None = None,
 ) -> ASGIApp:
     """The gateway's ASGI app over the daemon's parts."""
     return HttpGateway(
@@ -154,7 +154,7 @@ def build_app(
         health=health,
         config=config,
         throttle=throttle,
-        policies=policies,
+        egress=egress,
     )
 
 
@@ -174,7 +174,7 @@ class HttpGateway:
         health: Health,
         config: ServerConfig,
         throttle: AuthThrottle,
-        policies: Policies | None = None,
+        egress: Egress | None = None,
     ) -> None:
         self._runtime = runtime
         self._system = system
@@ -182,7 +182,7 @@ class HttpGateway:
         self._health = health
         self._config = config
         self._throttle = throttle
-        self._admin = AdminApi(runtime=runtime, system=system, policies=policies)
+        self._admin = AdminApi(runtime=runtime, system=system, egress=egress)
 
     async def __call__(self, scope: Message, receive: Receive, send: Send, /) -> None:
         kind = scope["type"]

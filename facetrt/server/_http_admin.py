@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
     from .._values import Value
+    from ..policy import Egress
     from ..runtime import Runtime
     from ..storage import SystemStore
     from ._http_exchange import Exchange
@@ -121,11 +122,12 @@ def resolve_admin_route(segments: list[str]) -> tuple[str, tuple[str, ...]] | No
 @final
 class AdminApi:
     def __init__(
-        self, *, runtime: Runtime, system: SystemStore, policies: Policies | None = None
+        self, *, runtime: Runtime, system: SystemStore, egress: Egress | None = None
     ) -> None:
         self._runtime = runtime
         self._system = system
-        self._policies = policies or Policies()
+        self._egress_service = egress
+        self._policies = egress.policies if egress is not None else Policies()
         self._data = DataOperations(runtime, system=system)
 
     async def handle(

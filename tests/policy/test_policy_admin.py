@@ -34,10 +34,10 @@ async def test_admin_api_sets_shows_and_resets_a_policy_durably(tmp_path: Path) 
         assert put.status_code == 200, put.text
         assert put.json()["source"] == "tenant"
         assert put.json()["policy"]["allow"][0]["host"] == "api.example.com"
-        egress = served.daemon.egress_policies
+        egress = served.daemon.egress
         assert egress is not None
         host = parse_host("api.example.com")
-        decision = egress.get("acme").decide_request("https", host, 443, "GET", "/")
+        decision = egress.policies.get("acme").decide_request("https", host, 443, "GET", "/")
         assert decision.allowed  # in force at once, without a restart
         bad = await served.client.put(
             route, json={"allow": [{"host": "0x7f.1"}]}, headers=served.admin()
@@ -96,6 +96,6 @@ async def test_cli_goes_through_a_running_daemon(
         base = ["--data-dir", str(served.info.data_dir), "--url", f"http://{http[0]}:{http[1]}"]
         argv = ["egress", "set", "acme", "--file", str(policy_file), *base]
         assert await trio.to_thread.run_sync(cli.main, argv) == 0
-        assert served.daemon.egress_policies is not None
-        assert served.daemon.egress_policies.own("acme") is not None
+        assert served.daemon.egress is not None
+        assert served.daemon.egress.policies.own("acme") is not None
         capsys.readouterr()

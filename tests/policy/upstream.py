@@ -1,0 +1,112 @@
+"""A real HTTP server on loopback standing in for external APIs (hypercorn + a tiny ASGI app).
+
+Routes::
+
+    /echo            200 JSON {"method", "path", "query", "headers": {name: value}, "body"}
+    /redirect        302 (or ?status=) to ?to=
+    /big?bytes=N     200 with N bytes, streamed in 64 KiB chunks
+    /gzip            200, gzip-encoded "hello " * 1000
+    /hang            never answers (until the server stops)
+    /status/N        status N, empty body
+    anything else    200 "ok"
+
+Every request that reaches the server is recorded in ``Upstream.requests`` (method, path), so
+a test can assert that a denied request was never sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from facetrt.server._http import serve_http
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+
+
+@dataclass
+class Upstream:
+    port: int = 0
+    requests: list[tuple[str, str]] = field(default_factory=list)
+    arrived: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def __call__(
+        self,
+        scope: dict[str, Any],
+        receive: Callable[[], Any],
+        send: Callable[[dict[str, Any]], Any],
+    ) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                await send({"type": message["type"] + ".complete"})
+                if message["type"] == "lifespan.shutdown":
+                    return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        path = scope["path"]
+        query = dict(urllib.parse.parse_qsl(scope["query_string"].decode()))
+        self.requests.append((scope["method"], path))
+        self.arrived.set()
+
+        async def answer(status: int, payload: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": payload})
+
+        if path == "/echo":
+            headers = {k.decode(): v.decode("latin-1") for k, v in scope["headers"]}
+            echoed = {
+                "method": scope["method"],
+                "path": path,
+                "query": query,
+                "headers": headers,
+                "body": body.decode(errors="replace"),
+            }
+            await answer(200, json.dumps(echoed).encode(), [(b"content-type", b"application/json")])
+        elif path == "/redirect":
+            status = int(query.get("status", "302"))
+            await answer(status, b"", [(b"location", query["to"].encode())])
+        elif path == "/big":
+            size = int(query["bytes"])
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            while size > 0:
+                chunk = min(size, 65536)
+                size -= chunk
+                await send({"type": "http.response.body", "body": b"x" * chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        elif path == "/gzip":
+            await answer(200, gzip.compress(b"hello " * 1000), [(b"content-encoding", b"gzip")])
+        elif path == "/hang":
+            await trio.sleep_forever()
+        elif path.startswith("/status/"):
+            await answer(int(path.rsplit("/", 1)[1]), b"", [])
+        else:
+            await answer(200, b"ok", [(b"content-type", b"text/plain")])
+
+
+@contextlib.asynccontextmanager
+async def serve_upstream() -> AsyncIterator[Upstream]:
+    upstream = Upstream()
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        _, upstream.port = await nursery.start(serve_http, upstream, "127.0.0.1:0", shutdown)
+        try:
+            yield upstream
+        finally:
+            shutdown.set()
+            nursery.cancel_scope.cancel()
