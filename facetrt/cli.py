@@ -426,6 +426,77 @@ def cmd_egress_reset(options: argparse.Namespace) -> int:
     return 0
 
 
+AUDIT_PAGE = 1000
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _since(text: str) -> float:
+    """``--since``: a duration back from now (``90s``, ``30m``, ``1h``, ``7d``) or unix seconds."""
+    unit = _DURATION_UNITS.get(text[-1:])
+    try:
+        if unit is not None:
+            return time.time() - float(text[:-1]) * unit
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--since takes a duration such as 1h, 30m, 7d, or unix seconds; got {text!r}"
+        ) from None
+
+
+def cmd_audit(options: argparse.Namespace) -> int:
+    """Show a tenant's egress audit log (a table, or JSON lines with --json)."""
+    from .policy._audit import read_offline
+
+    admin = _Admin(options)
+    tenant = options.tenant
+    since: float | None = options.since
+    shown = 0
+    after: str | None = None
+    if not options.json:
+        _out(
+            f"{'TIME (UTC)':<19} {'SOURCE':<6} {'AGENT':<16} {'METHOD':<7} {'URL':<40} "
+            f"{'DECISION':<8} {'RULE':<22} {'STATUS':>6} {'IN':>9} {'OUT':>9} {'MS':>7} ERROR"
+        )
+    while shown < options.limit:
+        page = min(AUDIT_PAGE, options.limit - shown)
+        query = urllib.parse.urlencode(
+            {k: v for k, v in (("since", since), ("after", after), ("limit", page)) if v}
+        )
+
+        def direct(system: SystemStore, page: int = page, after: str | None = after) -> Any:
+            records, cursor = read_offline(
+                admin.data_dir, tenant, since=since, after=after, limit=page
+            )
+            return {"records": records, "next": cursor}
+
+        path = f"/v1/admin/tenants/{urllib.parse.quote(tenant)}/audit?{query}"
+        result = admin.run(direct, "GET", path)
+        for record in result["records"]:
+            _out(json.dumps(record, separators=(",", ":")) if options.json else _audit_row(record))
+        shown += len(result["records"])
+        after = result["next"]
+        if after is None:
+            break
+    return 0
+
+
+def _audit_row(record: dict[str, Any]) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(record["time"]))
+    port = record["port"]
+    default = {"http": 80, "https": 443}.get(record["scheme"])
+    url = f"{record['scheme']}://{record['host']}{'' if port == default else f':{port}'}"
+    url += record["path"]
+    latency = record.get("latency_seconds")
+    status = record.get("status")
+    return (
+        f"{when:<19} {record['source']:<6} {(record.get('agent') or '-')[:16]:<16} "
+        f"{record['method'][:7]:<7} {url[:40]:<40} {record['decision']:<8} "
+        f"{record['rule'][:22]:<22} {'-' if status is None else status:>6} "
+        f"{record.get('bytes_in', 0):>9} {record.get('bytes_out', 0):>9} "
+        f"{'-' if latency is None else round(latency * 1000):>7} {record.get('error') or ''}"
+    )
+
+
 def cmd_key_create(options: argparse.Namespace) -> int:
     def direct(system: SystemStore) -> dict[str, str]:
         key_id, key = system.create_key(options.tenant)
@@ -782,6 +853,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     egress_reset.add_argument("tenant")
     egress_reset.set_defaults(handler=cmd_egress_reset)
+
+    audit_text = "a tenant's egress audit log: every outbound attempt, allowed or denied"
+    audit = management(commands.add_parser("audit", help=audit_text, description=audit_text))
+    audit.add_argument("--tenant", required=True)
+    audit.add_argument(
+        "--since",
+        type=_since,
+        help="only records from this long ago (90s, 30m, 1h, 7d) or unix seconds",
+    )
+    audit.add_argument("--json", action="store_true", help="JSON lines, one record each")
+    audit.add_argument("--limit", type=int, default=10_000, help="records at most (10000)")
+    audit.set_defaults(handler=cmd_audit)
 
     facet = commands.add_parser("facet", help="facets: list, inspect, export, import, ...")
     facet_commands = facet.add_subparsers(dest="sub", required=True)

@@ -12,6 +12,8 @@
     PUT    tenants/{t}/egress  {policy}     the same; replaces the tenant's policy, in force
                                             from its next outbound request
     DELETE tenants/{t}/egress               the same; back to the node default policy
+    GET    tenants/{t}/audit?since=&after=&limit=   {"records": [...], "next": cursor|null}
+                                            egress attempts, oldest first (since: unix s)
     PUT    tenants/{t}/quotas  {overrides}  the same; replaces every override (null or
                                             missing: the node default), in force at once
     DELETE keys/{key id}                    {"key_id", "revoked": true}
@@ -72,6 +74,7 @@ ADMIN_ROUTES: Final[Mapping[str, tuple[str, ...]]] = {
     "tenant_keys": ("GET", "POST"),
     "tenant_quotas": ("GET", "PUT"),
     "tenant_egress": ("GET", "PUT", "DELETE"),
+    "tenant_audit": ("GET",),
     "key": ("DELETE",),
     "tenant_facets": ("GET",),
     "facet": ("GET", "DELETE"),
@@ -89,6 +92,8 @@ IMPORT_TYPES: Final = (NDJSON, b"application/jsonl", b"application/json-lines")
 PROGRESS_SECONDS: Final = 0.5
 FACETS_PAGE_MAX: Final = 1000
 FACETS_PAGE_DEFAULT: Final = 100
+AUDIT_PAGE_DEFAULT: Final = 1000
+AUDIT_PAGE_MAX: Final = 10_000
 
 
 def resolve_admin_route(segments: list[str]) -> tuple[str, tuple[str, ...]] | None:
@@ -104,6 +109,8 @@ def resolve_admin_route(segments: list[str]) -> tuple[str, tuple[str, ...]] | No
             return "tenant_quotas", (tenant,)
         case ["tenants", tenant, "egress"]:
             return "tenant_egress", (tenant,)
+        case ["tenants", tenant, "audit"]:
+            return "tenant_audit", (tenant,)
         case ["keys", key_id]:
             return "key", (key_id,)
         case ["tenants", tenant, "facets"]:
@@ -168,6 +175,8 @@ class AdminApi:
             case "tenant_egress", "DELETE":
                 _check_empty(body)
                 return 200, self._set_egress(params[0], None)
+            case "tenant_audit", "GET":
+                return 200, await self._audit(params[0], query)
             case "key", "DELETE":
                 self._revoke(params[0])
                 return 200, {"key_id": params[0], "revoked": True}
@@ -344,6 +353,29 @@ class AdminApi:
         self._policies.set(tenant, policy)
         logger.info("set the egress policy of tenant %s (own: %s)", tenant, policy is not None)
         return self._egress(tenant)
+
+    async def _audit(self, tenant: str, query: Mapping[str, list[str]]) -> dict[str, object]:
+        validate_tenant_id(tenant)
+        if self._egress_service is None:
+            raise NotFoundError("this node has no egress audit log")
+        since_text = (query.get("since") or [""])[0]
+        after = (query.get("after") or [""])[0] or None
+        limit_text = (query.get("limit") or [""])[0]
+        try:
+            since = float(since_text) if since_text else None
+            limit = int(limit_text) if limit_text else AUDIT_PAGE_DEFAULT
+            if after is not None:
+                bytes.fromhex(after)
+        except ValueError:
+            raise BadRequestError(
+                "since is unix seconds, limit an integer, after a cursor"
+            ) from None
+        if not 0 < limit <= AUDIT_PAGE_MAX:
+            raise BadRequestError(f"limit must be from 1 to {AUDIT_PAGE_MAX}")
+        records, cursor = await self._egress_service.audit.read(
+            tenant, since=since, after=after, limit=limit
+        )
+        return {"records": records, "next": cursor}
 
     def _revoke(self, key_id: str) -> None:
         records = self._system.list_keys()

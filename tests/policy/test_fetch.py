@@ -87,19 +87,19 @@ async def setup(
     resolver: Callable[[str, int], Awaitable[list[str]]] | None = None,
     hooks: StoreHooks | None = None,
 ) -> AsyncIterator[Setup]:
-    async with serve_upstream() as upstream:
-        async with (
-            open_egress(
-                data_dir,
-                config=config,
-                policies={TENANT: policy(upstream.port)},
-                resolver=resolver or resolve,
-            ) as egress,
-            open_runtime(
-                data_dir, classes=CLASSES, config=CONFIG, egress=egress, store_hooks=hooks
-            ) as rt,
-        ):
-            yield Setup(rt, egress, upstream)
+    async with (
+        serve_upstream() as upstream,
+        open_egress(
+            data_dir,
+            config=config,
+            policies={TENANT: policy(upstream.port)},
+            resolver=resolver or resolve,
+        ) as egress,
+        open_runtime(
+            data_dir, classes=CLASSES, config=CONFIG, egress=egress, store_hooks=hooks
+        ) as rt,
+    ):
+        yield Setup(rt, egress, upstream)
 
 
 async def test_fetch_returns_the_response_and_audits_the_attempt(data_dir: Path) -> None:
