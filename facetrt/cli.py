@@ -426,6 +426,67 @@ def cmd_egress_reset(options: argparse.Namespace) -> int:
     return 0
 
 
+def _secrets_path(tenant: str, name: str | None = None) -> str:
+    path = f"/v1/admin/tenants/{urllib.parse.quote(tenant)}/secrets"
+    return path if name is None else f"{path}/{urllib.parse.quote(name, safe='')}"
+
+
+def _read_secret_value() -> str:
+    """The value from standard input: typed without echo at a terminal, else piped (one
+    trailing newline dropped). Never printed."""
+    if sys.stdin.isatty():
+        import getpass
+
+        return getpass.getpass("secret value (not shown): ")
+    value = sys.stdin.read()
+    return value[:-1] if value.endswith("\n") else value
+
+
+def cmd_secret_set(options: argparse.Namespace) -> int:
+    from .policy import NodeKey
+
+    tenant, name = options.tenant, options.name
+    value = _read_secret_value().removesuffix("\r")
+    admin = _Admin(options)
+
+    def direct(system: SystemStore) -> dict[str, object]:
+        key = NodeKey.load_or_create(admin.data_dir)
+        record = key.seal(tenant, name, value, options.host, allow_http=options.allow_http)
+        system.put_secret(tenant, name, record)
+        return {"name": name, "hosts": record["hosts"], "allow_http": record["allow_http"]}
+
+    body: dict[str, object] = {"value": value, "hosts": options.host}
+    if options.allow_http:
+        body["allow_http"] = True
+    result = admin.run(direct, "PUT", _secrets_path(tenant, name), body)
+    hosts = ", ".join(result["hosts"])
+    _out(f"set secret {name} of tenant {tenant}, bound to {hosts}")
+    return 0
+
+
+def cmd_secret_list(options: argparse.Namespace) -> int:
+    from .policy import secret_listing
+
+    tenant = options.tenant
+    result = _Admin(options).run(
+        lambda system: {"secrets": secret_listing(system, tenant)}, "GET", _secrets_path(tenant)
+    )
+    _out(f"{'NAME':<32} {'HTTP':<5} BOUND HOSTS")
+    for secret in result["secrets"]:
+        http = "yes" if secret["allow_http"] else "no"
+        _out(f"{secret['name']:<32} {http:<5} {', '.join(secret['hosts'])}")
+    return 0
+
+
+def cmd_secret_delete(options: argparse.Namespace) -> int:
+    tenant, name = options.tenant, options.name
+    _Admin(options).run(
+        lambda system: system.delete_secret(tenant, name), "DELETE", _secrets_path(tenant, name)
+    )
+    _out(f"deleted secret {name} of tenant {tenant}")
+    return 0
+
+
 AUDIT_PAGE = 1000
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -853,6 +914,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     egress_reset.add_argument("tenant")
     egress_reset.set_defaults(handler=cmd_egress_reset)
+
+    secret_text = "tenants' secrets, injected into outbound requests for their bound hosts only"
+    secret = commands.add_parser("secret", help=secret_text, description=secret_text)
+    secret_commands = secret.add_subparsers(dest="sub", required=True)
+    set_secret_text = (
+        "store a secret (its value read from standard input, never shown); facet code refers "
+        "to it as {{secret:NAME}} in a header value"
+    )
+    secret_set = management(
+        secret_commands.add_parser("set", help=set_secret_text, description=set_secret_text)
+    )
+    secret_set.add_argument("tenant")
+    secret_set.add_argument("name")
+    secret_set.add_argument(
+        "--host",
+        action="append",
+        required=True,
+        help="a host it may be sent to (exact, or *.suffix); repeat for more",
+    )
+    secret_set.add_argument(
+        "--allow-http", action="store_true", help="also over plain http (loopback tests only)"
+    )
+    secret_set.set_defaults(handler=cmd_secret_set)
+    secret_list = management(
+        secret_commands.add_parser("list", help="a tenant's secret names and bound hosts")
+    )
+    secret_list.add_argument("tenant")
+    secret_list.set_defaults(handler=cmd_secret_list)
+    secret_delete = management(secret_commands.add_parser("delete", help="delete a secret"))
+    secret_delete.add_argument("tenant")
+    secret_delete.add_argument("name")
+    secret_delete.set_defaults(handler=cmd_secret_delete)
 
     audit_text = "a tenant's egress audit log: every outbound attempt, allowed or denied"
     audit = management(commands.add_parser("audit", help=audit_text, description=audit_text))

@@ -13,9 +13,12 @@ from ._model import AllowRule as AllowRule
 from ._model import EgressConfig as EgressConfig
 from ._model import EgressPolicy as EgressPolicy
 from ._policies import Policies as Policies
+from ._redact import RedactingFilter as RedactingFilter
+from ._redact import Redactor as Redactor
 from ._secrets import NodeKey as NodeKey
 from ._secrets import Secret as Secret
 from ._secrets import Secrets as Secrets
+from ._secrets import secret_listing as secret_listing
 
 __all__ = [
     "AddressRule",
@@ -28,7 +31,10 @@ __all__ = [
     "EgressStatistics",
     "NodeKey",
     "Policies",
+    "RedactingFilter",
+    "Redactor",
     "Secret",
     "Secrets",
     "open_egress",
+    "secret_listing",
 ]

@@ -44,7 +44,7 @@ from ._audit import AuditLog, AuditRecord, AuditStatistics
 from ._decide import DEFAULT_PORTS, Decision, canonical_ip, deny
 from ._model import EgressConfig
 from ._policies import Policies
-from ._secrets import SecretDenied, Secrets
+from ._secrets import NodeKey, SecretDenied, Secrets
 from ._transport import (
     ADDRESSES,
     CuttableStream,
@@ -179,6 +179,7 @@ class Egress:
             headers={"user-agent": USER_AGENT},
         )
         self._limiter = trio.CapacityLimiter(config.fetches_in_flight_max)
+        self.node_key: NodeKey | None = None  # set by the daemon: seals secrets it is given
 
     def statistics(self) -> EgressStatistics:
         counters = self.counters
@@ -329,6 +330,10 @@ class Egress:
         started = time.perf_counter()
         try:
             response = await self._send(target, method, sent, body, addresses, policy.policy)
+        except FetchError as exc:
+            self._failed(record, exc.kind, started)
+            redactor = self.secrets.for_tenant(caller.tenant).redactor
+            raise FetchError(redactor.text(exc.message), kind=exc.kind) from None
         except BaseException as exc:
             record.error = _error_class(exc)
             if record.error == "cancelled" and limit.cancel_called:
@@ -346,6 +351,12 @@ class Egress:
         self.counters.response_bytes += len(response.raw.body)
         self.audit.complete_nowait(record)
         return response
+
+    def _failed(self, record: AuditRecord, kind: str, started: float) -> None:
+        record.error = kind
+        record.latency_seconds = round(time.perf_counter() - started, 6)
+        self.counters.failed(kind)
+        self.audit.complete_nowait(record)
 
     async def _addresses(self, caller: Caller, target: _Target, method: str) -> list[str]:
         """The checked addresses of the target: all of them must be allowed (a DNS answer
@@ -440,7 +451,7 @@ class Egress:
             scheme=target.scheme,
             host=target.host.text,
             port=target.port,
-            path=redact_query(target.url),
+            path=self.secrets.for_tenant(caller.tenant).redactor.text(redact_query(target.url)),
             decision="allowed" if decision.allowed else "denied",
             rule=decision.rule,
             reason=decision.reason,
@@ -480,7 +491,7 @@ class Egress:
             scheme=scheme,
             host=host,
             port=port,
-            path=redact_query(url),
+            path=self.secrets.for_tenant(caller.tenant).redactor.text(redact_query(url)),
             decision="denied",
             rule=decision.rule,
             reason=decision.reason,

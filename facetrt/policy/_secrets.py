@@ -284,3 +284,16 @@ def check_hosts(hosts: Iterable[str]) -> list[str]:
     if not 0 < len(checked) <= HOSTS_MAX:
         raise BadRequestError(f"a secret is bound to 1 to {HOSTS_MAX} hosts")
     return checked
+
+
+def secret_listing(system: SystemStore, tenant: str) -> list[dict[str, object]]:
+    """What operators see of a tenant's secrets: names and bound hosts, never values."""
+    return [
+        {
+            "name": name,
+            "hosts": list(record.get("hosts", [])),
+            "allow_http": bool(record.get("allow_http")),
+            "created": record.get("created"),
+        }
+        for (_, name), record in sorted(system.secrets(tenant).items())
+    ]

@@ -11,6 +11,7 @@ runtime drains its mailboxes, flushes commits and closes every environment → e
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import logging
@@ -28,14 +29,14 @@ from .._errors import ConfigError, FacetrtError, UnauthorizedError
 from ..config import TenantQuotaSettings
 from ..data import DataOperations
 from ..metrics import FacetrtMetrics
-from ..policy import Egress, NodeKey
+from ..policy import Egress, NodeKey, RedactingFilter, Redactor
 from ..runtime import Facet, open_runtime
 from ..storage import SystemStore
 from ._auth import AuthThrottle
 from ._tcp import TcpServer
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Iterator, Mapping
 
     from ..config import DaemonConfig
     from ..runtime import Runtime
@@ -147,6 +148,21 @@ def load_tenant_quotas(runtime: Runtime, system: SystemStore) -> None:
             logger.warning("ignoring the stored quotas of tenant %s: %s", tenant, exc.message)
 
 
+@contextlib.contextmanager
+def redacted_logs(redactor: Callable[[], Redactor]) -> Iterator[None]:
+    """Pass every record reaching the root logger's handlers through the redaction filter
+    (secret values of every tenant, token shapes) while the daemon runs."""
+    log_filter = RedactingFilter(redactor)
+    handlers = list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(log_filter)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(log_filter)
+
+
 @final
 class Daemon:
     """One `facetrt serve` process. ``await nursery.start(daemon.run)`` returns DaemonInfo."""
@@ -171,6 +187,10 @@ class Daemon:
         handle_signals: bool = False,
         task_status: trio.TaskStatus[DaemonInfo] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        with redacted_logs(lambda: self.egress.secrets.redactor() if self.egress else Redactor()):
+            await self._run(handle_signals, task_status)
+
+    async def _run(self, handle_signals: bool, task_status: trio.TaskStatus[DaemonInfo]) -> None:
         config = self.config
         classes = resolve_classes(config.classes)
         data_dir = Path(config.data_dir)
@@ -202,7 +222,8 @@ class Daemon:
         admin_key_path = ensure_admin_key(system, data_dir)
         load_tenant_quotas(runtime, system)
         egress.policies.load(system)
-        egress.secrets.load(system, NodeKey.load_or_create(data_dir))
+        egress.node_key = NodeKey.load_or_create(data_dir)
+        egress.secrets.load(system, egress.node_key)
         await DataOperations(runtime, system=system).start()  # clear crashed operations' scratch
         metrics = FacetrtMetrics(self.registry, runtime.statistics, egress=egress.statistics)
         throttle = AuthThrottle(

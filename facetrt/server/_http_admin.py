@@ -12,6 +12,11 @@
     PUT    tenants/{t}/egress  {policy}     the same; replaces the tenant's policy, in force
                                             from its next outbound request
     DELETE tenants/{t}/egress               the same; back to the node default policy
+    GET    tenants/{t}/secrets              {"secrets": [{"name", "hosts", "allow_http",
+                                            "created"}]} (names and hosts, never values)
+    PUT    tenants/{t}/secrets/{name}  {"value", "hosts", "allow_http"?}   the same, one
+                                            secret (the value is never shown back)
+    DELETE tenants/{t}/secrets/{name}       {"name", "deleted": true}
     GET    tenants/{t}/audit?since=&after=&limit=   {"records": [...], "next": cursor|null}
                                             egress attempts, oldest first (since: unix s)
     PUT    tenants/{t}/quotas  {overrides}  the same; replaces every override (null or
@@ -51,7 +56,7 @@ from .._errors import BadRequestError, ConflictError, FacetrtError, NotFoundErro
 from .._ids import validate_tenant_id
 from ..config import TenantQuotaSettings
 from ..data import DataOperations, refuse_leftover_tenant_data
-from ..policy import EgressPolicy, Policies
+from ..policy import EgressPolicy, Policies, secret_listing
 from ._http_exchange import dump_json, to_json
 
 if TYPE_CHECKING:
@@ -75,6 +80,8 @@ ADMIN_ROUTES: Final[Mapping[str, tuple[str, ...]]] = {
     "tenant_quotas": ("GET", "PUT"),
     "tenant_egress": ("GET", "PUT", "DELETE"),
     "tenant_audit": ("GET",),
+    "tenant_secrets": ("GET",),
+    "tenant_secret": ("PUT", "DELETE"),
     "key": ("DELETE",),
     "tenant_facets": ("GET",),
     "facet": ("GET", "DELETE"),
@@ -111,6 +118,10 @@ def resolve_admin_route(segments: list[str]) -> tuple[str, tuple[str, ...]] | No
             return "tenant_egress", (tenant,)
         case ["tenants", tenant, "audit"]:
             return "tenant_audit", (tenant,)
+        case ["tenants", tenant, "secrets"]:
+            return "tenant_secrets", (tenant,)
+        case ["tenants", tenant, "secrets", name]:
+            return "tenant_secret", (tenant, name)
         case ["keys", key_id]:
             return "key", (key_id,)
         case ["tenants", tenant, "facets"]:
@@ -177,6 +188,16 @@ class AdminApi:
                 return 200, self._set_egress(params[0], None)
             case "tenant_audit", "GET":
                 return 200, await self._audit(params[0], query)
+            case "tenant_secrets", "GET":
+                return 200, {"secrets": self._secrets(params[0])}
+            case "tenant_secret", "PUT":
+                return 200, self._set_secret(params[0], params[1], body)
+            case "tenant_secret", "DELETE":
+                _check_empty(body)
+                self._secret_store(params[0]).delete_secret(params[0], params[1])
+                self._reload_secrets(params[0])
+                logger.info("deleted secret %s of tenant %s", params[1], params[0])
+                return 200, {"name": params[1], "deleted": True}
             case "key", "DELETE":
                 self._revoke(params[0])
                 return 200, {"key_id": params[0], "revoked": True}
@@ -376,6 +397,41 @@ class AdminApi:
             tenant, since=since, after=after, limit=limit
         )
         return {"records": records, "next": cursor}
+
+    def _secret_store(self, tenant: str) -> SystemStore:
+        validate_tenant_id(tenant)
+        if not self._system.tenant_exists(tenant):
+            raise NotFoundError(f"tenant {tenant!r} does not exist")
+        return self._system
+
+    def _secrets(self, tenant: str) -> list[dict[str, object]]:
+        return secret_listing(self._secret_store(tenant), tenant)
+
+    def _set_secret(self, tenant: str, name: str, body: object) -> dict[str, object]:
+        system = self._secret_store(tenant)
+        egress = self._egress_service
+        if egress is None or egress.node_key is None:
+            raise NotFoundError("this node keeps no secrets (no egress node key)")
+        fields = _fields(body, required={"value", "hosts"}, optional={"allow_http"})
+        hosts = fields["hosts"]
+        if not isinstance(hosts, list):
+            raise BadRequestError("hosts must be a list of host names or *.suffix patterns")
+        record = egress.node_key.seal(
+            tenant,
+            name,
+            _text(fields["value"], "value"),
+            hosts,
+            allow_http=_flag(fields.get("allow_http")),
+        )
+        system.put_secret(tenant, name, record)  # durable first, then in force
+        self._reload_secrets(tenant)
+        logger.info("set secret %s of tenant %s", name, tenant)  # never the value
+        return {"name": name, "hosts": record["hosts"], "allow_http": record["allow_http"]}
+
+    def _reload_secrets(self, tenant: str) -> None:
+        egress = self._egress_service
+        if egress is not None and egress.node_key is not None:
+            egress.secrets.reload_tenant(self._system, egress.node_key, tenant)
 
     def _revoke(self, key_id: str) -> None:
         records = self._system.list_keys()

@@ -2,7 +2,8 @@
 
 Routes::
 
-    /echo            200 JSON {"method", "path", "query", "headers": {name: value}, "body"}
+    /echo            200 JSON {"method", "path", "query", "headers": {name: value}, "body"};
+                     headers x-echo-authorization (as received) and x-echo-base64 (of it)
     /redirect        302 (or ?status=) to ?to=
     /big?bytes=N     200 with N bytes, streamed in 64 KiB chunks
     /gzip            200, gzip-encoded "hello " * 1000
@@ -16,6 +17,7 @@ a test can assert that a denied request was never sent.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import gzip
 import json
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 class Upstream:
     port: int = 0
     requests: list[tuple[str, str]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
     arrived: trio.Event = field(default_factory=trio.Event)
 
     @property
@@ -62,6 +65,8 @@ class Upstream:
         path = scope["path"]
         query = dict(urllib.parse.parse_qsl(scope["query_string"].decode()))
         self.requests.append((scope["method"], path))
+        received = {k.decode(): v.decode("latin-1") for k, v in scope["headers"]}
+        self.headers.append(received)
         self.arrived.set()
 
         async def answer(status: int, payload: bytes, headers: list[tuple[bytes, bytes]]) -> None:
@@ -77,7 +82,13 @@ class Upstream:
                 "headers": headers,
                 "body": body.decode(errors="replace"),
             }
-            await answer(200, json.dumps(echoed).encode(), [(b"content-type", b"application/json")])
+            auth = received.get("authorization", "").encode("latin-1")
+            reply_headers = [
+                (b"content-type", b"application/json"),
+                (b"x-echo-authorization", auth),
+                (b"x-echo-base64", base64.b64encode(auth)),
+            ]
+            await answer(200, json.dumps(echoed).encode(), reply_headers)
         elif path == "/redirect":
             status = int(query.get("status", "302"))
             await answer(status, b"", [(b"location", query["to"].encode())])
