@@ -76,6 +76,9 @@ def cmd_serve(options: argparse.Namespace) -> int:
                 f"HTTP {http}"
             )
             _out(f"data directory {info.data_dir.resolve()}; admin key in {info.admin_key_path}")
+            if info.proxy_address:
+                host, port = info.proxy_address
+                _out(f"egress proxy on {host}:{port} (per-run credentials only)")
 
     trio.run(main)
     return 0

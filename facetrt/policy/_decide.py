@@ -74,6 +74,19 @@ class _Allow:
             return False
         return path.startswith(self.path_prefix)
 
+    def tunnels(self, host: Host, port: int) -> bool:
+        """Whether this rule allows a CONNECT tunnel: it must limit neither methods nor
+        paths (the proxy cannot see either inside the tunnel)."""
+        if self.methods is not None or self.path_prefix != "/":
+            return False
+        if self.exact is not None:
+            if host.text != self.exact:
+                return False
+        elif host.is_ip or not host.text.endswith(self.suffix or "\0"):
+            return False
+        ports = self.ports or frozenset(DEFAULT_PORTS[scheme] for scheme in self.schemes)
+        return port in ports
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _Address:
@@ -131,6 +144,18 @@ class CompiledPolicy:
             "default-deny",
             "no_rule",
             f"no allow rule matches {method} {scheme}://{host.text}:{port}{path}",
+        )
+
+    def decide_connect(self, host: Host, port: int) -> Decision:
+        """Whether a CONNECT tunnel to ``host:port`` may be opened (by host and port only)."""
+        for rule in self._allow:
+            if rule.tunnels(host, port):
+                return Decision(allowed=True, rule=rule.rule, reason="allowed")
+        return _deny(
+            "default-deny",
+            "no_rule",
+            f"no allow rule allows a tunnel to {host.text}:{port} (a tunnel needs a rule that "
+            "limits neither methods nor paths)",
         )
 
     def decide_address(self, address: IPAddress, port: int) -> Decision:

@@ -41,6 +41,7 @@ from .._errors import BadRequestError, PolicyViolationError
 from .._fetch import FetchError, FetchRequest, FetchResponse
 from ._addresses import HostError, parse_host
 from ._audit import AuditLog, AuditRecord, AuditStatistics
+from ._credentials import Caller, ProxyCredentials
 from ._decide import DEFAULT_PORTS, Decision, canonical_ip, deny
 from ._model import EgressConfig
 from ._policies import Policies
@@ -128,16 +129,6 @@ class _Target:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Caller:
-    """Who makes a request: for the audit log (and the proxy's per-run credentials)."""
-
-    tenant: str
-    agent: str | None
-    run: str | None
-    source: str  # "fetch" or "proxy"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class RawResponse:
     """One hop's response before redaction (the proxy relays it, redacted, as it is)."""
 
@@ -180,6 +171,8 @@ class Egress:
         )
         self._limiter = trio.CapacityLimiter(config.fetches_in_flight_max)
         self.node_key: NodeKey | None = None  # set by the daemon: seals secrets it is given
+        # Per-run credentials of the egress proxy (issued to the processes the runtime starts).
+        self.proxy_credentials = ProxyCredentials(config.proxy_credential_seconds)
 
     def statistics(self) -> EgressStatistics:
         counters = self.counters
@@ -224,8 +217,11 @@ class Egress:
             url=response.url,
         )
 
-    async def request(self, caller: Caller, request: FetchRequest) -> RawResponse:
-        """The mediated request (redirects followed); the response is not yet redacted."""
+    async def request(
+        self, caller: Caller, request: FetchRequest, *, follow_redirects: bool = True
+    ) -> RawResponse:
+        """The mediated request; the response is not yet redacted. Without
+        ``follow_redirects`` (the proxy: its client follows them) a 3xx is returned as it is."""
         headers = _check_headers(request.headers)
         body = request.body
         if body is not None and len(body) > self.config.request_bytes_max:
@@ -236,7 +232,9 @@ class Egress:
         seconds = min(self.config.request_seconds_max, policy.request_seconds_max or float("inf"))
         async with self._limiter:
             with trio.move_on_after(seconds) as limit:
-                return await self._follow(caller, request.url, request.method, headers, body, limit)
+                return await self._follow(
+                    caller, request.url, request.method, headers, body, limit, follow_redirects
+                )
         assert limit.cancelled_caught
         self.counters.decided(caller.source, deny("limit", "limit", ""))
         raise PolicyViolationError(
@@ -252,6 +250,7 @@ class Egress:
         headers: list[tuple[str, str]],
         body: bytes | None,
         limit: trio.CancelScope,
+        follow_redirects: bool,
     ) -> RawResponse:
         method = method.upper()
         previous: _Target | None = None
@@ -261,7 +260,7 @@ class Egress:
                 headers = [(k, v) for k, v in headers if k.lower() not in CREDENTIAL_HEADERS]
             response = await self._hop(caller, target, method, headers, body, limit)
             location = response.header_location
-            if response.status not in REDIRECTS or location is None:
+            if not follow_redirects or response.status not in REDIRECTS or location is None:
                 return response.raw
             if hop == self.config.redirects_max:
                 break
@@ -351,6 +350,61 @@ class Egress:
         self.counters.response_bytes += len(response.raw.body)
         self.audit.complete_nowait(record)
         return response
+
+    # -- tunnels (the proxy's CONNECT) ------------------------------------------------------
+
+    async def open_tunnel(
+        self, caller: Caller, authority: str, port: int
+    ) -> tuple[trio.SocketStream, AuditRecord]:
+        """Decide, audit (durably) and connect a CONNECT tunnel to ``authority:port``.
+
+        Tunnels are decided by host and port only, so only allow rules that limit neither
+        methods nor paths allow them (``CompiledPolicy.decide_connect``).
+
+        Raises:
+            PolicyViolationError: denied. FetchError: the connection failed.
+        """
+        url = (
+            f"https://{authority}:{port}/"
+            if ":" not in authority
+            else f"https://[{authority}]:{port}/"
+        )
+        target = await self._target(caller, url, "CONNECT")
+        target = _Target(url=target.url, scheme="https", host=target.host, port=port, path="")
+        decision = self.policies.get(caller.tenant).decide_connect(target.host, port)
+        if not decision.allowed:
+            raise await self._denied(caller, target, "CONNECT", decision)
+        addresses = await self._addresses(caller, target, "CONNECT")
+        record = self._record(caller, target, "CONNECT", decision)
+        record.address = addresses[0]
+        self.counters.decided(caller.source, decision)
+        await self.audit.attempt(record)
+        started = time.perf_counter()
+        for address in addresses:
+            try:
+                stream = await trio.open_tcp_stream(address, port)
+            except OSError:
+                continue
+            record.address = address
+            return stream, record
+        self._failed(record, "connect", started)
+        raise FetchError(f"cannot connect to {target.host.text}:{port}", kind="connect")
+
+    def close_tunnel(
+        self,
+        record: AuditRecord,
+        *,
+        bytes_out: int,
+        bytes_in: int,
+        seconds: float,
+        error: str | None,
+    ) -> None:
+        """Complete a tunnel's audit record; never checkpoints."""
+        record.bytes_out, record.bytes_in = bytes_out, bytes_in
+        record.latency_seconds = round(seconds, 6)
+        record.status = 200
+        record.error = error
+        self.audit.complete_nowait(record)
 
     def _failed(self, record: AuditRecord, kind: str, started: float) -> None:
         record.error = kind

@@ -29,7 +29,7 @@ from .._errors import ConfigError, FacetrtError, UnauthorizedError
 from ..config import TenantQuotaSettings
 from ..data import DataOperations
 from ..metrics import FacetrtMetrics
-from ..policy import Egress, NodeKey, RedactingFilter, Redactor
+from ..policy import Egress, EgressProxy, NodeKey, RedactingFilter, Redactor
 from ..runtime import Facet, open_runtime
 from ..storage import SystemStore
 from ._auth import AuthThrottle
@@ -53,6 +53,7 @@ class DaemonInfo:
 
     tcp_address: tuple[str, int]
     http_address: tuple[str, int] | None
+    proxy_address: tuple[str, int] | None
     admin_key_path: Path
     data_dir: Path
 
@@ -236,6 +237,10 @@ class Daemon:
         http_shutdown = trio.Event()
         async with trio.open_nursery() as nursery:
             await nursery.start(egress.run)
+            proxy_address = None
+            if self.config.egress.proxy_listen:
+                proxy = EgressProxy(egress, egress.proxy_credentials)
+                proxy_address = await nursery.start(proxy.run)
             host, port = parse_host_port(config.listen)
             listeners: list[trio.SocketListener] = await trio.open_tcp_listeners(port, host=host)
             tcp_address = listeners[0].socket.getsockname()[:2]
@@ -292,6 +297,7 @@ class Daemon:
                 DaemonInfo(
                     tcp_address=(str(tcp_address[0]), int(tcp_address[1])),
                     http_address=http_address,
+                    proxy_address=proxy_address,
                     admin_key_path=admin_key_path,
                     data_dir=data_dir,
                 )

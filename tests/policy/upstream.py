@@ -19,18 +19,29 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import datetime
 import gzip
+import ipaddress
 import json
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, cast
 
+import hypercorn.trio
 import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
-from facetrt.server._http import serve_http
+from facetrt.server._http import hypercorn_config, serve_http
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
+    from pathlib import Path
+
+    from hypercorn.typing import ASGIFramework
 
 
 @dataclass
@@ -110,12 +121,58 @@ class Upstream:
             await answer(200, b"ok", [(b"content-type", b"text/plain")])
 
 
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and localhost: (cert PEM, key PEM).
+
+    The test trusts it through ``EgressConfig(ca_file=cert)``, as an operator would a private CA.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "facetrt test upstream")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "upstream.pem", directory / "upstream.key"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
 @contextlib.asynccontextmanager
-async def serve_upstream() -> AsyncIterator[Upstream]:
+async def serve_upstream(tls: tuple[Path, Path] | None = None) -> AsyncIterator[Upstream]:
+    """Serve an :class:`Upstream` on 127.0.0.1 (https with ``tls``: (cert, key) files)."""
     upstream = Upstream()
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
-        _, upstream.port = await nursery.start(serve_http, upstream, "127.0.0.1:0", shutdown)
+        if tls is None:
+            _, upstream.port = await nursery.start(serve_http, upstream, "127.0.0.1:0", shutdown)
+        else:
+            config = hypercorn_config("127.0.0.1:0")
+            config.certfile, config.keyfile = str(tls[0]), str(tls[1])
+            app = cast("ASGIFramework", upstream)
+            serve = partial(hypercorn.trio.serve, app, config, shutdown_trigger=shutdown.wait)
+            binds = await nursery.start(serve)
+            upstream.port = int(binds[0].rpartition(":")[2])
         try:
             yield upstream
         finally:
