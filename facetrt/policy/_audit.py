@@ -13,7 +13,9 @@ fsynced: the caller sends nothing before. Concurrent attempts share commits: one
 takes every queued write, groups them by tenant and commits each tenant's in one transaction
 on a worker thread (one fsync per tenant per batch); attempts arriving meanwhile form the next
 batch. :meth:`AuditLog.complete_nowait` queues the completed record (status, bytes, latency,
-error class) under the same key without waiting: the request is over, nothing waits on it.
+error class) under the same key without waiting: the request is over, nothing waits on it, so
+completions alone wait up to ``COMPLETION_DELAY_SECONDS`` for the next attempt's commit
+instead of paying an fsync of their own (a reader flushes them at once).
 
 Bounds: at most ``audit_pending_max`` attempts queued (then :meth:`attempt` waits for room);
 completions are bounded by the attempts in flight; at most ``audit_open_max`` environments
@@ -51,6 +53,8 @@ logger = logging.getLogger(__name__)
 AUDIT_DIR: Final = "audit"
 KEY: Final = struct.Struct(">QI")
 PAGE_MAX: Final = 10_000
+# Completions alone wait this long for an attempt to share a commit with.
+COMPLETION_DELAY_SECONDS: Final = 0.2
 
 
 @dataclass(slots=True, kw_only=True)
@@ -117,6 +121,7 @@ class AuditLog:
         self._batch = _Batch()
         self._writing: _Batch | None = None  # the batch being committed
         self._attempts_queued = 0
+        self._urgent = False
         self._wake = trio.lowlevel.ParkingLot()
         self._room = trio.lowlevel.ParkingLot()
         self._sequence = 0
@@ -173,6 +178,8 @@ class AuditLog:
         """Wait until every write queued so far (completions included) is committed."""
         await trio.lowlevel.checkpoint()
         if self._pending:
+            self._urgent = True  # do not hold completions back for company
+            self._wake.unpark_all()
             await self._batch.done.wait()  # batches commit in order: the earlier ones too
         elif self._writing is not None:
             await self._writing.done.wait()
@@ -189,6 +196,12 @@ class AuditLog:
             while True:
                 while not self._pending:
                     await self._wake.park()
+                if not self._attempts_queued and not self._urgent:
+                    # Only completions: nothing waits on them, so let them share the next
+                    # attempt's fsync instead of costing one of their own (bounded wait).
+                    with trio.move_on_after(COMPLETION_DELAY_SECONDS):
+                        while not self._attempts_queued and not self._urgent:
+                            await self._wake.park()
                 await self._commit_batch()
         finally:
             self._closed = True
@@ -203,6 +216,7 @@ class AuditLog:
         pending, self._pending = self._pending, []
         batch, self._batch = self._batch, _Batch()
         self._writing = batch
+        self._urgent = False
         attempts = self._attempts_queued
         self._attempts_queued = 0
         self._room.unpark_all()
