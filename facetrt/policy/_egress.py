@@ -325,7 +325,12 @@ class Egress:
         record.address = addresses[0]
         record.bytes_out = len(body or b"")
         self.counters.decided(caller.source, decision)
-        await self.audit.attempt(record)  # durable before anything leaves
+        try:
+            await self.audit.attempt(record)  # durable before anything leaves
+        except trio.Cancelled:
+            record.error = "cancelled"  # nothing was sent
+            self.audit.complete_nowait(record)
+            raise
         started = time.perf_counter()
         try:
             response = await self._send(target, method, sent, body, addresses, policy.policy)
@@ -419,7 +424,20 @@ class Egress:
         if host.ip is not None:
             answers = [str(host.ip)]
         else:
-            answers = await self._resolve(host.text, target.port)
+            try:
+                answers = await self._resolve(host.text, target.port)
+            except FetchError as exc:
+                # An allowed attempt that failed before leaving: audited like any other.
+                policy = self.policies.get(caller.tenant)
+                decided = policy.decide_request(
+                    target.scheme, host, target.port, method, target.path
+                )
+                record = self._record(caller, target, method, decided)
+                record.error = exc.kind
+                self.counters.decided(caller.source, decided)
+                self.counters.failed(exc.kind)
+                await self.audit.attempt(record)
+                raise
         policy = self.policies.get(caller.tenant)
         for answer in answers:
             decision = policy.decide_address(canonical_ip(answer), target.port)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Final, final
 import h11
 import trio
 
-from .._errors import BadRequestError, ConfigError, PolicyViolationError
+from .._errors import BadRequestError, ConfigError, FacetrtError, PolicyViolationError
 from .._fetch import FetchError, FetchRequest
 from ._decide import deny
 
@@ -118,6 +118,8 @@ class EgressProxy:
             await self._connection(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away
+        except Exception:  # the connection handler's catch-all (STYLE §5): log, close
+            logger.exception("egress proxy connection failed; closing it")
         finally:
             self._connections.release_on_behalf_of(stream)
             with trio.move_on_after(1, shield=True):
@@ -183,6 +185,8 @@ class EgressProxy:
             raise _Refused(502, "external_api_error", exc.message) from None
         except BadRequestError as exc:
             raise _Refused(400, "bad_request", exc.message) from None
+        except FacetrtError as exc:  # the audit log failed: nothing was sent
+            raise _Refused(500, exc.code.value, exc.message, close=True) from None
         redactor = self._egress.secrets.for_tenant(caller.tenant).redactor
         payload = redactor.data(response.body)
         out = [
@@ -232,6 +236,8 @@ class EgressProxy:
             raise _Refused(403, "policy_violation", exc.message, close=True) from None
         except FetchError as exc:
             raise _Refused(502, "external_api_error", exc.message, close=True) from None
+        except FacetrtError as exc:  # the audit log failed: nothing was sent
+            raise _Refused(500, exc.code.value, exc.message, close=True) from None
         started = time.perf_counter()
         counts = [0, 0]  # bytes client -> destination, destination -> client
         error: str | None = None

@@ -19,6 +19,7 @@ import trio
 
 from facetrt import (
     BadRequestError,
+    FetchError,
     HandlerError,
     PolicyViolationError,
     Runtime,
@@ -340,3 +341,15 @@ async def test_without_an_egress_gateway_every_fetch_is_denied(data_dir: Path) -
     async with open_runtime(data_dir, classes=CLASSES, config=CONFIG) as rt:
         with pytest.raises(PolicyViolationError, match="rule no-egress"):
             await rt.call(TENANT, "f", "request", "http://127.0.0.1:1/", cls="Fetcher")
+
+
+async def test_a_name_that_does_not_resolve_is_an_audited_fetch_error(data_dir: Path) -> None:
+    async def nxdomain(host: str, port: int) -> list[str]:
+        await trio.lowlevel.checkpoint()
+        raise FetchError(f"cannot resolve {host!r}", kind="dns")
+
+    async with setup(data_dir, resolver=nxdomain) as s:
+        with pytest.raises(HandlerError, match=r"FetchError: cannot resolve 'rebind\.test'"):
+            await s.fetch(f"http://rebind.test:{s.upstream.port}/")
+        (record,) = await s.audit()
+    assert (record["decision"], record["error"], record["status"]) == ("allowed", "dns", None)
