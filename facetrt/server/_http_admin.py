@@ -239,7 +239,16 @@ class AdminApi:
                 await x.respond_json(200, result)
             case "tenant":
                 deleted = validate_tenant_id(params[0])
-                await self._long(x, lambda progress: self._data.delete_tenant(deleted, progress))
+
+                async def delete(progress: Progress) -> dict[str, Value]:
+                    # Its egress policy and secrets went with its system-store record (the
+                    # first step): drop the copies in force, whatever the wipe does next.
+                    try:
+                        return await self._data.delete_tenant(deleted, progress)
+                    finally:
+                        self._forget_egress(deleted)
+
+                await self._long(x, delete)
             case "backups":
                 fields = _fields(
                     await x.read_json(), required={"path"}, optional={"tenant", "agent"}
@@ -313,9 +322,16 @@ class AdminApi:
         tenant = validate_tenant_id(body["tenant"])
         refuse_leftover_tenant_data(self._runtime.core.registry.tenant_path(tenant), tenant)
         self._system.create_tenant(tenant)
+        self._forget_egress(tenant)  # a new tenant starts with the node default, no secrets
         key_id, key = self._system.create_key(tenant)
         logger.info("created tenant %s with key %s", tenant, key_id)
         return 201, {"tenant": tenant, "key_id": key_id, "key": key}
+
+    def _forget_egress(self, tenant: str) -> None:
+        """Drop ``tenant``'s policy and opened secrets from the egress layer (not stored)."""
+        self._policies.set(tenant, None)
+        if self._egress_service is not None:
+            self._egress_service.secrets.set_tenant(tenant, [])
 
     def _keys(self, tenant: str) -> list[dict[str, object]]:
         validate_tenant_id(tenant)

@@ -201,3 +201,25 @@ def test_secrets_without_a_daemon_and_removed_with_their_tenant(
     finally:
         system.close()
     assert cli.main(["secret", "delete", TENANT, "K", *data]) == 2
+
+
+async def test_a_deleted_tenant_takes_its_policy_and_secrets_along(tmp_path: Path) -> None:
+    """Goal: a tenant created again under a deleted one's name inherits nothing. Method:
+    set a policy and a secret through the admin API, delete the tenant, create it again."""
+    async with serve(tmp_path) as served:
+        admin = served.admin()
+        await served.create_tenant(TENANT)
+        route = f"/v1/admin/tenants/{TENANT}"
+        policy = {"allow": [{"host": "api.example.com"}]}
+        assert (await served.client.put(f"{route}/egress", json=policy, headers=admin)).is_success
+        secret = {"value": VALUE, "hosts": ["api.example.com"]}
+        put = await served.client.put(f"{route}/secrets/K", json=secret, headers=admin)
+        assert put.json() == {"name": "K", "hosts": ["api.example.com"], "allow_http": False}
+        assert (await served.client.delete(route, headers=admin)).is_success
+        await served.create_tenant(TENANT)
+        egress = served.daemon.egress
+        assert egress is not None
+        assert egress.policies.own(TENANT) is None
+        assert egress.secrets.for_tenant(TENANT).names() == []
+        shown = await served.client.get(f"{route}/secrets", headers=admin)
+        assert shown.json() == {"secrets": []}
