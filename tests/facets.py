@@ -240,21 +240,6 @@ class Fetcher(Facet):
     async def put(self, key: str, value: Value) -> None:
         self.storage.put(key, value)
 
-    @rpc
-    async def put_then_fetch(self, key: str, url: str) -> int:
-        """Write, then fetch in the same message (the fetch waits only for earlier ones)."""
-        self.storage.put(key, True)
-        return (await self.fetch(url)).status
-
-    @rpc
-    async def fetch_error(self, url: str, headers: dict[str, str] | None = None) -> str:
-        """Fetch and answer the error facet code sees (type and message), or 'ok'."""
-        try:
-            await self.fetch(url, headers=headers)
-        except Exception as exc:  # noqa: BLE001 - the test inspects what facet code sees
-            return f"{type(exc).__name__}: {exc}"
-        return "ok"
-
 
 CLASSES: dict[str, type[Facet]] = {
     "Counter": Counter,
