@@ -19,7 +19,7 @@ def test_response_helpers_read_headers_charset_and_json() -> None:
     assert response.header("Content-Type") == 'application/json; charset="latin-1"'
     assert response.header("missing", "d") == "d"
     assert response.text == '{"name": "é"}'  # the charset the response names
-    with pytest.raises(ValueError):  # JSON is UTF-8 (RFC 8259), whatever the header says
+    with pytest.raises(UnicodeDecodeError):  # JSON is UTF-8 (RFC 8259), whatever the header
         response.json()
     utf8 = FetchResponse(status=200, headers=(), body='{"name": "é"}'.encode(), url="u")
     assert utf8.json() == {"name": "é"}
