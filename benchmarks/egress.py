@@ -15,7 +15,8 @@ Each case runs with 1 caller and with 16 concurrent callers (B and C: one facet 
 since a facet handles one message at a time). Rates are requests per second; latency is per
 request as the caller sees it; "cpu µs/req" is this process's CPU time (all threads) per
 request, the figure least disturbed by other work on a shared machine. The audit notes show
-writes per commit (group commit) and the mean commit time. Writes ``benchmarks/results/egress-<UTC timestamp>.json``.
+writes per commit (group commit) and the mean commit time. Writes
+``benchmarks/results/egress-<UTC timestamp>.json``.
 """
 
 from __future__ import annotations
