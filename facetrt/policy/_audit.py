@@ -34,7 +34,7 @@ import logging
 import struct
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, final
 
 import lmdb
@@ -90,9 +90,12 @@ class AuditRecord:
     key: bytes = field(default=b"", repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        del data["key"]
-        return data
+        # Field by field: dataclasses.asdict deep-copies every value (a third of the record's
+        # cost on the fetch path).
+        return {name: getattr(self, name) for name in _FIELDS}
+
+
+_FIELDS: Final = tuple(name for name in AuditRecord.__dataclass_fields__ if name != "key")
 
 
 @dataclass(slots=True)
