@@ -201,7 +201,7 @@ class EgressConfig(BaseModel):
     audit_open_max: int = Field(
         64, gt=0, le=10_000, description="Tenants' audit logs kept open at once."
     )
-    proxy_listen: str | None = Field(
+    proxy_listen: Annotated[str | None, AfterValidator(check_proxy_listen)] = Field(
         None, description="HOST:PORT of the egress proxy (loopback); unset: no proxy."
     )
     proxy_connections_max: int = Field(
@@ -216,6 +216,21 @@ class EgressConfig(BaseModel):
     ca_file: Path | None = Field(
         None, description="PEM bundle of extra CAs trusted for https egress (beside the system's)."
     )
+
+
+LOOPBACK_HOSTS: Final = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def check_proxy_listen(value: str | None) -> str | None:
+    """The proxy serves processes on this node only: a loopback HOST:PORT."""
+    if value is None:
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535 or host.strip("[]") not in LOOPBACK_HOSTS:
+        raise ValueError(
+            f"proxy_listen must be a loopback HOST:PORT (127.0.0.1:7422), got {value!r}"
+        )
+    return value
 
 
 def describe(exc: ValidationError) -> str:

@@ -35,6 +35,7 @@ import trio
 from .._errors import BadRequestError, ConfigError, FacetrtError, PolicyViolationError
 from .._fetch import FetchError, FetchRequest
 from ._decide import deny
+from ._model import check_proxy_listen
 
 if TYPE_CHECKING:
     from ._credentials import Caller, ProxyCredentials
@@ -66,7 +67,6 @@ HOP_HEADERS: Final = frozenset(
 RESPONSE_DROPPED: Final = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding"}
 )
-LOOPBACK_HOSTS: Final = frozenset({"127.0.0.1", "::1", "localhost"})
 CREDENTIALS_DENIED: Final = deny(
     "proxy-credentials", "credentials", "missing, wrong or expired proxy credential"
 )
@@ -98,10 +98,12 @@ class EgressProxy:
         """
         listen = self._config.proxy_listen
         assert listen is not None
-        host, sep, port_text = listen.rpartition(":")
+        try:
+            check_proxy_listen(listen)  # validated with the configuration; kept for callers
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        host, _, port_text = listen.rpartition(":")
         host = host.strip("[]")
-        if not sep or not port_text.isdigit() or host not in LOOPBACK_HOSTS:
-            raise ConfigError(f"egress.proxy_listen must be a loopback HOST:PORT, got {listen!r}")
         listeners = await trio.open_tcp_listeners(int(port_text), host=host)
         address = listeners[0].socket.getsockname()
         async with trio.open_nursery() as nursery:

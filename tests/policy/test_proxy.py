@@ -13,6 +13,7 @@ import h11
 import httpx
 import pytest
 import trio
+from pydantic import ValidationError
 
 from facetrt.policy import (
     Egress,
@@ -217,14 +218,20 @@ async def _open_tunnel(p: Proxied, authority: str) -> tuple[int, trio.SocketStre
     return int(received.split(b" ")[1]), stream
 
 
-@pytest.mark.parametrize("listen", ["0.0.0.0:0", "10.0.0.1:0", "nonsense"])
-async def test_the_proxy_listens_on_loopback_only(tmp_path: Path, listen: str) -> None:
-    from facetrt import ConfigError
+@pytest.mark.parametrize("listen", ["0.0.0.0:0", "10.0.0.1:7422", "nonsense", "[::]:1"])
+def test_the_proxy_listens_on_loopback_only(listen: str) -> None:
+    with pytest.raises(ValidationError, match="loopback"):
+        EgressConfig(proxy_listen=listen)
+    assert EgressConfig(proxy_listen="[::1]:0").proxy_listen == "[::1]:0"
 
-    async with open_egress(tmp_path, config=EgressConfig(proxy_listen=listen)) as egress:
-        proxy = EgressProxy(egress, egress.proxy_credentials)
-        with pytest.raises(ConfigError, match="loopback"):
-            await proxy.run()
+
+async def test_malformed_and_origin_form_requests_are_refused(tmp_path: Path) -> None:
+    async with proxied(tmp_path) as p:
+        origin_form = await _raw(p, "GET /echo HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        assert origin_form[0] == 400
+        bad_connect = await _raw(p, "CONNECT nohost HTTP/1.1\r\nHost: x\r\n")
+        assert bad_connect[0] == 400
+        assert p.upstream.requests == []
 
 
 async def test_the_daemon_serves_the_proxy_when_configured(tmp_path: Path) -> None:
