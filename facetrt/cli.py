@@ -257,6 +257,7 @@ QUOTA_FLAGS = {
     "mailbox": "mailbox_envelopes_max",
     "calls_per_second": "calls_per_second",
     "burst": "calls_burst",
+    "in_flight": "calls_in_flight_max",
 }
 
 
@@ -885,6 +886,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("--mailbox", "messages queued per facet before `overloaded`"),
         ("--calls-per-second", "sustained calls per second from outside"),
         ("--burst", "calls at once above the rate (default: one second's worth)"),
+        ("--in-flight", "calls in flight across its connections (then they are not read)"),
     ):
         quota.add_argument(flag, type=_quota_value, default=_UNSET, metavar="N", help=text)
     quota.add_argument("--reset", action="store_true", help="drop every override first")

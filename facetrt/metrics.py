@@ -241,6 +241,12 @@ class FacetrtMetrics:
             ["surface"],
             registry=registry,
         )
+        self.connections_refused = Counter(
+            "facetrt_connections_refused",
+            "Client connections refused at the connection limit (or while draining, tcp).",
+            ["surface"],
+            registry=registry,
+        )
         self.auth_failures = Counter(
             "facetrt_auth_failures",
             "Refused credentials, by surface.",
@@ -259,4 +265,5 @@ class FacetrtMetrics:
         # Pre-create the label sets so a scrape shows zeros rather than nothing.
         for surface in SURFACES:
             self.connections.labels(surface)
+            self.connections_refused.labels(surface)
             self.auth_failures.labels(surface)

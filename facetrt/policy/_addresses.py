@@ -1,7 +1,7 @@
 """Host and address classification for egress: what a URL's host is, and which addresses are
 special (loopback, private, link-local, CGNAT, multicast, unspecified, cloud metadata, ...).
 
-Rules (decision 0011-egress):
+Rules (decision 0012):
 
 - A host is either a DNS name or a canonical IP literal (dotted-quad IPv4 without leading
   zeros, or a bracketed IPv6 address without a zone). Every other numeric spelling that some

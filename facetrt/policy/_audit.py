@@ -8,7 +8,7 @@ Layout (``<data dir>/tenants/<h(tenant)>/audit/``, beside the tenant's ``facets/
 
 Keys sort by time, so ``--since`` is a cursor seek and retention removes from the front.
 
-Durability (decision 0011-egress). :meth:`AuditLog.attempt` returns only once the record is
+Durability (decision 0012). :meth:`AuditLog.attempt` returns only once the record is
 fsynced: the caller sends nothing before. Concurrent attempts share commits: one writer task
 takes every queued write, groups them by tenant and commits each tenant's in one transaction
 on a worker thread (one fsync per tenant per batch); attempts arriving meanwhile form the next

@@ -1,4 +1,4 @@
-"""Redaction: the filter every egress sink passes through (decision 0011-egress).
+"""Redaction: the filter every egress sink passes through (decision 0012).
 
 Two kinds of rules:
 

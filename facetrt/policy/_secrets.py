@@ -1,6 +1,6 @@
 """Secrets: stored sealed per tenant, bound to hosts, substituted into headers at egress only.
 
-Sealing (decision 0011-egress). A secret is encrypted with AES-256-GCM (``cryptography``)
+Sealing (decision 0012). A secret is encrypted with AES-256-GCM (``cryptography``)
 under the node key, a random 32-byte key in ``<data dir>/node.key`` (mode 0600, created on
 first use like ``admin.key``), with a random 96-bit nonce per write and the tenant and name as
 associated data, so a sealed record moved to another tenant or name does not open. The system

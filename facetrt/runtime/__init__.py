@@ -7,6 +7,7 @@ from ._facet import Facet as Facet
 from ._facet import FacetCalls as FacetCalls
 from ._facet import rpc as rpc
 from ._load import HistogramSnapshot as HistogramSnapshot
+from ._quotas import InFlight as InFlight
 from ._quotas import TenantQuotas as TenantQuotas
 from ._runtime import Runtime as Runtime
 from ._runtime import RuntimeStatistics as RuntimeStatistics
@@ -21,6 +22,7 @@ __all__ = [
     "Facet",
     "FacetCalls",
     "HistogramSnapshot",
+    "InFlight",
     "Runtime",
     "RuntimeStatistics",
     "Saturation",

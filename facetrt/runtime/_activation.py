@@ -145,6 +145,11 @@ class Activation:
         self._evicted = self._evicted or evicted
         self.mailbox.wake()
 
+    @property
+    def committing(self) -> bool:
+        """A commit is in flight (the idle timeout counts from its end)."""
+        return self._commit_running
+
     def _is_stop_requested(self) -> bool:
         return self._stop_requested
 
@@ -301,11 +306,9 @@ class Activation:
                 await self.mailbox.wait_nonempty()
                 self._supervisor.mark_busy(self)
                 continue
-            with trio.move_on_after(self._config.idle_timeout_seconds) as idle:
-                await self.mailbox.wait_nonempty()
+            # The supervisor's sweeper asks for a stop once idle_timeout_seconds have passed.
+            await self.mailbox.wait_nonempty()
             self._supervisor.mark_busy(self)
-            if idle.cancelled_caught and not self.mailbox:
-                return
 
     async def _close(self) -> None:
         """Finish: fail what cannot run, run ``on_deactivate``, flush, close the store."""

@@ -315,6 +315,7 @@ class Runtime:
         core.closing = True
         if core.timer_scheduler is not None:
             core.timer_scheduler.stop()
+        self._supervisor.stop()
         for activation in self._router.activations():
             activation.request_stop()
         with trio.move_on_after(core.config.shutdown_grace_seconds, shield=True):
@@ -393,12 +394,14 @@ async def open_runtime(
                     supervisor = Supervisor(
                         config.open_facets_max,
                         wait_seconds_max=config.activation_wait_seconds_max,
+                        idle_timeout_seconds=config.idle_timeout_seconds,
                     )
                     router = Router(core=core, supervisor=supervisor, nursery=nursery)
                     core.router = router
                     scheduler = TimerScheduler(core=core, index=index)
                     core.timer_scheduler = scheduler
                     await nursery.start(scheduler.run)
+                    await nursery.start(supervisor.sweep_idle)
                     runtime = Runtime(core, router, supervisor)
                     try:
                         yield runtime

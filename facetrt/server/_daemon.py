@@ -253,8 +253,6 @@ class Daemon:
             else:
                 from ._http import build_app, serve_http
 
-                bind = config.http
-
                 app = build_app(
                     runtime=runtime,
                     system=system,
@@ -267,7 +265,9 @@ class Daemon:
 
                 async def run_http(task_status: trio.TaskStatus[tuple[str, int]]) -> None:
                     try:
-                        await serve_http(app, bind, http_shutdown, task_status=task_status)
+                        await serve_http(
+                            app, config, http_shutdown, metrics=metrics, task_status=task_status
+                        )
                     finally:
                         http_done.set()
 

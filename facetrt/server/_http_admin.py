@@ -47,12 +47,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, final
+from typing import TYPE_CHECKING, Final, TypeVar, final
 
 import trio
 
-from .._errors import BadRequestError, ConflictError, FacetrtError, NotFoundError
+from .._errors import BadRequestError, FacetrtError, NotFoundError
 from .._ids import validate_tenant_id
 from ..config import TenantQuotaSettings
 from ..data import DataOperations, refuse_leftover_tenant_data
@@ -71,6 +72,8 @@ if TYPE_CHECKING:
     Progress = Callable[[int, int | None], None]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # route name -> allowed methods
 ADMIN_ROUTES: Final[Mapping[str, tuple[str, ...]]] = {
@@ -166,13 +169,13 @@ class AdminApi:
             case "tenants", "GET":
                 return 200, {"tenants": system.list_tenants(), "quotas": system.all_tenant_quotas()}
             case "tenants", "POST":
-                return self._create_tenant(body)
+                return await self._create_tenant(body)
             case "tenant_keys", "GET":
                 return 200, {"keys": self._keys(params[0])}
             case "tenant_keys", "POST":
                 _check_empty(body)
                 tenant = validate_tenant_id(params[0])
-                key_id, key = system.create_key(tenant)
+                key_id, key = await self._offload(partial(system.create_key, tenant))
                 logger.info("created key %s for tenant %s", key_id, tenant)
                 return 201, {"tenant": tenant, "key_id": key_id, "key": key}
             case "tenant_quotas", "GET":
@@ -182,24 +185,25 @@ class AdminApi:
             case "tenant_egress", "GET":
                 return 200, self._egress(params[0])
             case "tenant_egress", "PUT":
-                return 200, self._set_egress(params[0], EgressPolicy.parse(body))
+                return 200, await self._set_egress(params[0], EgressPolicy.parse(body))
             case "tenant_egress", "DELETE":
                 _check_empty(body)
-                return 200, self._set_egress(params[0], None)
+                return 200, await self._set_egress(params[0], None)
             case "tenant_audit", "GET":
                 return 200, await self._audit(params[0], query)
             case "tenant_secrets", "GET":
                 return 200, {"secrets": self._secrets(params[0])}
             case "tenant_secret", "PUT":
-                return 200, self._set_secret(params[0], params[1], body)
+                return 200, await self._set_secret(params[0], params[1], body)
             case "tenant_secret", "DELETE":
                 _check_empty(body)
-                self._secret_store(params[0]).delete_secret(params[0], params[1])
+                store = self._secret_store(params[0])
+                await self._offload(partial(store.delete_secret, params[0], params[1]))
                 self._reload_secrets(params[0])
                 logger.info("deleted secret %s of tenant %s", params[1], params[0])
                 return 200, {"name": params[1], "deleted": True}
             case "key", "DELETE":
-                self._revoke(params[0])
+                await self._revoke(params[0])
                 return 200, {"key_id": params[0], "revoked": True}
             case "tenant_facets", "GET":
                 return 200, await self._facets(params[0], query)
@@ -316,14 +320,20 @@ class AdminApi:
             nursery.start_soon(work)
             await x.respond_stream(200, NDJSON, lines())
 
-    def _create_tenant(self, body: object) -> tuple[int, object]:
+    async def _offload(self, job: Callable[[], T]) -> T:
+        """Run a system-store write on a writer thread: its fsync must not stop the loop
+        (every facet of the node) for a millisecond or, on a busy disk, for many."""
+        return await self._runtime.core.workers.call(job)
+
+    async def _create_tenant(self, body: object) -> tuple[int, object]:
         if not isinstance(body, dict) or set(body) != {"tenant"}:
             raise BadRequestError('send {"tenant": "<tenant id>"}')
         tenant = validate_tenant_id(body["tenant"])
         refuse_leftover_tenant_data(self._runtime.core.registry.tenant_path(tenant), tenant)
-        self._system.create_tenant(tenant)
+        system = self._system
+        await self._offload(partial(system.create_tenant, tenant))
         self._forget_egress(tenant)  # a new tenant starts with the node default, no secrets
-        key_id, key = self._system.create_key(tenant)
+        key_id, key = await self._offload(partial(system.create_key, tenant))
         logger.info("created tenant %s with key %s", tenant, key_id)
         return 201, {"tenant": tenant, "key_id": key_id, "key": key}
 
@@ -366,7 +376,7 @@ class AdminApi:
             raise BadRequestError('send a JSON object of quotas, e.g. {"facets_max": 1000}')
         settings = TenantQuotaSettings.parse(body)
         # Durable first: a quota the node enforces is one it still enforces after a restart.
-        self._system.set_tenant_quotas(tenant, settings.overrides())
+        await self._offload(partial(self._system.set_tenant_quotas, tenant, settings.overrides()))
         self._runtime.set_tenant_quotas(tenant, settings)
         logger.info("set the quotas of tenant %s: %s", tenant, settings.overrides())
         return await self._quotas(tenant)
@@ -383,10 +393,11 @@ class AdminApi:
             "source": "default" if own is None else "tenant",
         }
 
-    def _set_egress(self, tenant: str, policy: EgressPolicy | None) -> dict[str, object]:
+    async def _set_egress(self, tenant: str, policy: EgressPolicy | None) -> dict[str, object]:
         validate_tenant_id(tenant)
+        stored = None if policy is None else policy.to_json()
         # Durable first: a policy the node enforces is one it still enforces after a restart.
-        self._system.set_tenant_egress(tenant, None if policy is None else policy.to_json())
+        await self._offload(partial(self._system.set_tenant_egress, tenant, stored))
         self._policies.set(tenant, policy)
         logger.info("set the egress policy of tenant %s (own: %s)", tenant, policy is not None)
         return self._egress(tenant)
@@ -423,7 +434,7 @@ class AdminApi:
     def _secrets(self, tenant: str) -> list[dict[str, object]]:
         return secret_listing(self._secret_store(tenant), tenant)
 
-    def _set_secret(self, tenant: str, name: str, body: object) -> dict[str, object]:
+    async def _set_secret(self, tenant: str, name: str, body: object) -> dict[str, object]:
         system = self._secret_store(tenant)
         egress = self._egress_service
         if egress is None or egress.node_key is None:
@@ -439,7 +450,7 @@ class AdminApi:
             hosts,
             allow_http=_flag(fields.get("allow_http")),
         )
-        system.put_secret(tenant, name, record)  # durable first, then in force
+        await self._offload(partial(system.put_secret, tenant, name, record))  # durable first
         self._reload_secrets(tenant)
         logger.info("set secret %s of tenant %s", name, tenant)  # never the value
         return {"name": name, "hosts": record["hosts"], "allow_http": record["allow_http"]}
@@ -449,12 +460,8 @@ class AdminApi:
         if egress is not None and egress.node_key is not None:
             egress.secrets.reload_tenant(self._system, egress.node_key, tenant)
 
-    def _revoke(self, key_id: str) -> None:
-        records = self._system.list_keys()
-        admins = [r.key_id for r in records if r.is_admin and r.revoked is None]
-        if admins == [key_id]:
-            raise ConflictError("refusing to revoke the last admin key; create another first")
-        self._system.revoke_key(key_id)
+    async def _revoke(self, key_id: str) -> None:
+        await self._offload(partial(self._system.revoke_key, key_id, keep_an_admin_key=True))
         logger.info("revoked key %s", key_id)
 
     async def _facets(self, tenant: str, query: Mapping[str, list[str]]) -> dict[str, object]:

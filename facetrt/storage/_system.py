@@ -324,8 +324,13 @@ class SystemStore:
         self._active[key_id] = (digest, tenant)
         return key_id, f"frt_{key_id}_{secret}"
 
-    def revoke_key(self, key_id: str) -> None:
-        """Raises: NotFoundError (unknown or already revoked key id)."""
+    def revoke_key(self, key_id: str, *, keep_an_admin_key: bool = False) -> None:
+        """Revoke ``key_id``; with ``keep_an_admin_key``, never the last active admin key
+        (checked in the same write transaction, so two revocations cannot both pass).
+
+        Raises: NotFoundError (unknown or already revoked key id), ConflictError (the last
+        admin key, with ``keep_an_admin_key``).
+        """
         with self._write() as txn:
             raw = txn.get(key_id.encode(), db=self._keys)
             if raw is None:
@@ -333,6 +338,17 @@ class SystemStore:
             record = _load(raw)
             if record["revoked"] is not None:
                 raise NotFoundError(f"key {key_id!r} is already revoked")
+            if keep_an_admin_key and record["tenant"] is None:
+                others = (
+                    other
+                    for other_id, other_raw in txn.cursor(self._keys)
+                    if other_id != key_id.encode()
+                    for other in (_load(other_raw),)
+                )
+                if not any(o["tenant"] is None and o["revoked"] is None for o in others):
+                    raise ConflictError(
+                        "refusing to revoke the last admin key; create another first"
+                    )
             record["revoked"] = time.time()
             txn.put(key_id.encode(), _dump(record), db=self._keys)
         self._active.pop(key_id, None)

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from facetrt.server._http import hypercorn_config, serve_http
+from facetrt.server._http import hypercorn_config
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -164,15 +164,13 @@ async def serve_upstream(tls: tuple[Path, Path] | None = None) -> AsyncIterator[
     upstream = Upstream()
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
-        if tls is None:
-            _, upstream.port = await nursery.start(serve_http, upstream, "127.0.0.1:0", shutdown)
-        else:
-            config = hypercorn_config("127.0.0.1:0")
+        config = hypercorn_config("127.0.0.1:0")
+        if tls is not None:
             config.certfile, config.keyfile = str(tls[0]), str(tls[1])
-            app = cast("ASGIFramework", upstream)
-            serve = partial(hypercorn.trio.serve, app, config, shutdown_trigger=shutdown.wait)
-            binds = await nursery.start(serve)
-            upstream.port = int(binds[0].rpartition(":")[2])
+        app = cast("ASGIFramework", upstream)
+        serve = partial(hypercorn.trio.serve, app, config, shutdown_trigger=shutdown.wait)
+        binds = await nursery.start(serve)
+        upstream.port = int(binds[0].rpartition(":")[2])
         try:
             yield upstream
         finally:
