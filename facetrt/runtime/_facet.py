@@ -168,6 +168,7 @@ class Facet:
                 names the deciding rule), or it went over the time or response-size limit.
             FetchError: an allowed request failed on the network (DNS, connect, TLS, HTTP).
             BadRequestError: malformed arguments.
+            InternalError: the audit log could not be written; nothing was sent (retryable).
         """
         request = build_request(url, method=method, headers=headers, body=body, json=json)
         return await self._outbound.fetch(request)
