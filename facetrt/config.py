@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ._errors import BadRequestError, ConfigError
+from .policy._model import EgressConfig
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -289,6 +290,7 @@ class DaemonConfig(BaseModel):
     )
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    egress: EgressConfig = Field(default_factory=EgressConfig)
 
     @model_validator(mode="after")
     def _frames_carry_values(self) -> DaemonConfig:

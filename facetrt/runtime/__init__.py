@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._facet import EgressGateway as EgressGateway
 from ._facet import Facet as Facet
 from ._facet import FacetCalls as FacetCalls
 from ._facet import rpc as rpc
@@ -17,6 +18,7 @@ from ._timers_api import Timer as Timer
 from ._timers_api import Timers as Timers
 
 __all__ = [
+    "EgressGateway",
     "Facet",
     "FacetCalls",
     "HistogramSnapshot",

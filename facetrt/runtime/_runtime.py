@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .._values import Value
     from ..config import TenantQuotaSettings
     from ..storage import FacetRecord
+    from ._facet import EgressGateway
     from ._load import HistogramSnapshot
     from ._quotas import TenantQuotas
 
@@ -334,6 +335,7 @@ async def open_runtime(
     config: RuntimeConfig | None = None,
     store_hooks: StoreHooks | None = None,
     wall_clock: Callable[[], float] = time.time,
+    egress: EgressGateway | None = None,
 ) -> AsyncIterator[Runtime]:
     """Open a runtime hosting ``classes`` with its data under ``data_dir``.
 
@@ -349,6 +351,8 @@ async def open_runtime(
             the epoch). Timers sleep on trio's clock for ``due - wall_clock()``, so tests that
             use trio's autojump clock pass one derived from it, e.g.
             ``lambda: 1.7e9 + trio.current_time()``.
+        egress: what performs ``self.fetch`` (a ``facetrt.policy.Egress``, running for as
+            long as the runtime); without one every fetch fails ``policy_violation``.
 
     Raises:
         ConfigError: bad classes, or the data directory is in use by another process.
@@ -385,6 +389,7 @@ async def open_runtime(
                         workers=workers,
                         timer_index=index,
                         wall_clock=wall_clock,
+                        egress=egress,
                     )
                     supervisor = Supervisor(
                         config.open_facets_max,

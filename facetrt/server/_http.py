@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from .._values import Value
     from ..config import ServerConfig
     from ..metrics import FacetrtMetrics
+    from ..policy import Egress
     from ..runtime import Runtime
     from ..storage import Principal, SystemStore
     from ._auth import AuthThrottle
@@ -144,6 +145,7 @@ def build_app(
     health: Health,
     config: ServerConfig,
     throttle: AuthThrottle,
+    egress: Egress | None = None,
 ) -> ASGIApp:
     """The gateway's ASGI app over the daemon's parts."""
     return HttpGateway(
@@ -153,6 +155,7 @@ def build_app(
         health=health,
         config=config,
         throttle=throttle,
+        egress=egress,
     )
 
 
@@ -172,6 +175,7 @@ class HttpGateway:
         health: Health,
         config: ServerConfig,
         throttle: AuthThrottle,
+        egress: Egress | None = None,
     ) -> None:
         self._runtime = runtime
         self._system = system
@@ -179,7 +183,7 @@ class HttpGateway:
         self._health = health
         self._config = config
         self._throttle = throttle
-        self._admin = AdminApi(runtime=runtime, system=system)
+        self._admin = AdminApi(runtime=runtime, system=system, egress=egress)
 
     async def __call__(self, scope: Message, receive: Receive, send: Send, /) -> None:
         kind = scope["type"]

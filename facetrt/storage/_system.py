@@ -3,7 +3,11 @@
 Layout (``<data dir>/system/``, one LMDB environment)::
 
     db tenants   tenant id (UTF-8)  -> JSON {"created": unix seconds,
-                                             "quotas": {name: number} (overrides; optional)}
+                                             "quotas": {name: number} (overrides; optional),
+                                             "egress": {policy} (optional; policy/_model.py)}
+    db secrets   tenant id, NUL, secret name -> JSON {"hosts": [...], "allow_http": bool,
+                                             "nonce": b64, "ciphertext": b64, "created": float}
+                 (AES-GCM under the node key; encrypted and decrypted in ``policy/``, never here)
     db keys      key id (ASCII hex) -> JSON {"tenant": str | null (admin), "hash": hex str,
                                              "created": float, "revoked": float | null}
 
@@ -57,6 +61,7 @@ if TYPE_CHECKING:
 KEY_PATTERN: Final = re.compile(r"frt_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
 _TENANTS: Final = b"tenants"
 _KEYS: Final = b"keys"
+_SECRETS: Final = b"secrets"
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +72,10 @@ def _dump(value: object) -> bytes:
 
 def _load(raw: bytes) -> Any:
     return json.loads(raw)
+
+
+def _secret_key(tenant: str, name: str) -> bytes:
+    return tenant.encode() + b"\0" + name.encode()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -170,6 +179,7 @@ class SystemStore:
         try:
             tenants = env.open_db(_TENANTS)
             keys = env.open_db(_KEYS)
+            secrets_db = env.open_db(_SECRETS)
             # key id -> (hash, tenant) of every active key: authentication is a dict lookup,
             # and a revocation (which goes through this object) takes effect on the very next
             # call.
@@ -183,6 +193,7 @@ class SystemStore:
             env.close()
             raise StorageError(f"cannot open the system store at {str(path)!r}: {exc}") from exc
         self._env, self._tenants, self._keys, self._active = env, tenants, keys, active
+        self._secrets = secrets_db
 
     def close(self) -> None:
         self._env.close()
@@ -345,6 +356,77 @@ class SystemStore:
                 record.pop("quotas", None)
             txn.put(tenant.encode(), _dump(record), db=self._tenants)
 
+    def tenant_egress(self, tenant: str) -> dict[str, object] | None:
+        """The egress policy stored for ``tenant`` (unvalidated), or None (node default).
+
+        Raises: NotFoundError.
+        """
+        with self._txn() as txn:
+            raw = txn.get(tenant.encode(), db=self._tenants)
+        if raw is None:
+            raise NotFoundError(f"tenant {tenant!r} does not exist")
+        policy = _load(raw).get("egress")
+        return dict(policy) if isinstance(policy, dict) else None
+
+    def all_tenant_egress(self) -> dict[str, dict[str, object]]:
+        """Every tenant's stored egress policy (tenants on the node default are left out)."""
+        found: dict[str, dict[str, object]] = {}
+        with self._txn() as txn:
+            for key, raw in txn.cursor(self._tenants):
+                policy = _load(raw).get("egress")
+                if isinstance(policy, dict):
+                    found[key.decode()] = policy
+        return found
+
+    def set_tenant_egress(self, tenant: str, policy: dict[str, object] | None) -> None:
+        """Replace ``tenant``'s egress policy (None: back to the node default), durably.
+
+        Raises: NotFoundError.
+        """
+        with self._txn(write=True) as txn:
+            raw = txn.get(tenant.encode(), db=self._tenants)
+            if raw is None:
+                raise NotFoundError(f"tenant {tenant!r} does not exist")
+            record = _load(raw)
+            if policy is None:
+                record.pop("egress", None)
+            else:
+                record["egress"] = policy
+            txn.put(tenant.encode(), _dump(record), db=self._tenants)
+
+    # -- secrets (sealed records; see policy/_secrets.py) ------------------------------------
+
+    def put_secret(self, tenant: str, name: str, record: dict[str, object]) -> None:
+        """Store (or replace) a sealed secret record of ``tenant``, durably.
+
+        Raises: NotFoundError (no such tenant).
+        """
+        with self._txn(write=True) as txn:
+            if txn.get(tenant.encode(), db=self._tenants) is None:
+                raise NotFoundError(f"tenant {tenant!r} does not exist")
+            txn.put(_secret_key(tenant, name), _dump(record), db=self._secrets)
+
+    def delete_secret(self, tenant: str, name: str) -> None:
+        """Raises: NotFoundError (no such secret)."""
+        with self._txn(write=True) as txn:
+            if not txn.delete(_secret_key(tenant, name), db=self._secrets):
+                raise NotFoundError(f"tenant {tenant!r} has no secret {name!r}")
+
+    def secrets(self, tenant: str | None = None) -> dict[tuple[str, str], dict[str, Any]]:
+        """Sealed secret records by (tenant, name): one tenant's, or every tenant's."""
+        prefix = b"" if tenant is None else tenant.encode() + b"\0"
+        found: dict[tuple[str, str], dict[str, Any]] = {}
+        with self._txn() as txn:
+            cursor = txn.cursor(self._secrets)
+            if not cursor.set_range(prefix):
+                return found
+            for key, raw in cursor:
+                if not key.startswith(prefix):
+                    break
+                owner, _, name = key.decode().partition("\0")
+                found[(owner, name)] = _load(raw)
+        return found
+
     def delete_tenant(self, tenant: str) -> int:
         """Remove the tenant and revoke its keys; return how many keys were revoked.
 
@@ -355,6 +437,13 @@ class SystemStore:
         with self._txn(write=True) as txn:
             if not txn.delete(tenant.encode(), db=self._tenants):
                 raise NotFoundError(f"tenant {tenant!r} does not exist")
+            # Its secrets go with it: a tenant created later under the name must not get them.
+            prefix = tenant.encode() + b"\0"
+            cursor = txn.cursor(self._secrets)
+            if cursor.set_range(prefix):
+                while cursor.key().startswith(prefix):
+                    if not cursor.delete():
+                        break
             for key_id, raw in list(txn.cursor(self._keys)):
                 record = _load(raw)
                 if record["tenant"] == tenant and record["revoked"] is None:
