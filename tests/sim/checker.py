@@ -5,8 +5,8 @@ same message (``facets.py``), so the final log of each facet, read back from dis
 clean restart, says which operations were applied, how often and in what order. The checker
 holds it against what the callers saw (``history.py``):
 
-1. **State**: the facet's counter and registers equal a replay of its log (the reference
-   model), and the log is dense (no gap, no stray entry).
+1. **State**: the facet's counter, registers and their paddings equal a replay of its log (the
+   reference model), and the log is dense (no gap, no stray entry).
 2. **Acknowledged writes are readable**: an operation with an ``ok`` reply is in the log of its
    facet exactly once (a forward: in both facets).
 3. **No message applied twice**: no tag appears twice in one log, whatever the retries,
@@ -31,7 +31,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .facets import LOG_PREFIX
+from .facets import LOG_PREFIX, pad_bytes
 from .history import Status
 
 if TYPE_CHECKING:
@@ -61,17 +61,20 @@ class FacetState:
     length: int = 0
     count: int = 0
     registers: dict[str, Value] = field(default_factory=dict)
+    pads: dict[str, Value] = field(default_factory=dict)  # register key -> padding length
 
     @classmethod
     def from_snapshot(cls, raw: Mapping[str, Value]) -> FacetState:
         log = raw["log"]
         keys = raw["log_keys"]
         registers = raw["registers"]
+        pads = raw["pads"]
         length = raw["next"]
         count = raw["count"]
         assert isinstance(log, list)
         assert isinstance(keys, list)
         assert isinstance(registers, dict)
+        assert isinstance(pads, dict)
         assert isinstance(length, int)
         assert isinstance(count, int)
         entries = []
@@ -88,6 +91,7 @@ class FacetState:
             length=length,
             count=count,
             registers=dict(registers),
+            pads=dict(pads),
         )
 
 
@@ -181,6 +185,9 @@ class _Checker:
             self.violations.append(
                 f"{facet}: registers {state.registers} differ from the log's {registers}"
             )
+        pads = {key: pad_bytes(value) for key, value in registers.items() if isinstance(value, int)}
+        if state.pads != {key: size for key, size in pads.items() if size}:
+            self.violations.append(f"{facet}: paddings {state.pads} differ from the log's {pads}")
 
     def _index(self, facet: str, state: FacetState) -> None:
         positions: dict[str, list[int]] = {}

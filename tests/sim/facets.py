@@ -7,7 +7,8 @@ one as a missing tag, and the facet's order as the log's order. Each write's res
 log index, so the checker also knows that a reply describes the application it claims to.
 
 Layout: ``next`` (log length), ``log/<index:08d>`` -> ``[tag, kind, a, b]``, ``count`` (sum of
-every ``add``), ``reg/<key>`` (register values).
+every ``add``), ``reg/<key>`` (register values), ``pad/<key>`` (a string of ``pad_bytes(value)``
+bytes written with each register value, up to 21 KB: maps start at 64 KiB, so they grow).
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ if TYPE_CHECKING:
 CLASS_NAME = "Sim"
 LOG_PREFIX = "log/"
 REGISTER_PREFIX = "reg/"
+PAD_PREFIX = "pad/"
+
+
+def pad_bytes(value: int) -> int:
+    """The size of the padding written with register value ``value``."""
+    return (value % 8) * 3000
 
 
 class SimFacet(Facet):
@@ -85,6 +92,11 @@ class SimFacet(Facet):
                 await trio.sleep(sleep)
             index = self._append(tag, "put", key, value)
             self.storage.put(f"{REGISTER_PREFIX}{key}", value)
+            pad = pad_bytes(value)
+            if pad:
+                self.storage.put(f"{PAD_PREFIX}{key}", "x" * pad)
+            else:
+                self.storage.delete(f"{PAD_PREFIX}{key}")
             return index
         finally:
             self._turn = None
@@ -122,6 +134,7 @@ class SimFacet(Facet):
         """The whole state, for the final check."""
         log = self.storage.list(prefix=LOG_PREFIX)
         registers = self.storage.list(prefix=REGISTER_PREFIX)
+        pads = self.storage.list(prefix=PAD_PREFIX)
         keys: list[Value] = []
         keys.extend(sorted(log))
         return {
@@ -130,6 +143,10 @@ class SimFacet(Facet):
             "log": [log[name] for name in sorted(log)],
             "log_keys": keys,
             "registers": {name.removeprefix(REGISTER_PREFIX): v for name, v in registers.items()},
+            "pads": {
+                name.removeprefix(PAD_PREFIX): len(pad) if isinstance(pad, str) else -1
+                for name, pad in pads.items()
+            },
         }
 
 

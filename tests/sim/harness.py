@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import tempfile
 from collections import Counter
@@ -69,10 +70,12 @@ if TYPE_CHECKING:
     from facetrt import Runtime
     from facetrt.client._link import Link
 
+    from .history import Attempt
     from .plan import ClientSpec, OperationSpec, SimPlan
     from .transport import ClientStream
 
 WALL_CLOCK_BASE = 1_700_000_000.0
+MEMORY_DIR = "/dev/shm"
 RUN_SECONDS_MAX = 100_000.0  # trio time: a run still going by then is stuck (a deadlock)
 EPOCHS_MAX = 64
 CONNECT_SECONDS = 10.0
@@ -87,6 +90,15 @@ STATISTICS = (
     "map_grows",
     "overloaded",
 )
+
+
+def _memory_dir() -> str | None:
+    """A tmpfs to run in when there is one: fsync costs nothing there (a loaded disk makes it
+    milliseconds), and the simulation checks the runtime's logic, not the disk's; the crash
+    loop and the storage-fault tests check the disk."""
+    if os.path.isdir(MEMORY_DIR) and os.access(MEMORY_DIR, os.W_OK):
+        return MEMORY_DIR
+    return None
 
 
 def _wall_clock() -> float:
@@ -113,6 +125,7 @@ class SimResult:
     plan: SimPlan
     history: History
     check: CheckResult
+    states: dict[str, FacetState]
     digest: str
     epochs: int
     statistics: Counter[str]
@@ -147,16 +160,22 @@ class SimResult:
 
 
 def run_simulation(
-    seed: int, *, directory: Path | None = None, lose_failed_commits: bool = False
+    seed: int,
+    *,
+    directory: Path | None = None,
+    lose_failed_commits: bool = False,
+    schedule_seed: int | None = None,
 ) -> SimResult:
     """Run seed ``seed`` to the end and check it (in its own ``trio.run``: call it from sync
-    code). ``lose_failed_commits`` breaks the runtime on purpose (see ``StoreFaults``)."""
+    code). ``lose_failed_commits`` breaks the runtime on purpose (see ``StoreFaults``);
+    ``schedule_seed`` seeds trio's scheduling apart from the rest (tests)."""
     plan = make_plan(seed)
     with contextlib.ExitStack() as stack:
         if directory is None:
-            directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sim-")))
+            scratch = tempfile.TemporaryDirectory(prefix="facetrt-sim-", dir=_memory_dir())
+            directory = Path(stack.enter_context(scratch))
         simulation = _Simulation(plan, directory, lose_failed_commits=lose_failed_commits)
-        stack.enter_context(seeded_scheduling(seed))
+        stack.enter_context(seeded_scheduling(seed if schedule_seed is None else schedule_seed))
         trio.run(simulation.run, clock=trio.testing.MockClock(autojump_threshold=0))
     return simulation.result()
 
@@ -224,6 +243,7 @@ class _Simulation:
             plan=self.plan,
             history=self.history,
             check=result,
+            states=self.states,
             digest=self.history.digest(),
             epochs=self.epochs,
             statistics=self.statistics,
@@ -370,9 +390,14 @@ class _Simulation:
             else:
                 await self._call_embedded(runtime, spec)
 
+    def _invoke(self, spec: OperationSpec, path: str) -> Attempt:
+        if spec.sleep:
+            self.history.fault("slow_handler")
+        return self.history.invoke(spec, path)
+
     async def _call_embedded(self, runtime: Runtime, spec: OperationSpec) -> None:
         method, args, kwargs = spec.call()
-        attempt = self.history.invoke(spec, "embedded")
+        attempt = self._invoke(spec, "embedded")
         give_up = math.inf if spec.cancel_after is None else spec.cancel_after
         try:
             with trio.move_on_after(give_up) as scope:
@@ -389,6 +414,7 @@ class _Simulation:
             self.history.failed(spec, attempt, exc.code.value)
             return
         if scope.cancelled_caught:
+            self.history.fault("call_cancelled")
             self.history.unknown(spec, attempt, "cancelled")
         else:
             self.history.ok(spec, attempt, result)
@@ -396,7 +422,7 @@ class _Simulation:
     async def _call_protocol(self, client: _Client, spec: OperationSpec, epoch: _Epoch) -> None:
         method, args, kwargs = spec.call()
         link = await self._link(client, epoch)
-        attempt = self.history.invoke(spec, "protocol")
+        attempt = self._invoke(spec, "protocol")
         if link is None:
             self.history.failed(spec, attempt, "unavailable")  # could not connect: not sent
             return

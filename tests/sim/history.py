@@ -102,6 +102,8 @@ class History:
 
     def failed(self, spec: OperationSpec, attempt: Attempt, code: str) -> None:
         if code in UNKNOWN_CODES:
+            if attempt.status is None:
+                self.fault("deadline_expired")
             self._complete(spec, attempt, Status.UNKNOWN, code, None, code)
         else:
             self._complete(spec, attempt, Status.FAILED, code, None, "")
