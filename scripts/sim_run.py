@@ -72,7 +72,10 @@ def _run(seed: int) -> _Summary:
     outcomes: Counter[str] = Counter()
     for operation in result.history.operations.values():
         for attempt in operation.attempts:
-            outcomes[attempt.status.value if attempt.status else "in flight"] += 1
+            status = attempt.status.value if attempt.status else "in flight"
+            outcomes[status] += 1
+            if attempt.code or attempt.reason:
+                outcomes[f"{status} {attempt.code or attempt.reason}"] += 1
     return _Summary(
         seed=seed,
         ok=result.ok,

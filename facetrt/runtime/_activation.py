@@ -132,6 +132,8 @@ class Activation:
         # created its store: undone if it stops before it does.
         self._reserved = False
         self._recent = recent_commits()
+        # The facet whose reply the current message awaits (FacetCalls), for wait cycles.
+        self.waiting_on: FacetAddress | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -750,9 +752,35 @@ class Activation:
         if len(chain) > self._config.call_depth_max:
             raise BadRequestError(f"call chain longer than {self._config.call_depth_max}")
         await self.wait_durable()
-        return await self._core.call(
-            target, method, args, kwargs, cls=cls, idempotency_key=idempotency_key, chain=chain
-        )
+        self._refuse_wait_cycle(target)
+        self.waiting_on = target
+        try:
+            return await self._core.call(
+                target, method, args, kwargs, cls=cls, idempotency_key=idempotency_key, chain=chain
+            )
+        finally:
+            self.waiting_on = None
+
+    def _refuse_wait_cycle(self, target: FacetAddress) -> None:
+        """Refuse a call to a facet whose current message waits, through the calls it makes,
+        on this facet: two call chains that meet this way wait for each other for ever, which
+        the call chain check above cannot see (decision 0011-sim). Follows one edge per
+        running facet, so it costs a dict lookup per hop."""
+        router = self._core.router
+        assert router is not None
+        path = [self.address, target]
+        address: FacetAddress | None = target
+        while address is not None:
+            activation = router.running_activation(address)
+            address = None if activation is None else activation.waiting_on
+            if address is None or address in path[1:]:
+                return  # nobody waits further, or a wait cycle without us (not ours to break)
+            path.append(address)
+            if address == self.address:
+                text = " -> ".join(str(hop) for hop in path)
+                raise ReentrancyError(
+                    f"call would deadlock: each facet waits on the next one's reply: {text}"
+                )
 
 
 def _without_lower(plan: HintPlan | None) -> HintPlan | None:

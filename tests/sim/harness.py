@@ -235,8 +235,8 @@ class _Simulation:
     def result(self) -> SimResult:
         result = check(self.history.operations, self.states, SimFacet.overlapping_turns)
         if self.stuck:
-            result.violations.append(
-                f"stuck: the run had not finished by trio time {RUN_SECONDS_MAX} (a deadlock)"
+            result.violations.insert(
+                0, f"stuck: the run had not finished by trio time {RUN_SECONDS_MAX} (a deadlock)"
             )
         return SimResult(
             seed=self.plan.seed,
@@ -255,13 +255,15 @@ class _Simulation:
         try:
             system.create_tenant(TENANT)
             _, self.key = system.create_key(TENANT)
-            with trio.move_on_after(RUN_SECONDS_MAX) as watchdog:
-                async with trio.open_nursery() as outer:  # the store runners live here
+            # The store runners live outside the watchdog: a stuck run's runtime must still
+            # be able to close its stores when the watchdog cancels it.
+            async with trio.open_nursery() as outer:
+                with trio.move_on_after(RUN_SECONDS_MAX) as watchdog:
                     while any(not lane.is_done() for c in self.clients for lane in c.lanes):
                         assert self.epochs < EPOCHS_MAX, "too many runtime lifetimes"
                         await self._epoch(outer, system)
-                    self.states = await self._read_back(outer)
-            self.stuck = watchdog.cancelled_caught
+                self.stuck = watchdog.cancelled_caught
+                self.states = await self._read_back(outer)
         finally:
             system.close()
 

@@ -234,11 +234,12 @@ def _new(
 ) -> OperationSpec:
     weights = (30, 25, 20, 12 if len(facets) > 1 else 0, 5)
     kind = rng.choices(KINDS, weights)[0]
-    position = rng.randrange(len(facets) - (1 if kind == "forward" else 0))
-    facet = facets[position]
-    # Forwards go to a later facet only: a cycle of facets waiting on each other would wait
-    # for ever (the runtime refuses re-entry on one call chain, not across chains).
-    target = facets[rng.randrange(position + 1, len(facets))] if kind == "forward" else None
+    facet = rng.choice(facets)
+    # Any other facet: forwards from different callers may form cycles of facets waiting on
+    # each other, which the runtime must refuse (reentrancy) rather than wait on for ever.
+    target = (
+        rng.choice([other for other in facets if other != facet]) if kind == "forward" else None
+    )
     sleep = 0.0
     if kind != "get" and rng.random() < faults.slow_handler:
         sleep = rng.expovariate(1 / faults.slow_handler_seconds)
