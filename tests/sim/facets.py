@@ -33,6 +33,10 @@ def pad_bytes(value: int) -> int:
     return (value % 8) * 3000
 
 
+class _RolledBack(Exception):
+    pass
+
+
 class SimFacet(Facet):
     """Counter, registers and forwarding, each write logged (see the module docstring).
 
@@ -83,6 +87,17 @@ class SimFacet(Facet):
         finally:
             self._turn = None
 
+    def _rolled_back_block(self, key: str) -> None:
+        """Writes in a ``transaction()`` block that raises: none may survive (the checker
+        would see the register at -1 or the log length at -1)."""
+        try:
+            with self.storage.transaction():
+                self.storage.put(f"{REGISTER_PREFIX}{key}", -1)
+                self.storage.put("next", -1)
+                raise _RolledBack
+        except _RolledBack:
+            pass
+
     @rpc
     async def put(self, tag: str, key: str, value: int, sleep: float = 0.0) -> int:
         """Set register ``key``; return the log index."""
@@ -90,6 +105,8 @@ class SimFacet(Facet):
         try:
             if sleep:
                 await trio.sleep(sleep)
+            if value % 3 == 0:
+                self._rolled_back_block(key)
             index = self._append(tag, "put", key, value)
             self.storage.put(f"{REGISTER_PREFIX}{key}", value)
             pad = pad_bytes(value)

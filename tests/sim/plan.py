@@ -197,20 +197,22 @@ def _with_key(spec: OperationSpec) -> OperationSpec:
     return dataclasses.replace(spec, idempotency_key=f"key/{spec.tag}")
 
 
-def _timing(
-    rng: random.Random, faults: FaultRates, think_mean: float, protocol: bool
-) -> dict[str, float | None]:
+@dataclass(frozen=True, slots=True)
+class _Timing:
+    think: float
+    cancel_after: float | None
+    deadline_seconds: float | None
+
+
+def _timing(rng: random.Random, faults: FaultRates, think_mean: float, protocol: bool) -> _Timing:
+    """When a lane sends an attempt, and when its caller gives up on it."""
     cancel = None
     deadline = None
     if not protocol and rng.random() < faults.cancel:
         cancel = rng.expovariate(1 / 0.2)
     if protocol and rng.random() < faults.deadline:
         deadline = max(0.001, rng.expovariate(1 / 0.2))
-    return {
-        "think": rng.expovariate(1 / think_mean),
-        "cancel_after": cancel,
-        "deadline_seconds": deadline,
-    }
+    return _Timing(rng.expovariate(1 / think_mean), cancel, deadline)
 
 
 def _repeat(
@@ -221,7 +223,13 @@ def _repeat(
     protocol: bool,
 ) -> OperationSpec:
     timing = _timing(rng, faults, think_mean, protocol)
-    return dataclasses.replace(original, is_repeat=True, **timing)  # type: ignore[arg-type]
+    return dataclasses.replace(
+        original,
+        is_repeat=True,
+        think=timing.think,
+        cancel_after=timing.cancel_after,
+        deadline_seconds=timing.deadline_seconds,
+    )
 
 
 def _new(
@@ -243,14 +251,20 @@ def _new(
     sleep = 0.0
     if kind != "get" and rng.random() < faults.slow_handler:
         sleep = rng.expovariate(1 / faults.slow_handler_seconds)
+    by = rng.randint(1, 9)
+    key = rng.choice(REGISTER_KEYS)
+    value = rng.randint(0, 1_000_000)
+    timing = _timing(rng, faults, think_mean, protocol)
     return OperationSpec(
         tag=tag,
         kind=kind,
         facet=facet,
         target=target,
-        by=rng.randint(1, 9),
-        key=rng.choice(REGISTER_KEYS),
-        value=rng.randint(0, 1_000_000),
+        by=by,
+        key=key,
+        value=value,
         sleep=sleep,
-        **_timing(rng, faults, think_mean, protocol),  # type: ignore[arg-type]  # floats
+        think=timing.think,
+        cancel_after=timing.cancel_after,
+        deadline_seconds=timing.deadline_seconds,
     )
