@@ -764,7 +764,7 @@ class Activation:
     def _refuse_wait_cycle(self, target: FacetAddress) -> None:
         """Refuse a call to a facet whose current message waits, through the calls it makes,
         on this facet: two call chains that meet this way wait for each other for ever, which
-        the call chain check above cannot see (decision 0011-sim). Follows one edge per
+        the call chain check above cannot see (decision 0012). Follows one edge per
         running facet, so it costs a dict lookup per hop."""
         router = self._core.router
         assert router is not None
