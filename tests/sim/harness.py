@@ -176,7 +176,11 @@ def run_simulation(
             directory = Path(stack.enter_context(scratch))
         simulation = _Simulation(plan, directory, lose_failed_commits=lose_failed_commits)
         stack.enter_context(seeded_scheduling(seed if schedule_seed is None else schedule_seed))
-        trio.run(simulation.run, clock=trio.testing.MockClock(autojump_threshold=0))
+        try:
+            trio.run(simulation.run, clock=trio.testing.MockClock(autojump_threshold=0))
+        except BaseException as exc:  # an invariant broke inside facetrt, or the harness
+            exc.add_note(f"simulation seed {seed}; replay: {REPLAY.format(seed=seed)}")
+            raise
     return simulation.result()
 
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from tests.sim.harness import SimResult
     from tests.sim.history import Operation
 
-CI_SEEDS = range(1, 41)
+CI_SEEDS = range(1, 101)
 RICH_SEED = 21  # commit failures, a crash, dropped connections, repeats, handler errors
 
 
