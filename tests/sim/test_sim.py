@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -24,6 +28,7 @@ if TYPE_CHECKING:
     from tests.sim.history import Operation
 
 CI_SEEDS = range(1, 101)
+REPO_ROOT = Path(__file__).resolve().parents[2]
 RICH_SEED = 21  # commit failures, a crash, dropped connections, repeats, handler errors
 
 
@@ -41,6 +46,19 @@ def test_a_seed_replays_exactly_and_seeds_differ() -> None:
     assert first.history.trace == again.history.trace
     assert first.digest == again.digest
     assert other.digest != first.digest
+
+
+@pytest.mark.slow
+def test_the_replay_command_reproduces_the_run_in_another_process() -> None:
+    # What a failure tells its reader to run, in a fresh interpreter with other str hashes.
+    expected = run_simulation(RICH_SEED)
+    command = [sys.executable, "-m", "tests.sim", "--seed", str(RICH_SEED)]
+    environment = {**os.environ, "PYTHONHASHSEED": "12345"}
+    done = subprocess.run(
+        command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, check=True
+    )
+    assert f"trace digest: {expected.digest}" in done.stdout, done.stdout
+    assert expected.replay in done.stdout
 
 
 def test_the_schedule_follows_the_seed() -> None:
