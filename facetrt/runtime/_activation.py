@@ -73,6 +73,7 @@ if TYPE_CHECKING:
     from ..storage import FacetStore
     from ._core import RuntimeCore
     from ._mailbox import Envelope, Mailbox
+    from ._reply import ReplySlot
     from ._supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
@@ -132,8 +133,8 @@ class Activation:
         # created its store: undone if it stops before it does.
         self._reserved = False
         self._recent = recent_commits()
-        # The facet whose reply the current message awaits (FacetCalls), for wait cycles.
-        self.waiting_on: FacetAddress | None = None
+        # The facet call the current message awaits (FacetCalls), for wait cycles.
+        self._waiting: tuple[FacetAddress, ReplySlot] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -752,14 +753,25 @@ class Activation:
         if len(chain) > self._config.call_depth_max:
             raise BadRequestError(f"call chain longer than {self._config.call_depth_max}")
         await self.wait_durable()
+        # No checkpoint from the cycle check to recording the wait: a cycle closes atomically.
         self._refuse_wait_cycle(target)
-        self.waiting_on = target
+        reply = self._core.submit(
+            target, method, args, kwargs, cls=cls, idempotency_key=idempotency_key, chain=chain
+        )
+        self._waiting = (target, reply)
         try:
-            return await self._core.call(
-                target, method, args, kwargs, cls=cls, idempotency_key=idempotency_key, chain=chain
-            )
+            return await reply.wait()
         finally:
-            self.waiting_on = None
+            self._waiting = None
+
+    @property
+    def waiting_on(self) -> FacetAddress | None:
+        """The facet whose reply the current message awaits; None once that reply is in
+        (even if this task has not resumed yet: it no longer waits on anyone)."""
+        waiting = self._waiting
+        if waiting is None or waiting[1].is_set:
+            return None
+        return waiting[0]
 
     def _refuse_wait_cycle(self, target: FacetAddress) -> None:
         """Refuse a call to a facet whose current message waits, through the calls it makes,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import pytest
 import trio
@@ -59,6 +59,40 @@ class Pinger(Facet):
         if not others:
             return f"pong from {self.agent_id}"
         return str(await self.facets.call(str(others[0]), "ping", others[1:], 0.0, cls="Pinger"))
+
+
+class Asker(Facet):
+    """Asks another facet; records which task asked and when the answer was given."""
+
+    task: ClassVar[trio.lowlevel.Task | None] = None
+    answered: ClassVar[bool] = False
+
+    @rpc
+    async def ask(self, other: str) -> Value:
+        Asker.task = trio.lowlevel.current_task()
+        return await self.facets.call(other, "answer", cls="Asker")
+
+    @rpc
+    async def answer(self) -> str:
+        Asker.answered = True
+        return "yes"
+
+
+class _WaitingOnAtResume(trio.abc.Instrument):
+    """What the asking activation says it waits on when its task resumes with the answer."""
+
+    def __init__(self, rt: Runtime, agent_id: str) -> None:
+        self.rt = rt
+        self.address = rt.core.address_of(TENANT, agent_id)
+        self.seen: list[object] = []
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is Asker.task and Asker.answered and not self.seen:
+            router = self.rt.core.router
+            assert router is not None
+            activation = router.running_activation(self.address)
+            assert activation is not None
+            self.seen.append(activation.waiting_on)
 
 
 class Clock:
@@ -126,6 +160,23 @@ async def test_facets_calling_each_other_from_separate_chains_fail_instead_of_de
     assert all(f"{TENANT}/{agent}" in refused[0].message for agent in ring)
     answered = [o for o in outcomes.values() if not isinstance(o, ReentrancyError)]
     assert all(isinstance(o, str) and o.startswith("pong from") for o in answered), answered
+
+
+async def test_a_facet_stops_waiting_when_its_answer_arrives_not_when_it_resumes(
+    data_dir: Path,
+) -> None:
+    # Between the reply being set and the caller's task resuming, another facet may check for
+    # wait cycles: the caller must not still count as waiting, or that check refuses a call
+    # that could not deadlock (the sim saw such spurious refusals).
+    Asker.task, Asker.answered = None, False
+    async with open_runtime(data_dir, classes={"Asker": Asker}) as rt:
+        watcher = _WaitingOnAtResume(rt, "x")
+        trio.lowlevel.add_instrument(watcher)
+        try:
+            assert await rt.call(TENANT, "x", "ask", "y", cls="Asker") == "yes"
+        finally:
+            trio.lowlevel.remove_instrument(watcher)
+    assert watcher.seen == [None]
 
 
 async def test_call_chains_are_bounded(data_dir: Path) -> None:
