@@ -117,10 +117,11 @@ class HandlerError(FacetrtError):
 
 
 class ReentrancyError(FacetrtError):
-    """Raised at once when a facet call would re-enter a facet already on its call chain.
+    """Raised at once when a facet call would re-enter a facet already on its call chain, or
+    would close a cycle of facets each awaiting the next one's reply (separate call chains).
 
-    Waiting instead would deadlock: the facet on the chain is busy with the message that is
-    (transitively) making this call.
+    Waiting instead would deadlock: the facet called is busy with a message that is
+    (transitively) waiting for this call's caller.
     """
 
     code = ErrorCode.REENTRANCY

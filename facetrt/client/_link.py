@@ -328,15 +328,25 @@ async def open_link(
                 stream = await anyio.connect_tcp(url.host, url.port)
     except (OSError, anyio.BrokenResourceError) as exc:  # TimeoutError is an OSError
         raise UnavailableError(f"cannot connect to {url}: {exc!r}") from exc
+    return await handshake(stream, key, peer=str(url), seconds=connect_seconds)
+
+
+async def handshake(stream: ByteStream, key: str, *, peer: str, seconds: float) -> Link:
+    """Authenticate on a connected ``stream`` (closed on failure); ``peer`` names it in errors.
+
+    Raises:
+        UnavailableError: the connection broke during the handshake.
+        UnauthorizedError, ForbiddenError, BadRequestError: the server refused the hello.
+    """
     try:
         conn = Connection(Role.CLIENT, frame_bytes_max=FRAME_RECEIVE_BYTES_MAX)
-        with anyio.fail_after(connect_seconds):
+        with anyio.fail_after(seconds):
             await stream.send(conn.send(Hello(key=key)))
             while (event := conn.next_event()) is NEED_DATA:
                 conn.receive_data(await stream.receive(RECEIVE_BYTES_MAX))
     except _STREAM_ERRORS as exc:
         await anyio.aclose_forcefully(stream)
-        raise UnavailableError(f"the handshake with {url} failed: {exc!r}") from exc
+        raise UnavailableError(f"the handshake with {peer} failed: {exc!r}") from exc
     except BaseException:
         await anyio.aclose_forcefully(stream)
         raise
@@ -346,4 +356,4 @@ async def open_link(
     await anyio.aclose_forcefully(stream)
     if isinstance(event, ErrorReply):
         raise error_from_reply(event)
-    raise UnavailableError(f"{url} closed the connection during the handshake")
+    raise UnavailableError(f"{peer} closed the connection during the handshake")

@@ -76,6 +76,7 @@ if TYPE_CHECKING:
     from ..storage import FacetStore
     from ._core import RuntimeCore
     from ._mailbox import Envelope, Mailbox
+    from ._reply import ReplySlot
     from ._supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
@@ -136,6 +137,8 @@ class Activation:
         self._reserved = False
         self._recent = recent_commits()
         self._run: tuple[Envelope | None, str] | None = None  # (message, its run id) for fetch
+        # The facet call the current message awaits (FacetCalls), for wait cycles.
+        self._waiting: tuple[FacetAddress, ReplySlot] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -757,9 +760,46 @@ class Activation:
         if len(chain) > self._config.call_depth_max:
             raise BadRequestError(f"call chain longer than {self._config.call_depth_max}")
         await self.wait_durable()
-        return await self._core.call(
+        # No checkpoint from the cycle check to recording the wait: a cycle closes atomically.
+        self._refuse_wait_cycle(target)
+        reply = self._core.submit(
             target, method, args, kwargs, cls=cls, idempotency_key=idempotency_key, chain=chain
         )
+        self._waiting = (target, reply)
+        try:
+            return await reply.wait()
+        finally:
+            self._waiting = None
+
+    @property
+    def waiting_on(self) -> FacetAddress | None:
+        """The facet whose reply the current message awaits; None once that reply is in
+        (even if this task has not resumed yet: it no longer waits on anyone)."""
+        waiting = self._waiting
+        if waiting is None or waiting[1].is_set:
+            return None
+        return waiting[0]
+
+    def _refuse_wait_cycle(self, target: FacetAddress) -> None:
+        """Refuse a call to a facet whose current message waits, through the calls it makes,
+        on this facet: two call chains that meet this way wait for each other for ever, which
+        the call chain check above cannot see (decision 0016). Follows one edge per
+        running facet, so it costs a dict lookup per hop."""
+        router = self._core.router
+        assert router is not None
+        path = [self.address, target]
+        address: FacetAddress | None = target
+        while address is not None:
+            activation = router.running_activation(address)
+            address = None if activation is None else activation.waiting_on
+            if address is None or address in path[1:]:
+                return  # nobody waits further, or a wait cycle without us (not ours to break)
+            path.append(address)
+            if address == self.address:
+                text = " -> ".join(str(hop) for hop in path)
+                raise ReentrancyError(
+                    f"call would deadlock: each facet waits on the next one's reply: {text}"
+                )
 
     async def fetch(self, request: FetchRequest) -> FetchResponse:
         """``self.fetch``: the output gate first (like a facet call), then the egress layer."""

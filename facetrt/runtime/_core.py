@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from ..storage import StoreRegistry, TimerIndex
     from ._facet import EgressGateway, Facet
     from ._router import Router
-    from ._storage_bridge import StoreWorkers
+    from ._storage_bridge import StoreJobs
     from ._timer_scheduler import TimerScheduler
 
 
@@ -66,7 +66,7 @@ class RuntimeCore:
         config: RuntimeConfig,
         classes: Mapping[str, type[Facet]],
         registry: StoreRegistry,
-        workers: StoreWorkers,
+        workers: StoreJobs,
         timer_index: TimerIndex,
         wall_clock: Callable[[], float] = time.time,
         egress: EgressGateway | None = None,

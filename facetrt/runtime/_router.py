@@ -19,6 +19,7 @@ held flag is only read where an activation would start or a slot be dropped.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, final
@@ -123,7 +124,11 @@ class Router:
             await activation.run()
         finally:
             slot.activation = None
-            if self._core.stopped:
+            # Past the grace period, or cancelled from outside (the runtime's owner was
+            # cancelled rather than closed): a new activation would be cancelled before it
+            # handled anything, so starting one after another would spin until the grace
+            # period ended (for ever on an autojump clock). Answer what is queued instead.
+            if self._core.stopped or trio.current_effective_deadline() == -math.inf:
                 error = UnavailableError("runtime closed before the message was handled")
                 while (envelope := slot.mailbox.get_nowait()) is not None:
                     envelope.reply.set(outcome.Error(error))

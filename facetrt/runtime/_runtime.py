@@ -18,7 +18,7 @@ from ..storage import DataDirLock, StoreHooks, StoreRegistry, TimerIndex
 from ._core import RuntimeCore
 from ._facet import Facet
 from ._router import Router
-from ._storage_bridge import StoreWorkers
+from ._storage_bridge import StoreJobs, StoreWorkers
 from ._supervisor import Supervisor
 from ._timer_scheduler import TimerScheduler
 
@@ -358,6 +358,32 @@ async def open_runtime(
         ConfigError: bad classes, or the data directory is in use by another process.
     """
     config = config or RuntimeConfig()
+    workers = StoreWorkers(config.commit_threads, jobs_max=config.commit_queue_max)
+    async with open_runtime_using(
+        workers,
+        data_dir,
+        classes=classes,
+        config=config,
+        store_hooks=store_hooks,
+        wall_clock=wall_clock,
+        egress=egress,
+    ) as runtime:
+        yield runtime
+
+
+@contextlib.asynccontextmanager
+async def open_runtime_using(
+    workers: StoreJobs,
+    data_dir: str | Path,
+    *,
+    classes: Mapping[str, type[Facet]],
+    config: RuntimeConfig,
+    store_hooks: StoreHooks | None,
+    wall_clock: Callable[[], float],
+    egress: EgressGateway | None = None,
+) -> AsyncIterator[Runtime]:
+    """:func:`open_runtime` with its store jobs run by ``workers`` (not started yet; stopped
+    when the block exits). Internal: the seeded simulation runs them on the loop thread."""
     for name, cls in classes.items():
         if not (isinstance(cls, type) and issubclass(cls, Facet)):
             raise ConfigError(f"class {name!r} is not a Facet subclass: {cls!r}")
@@ -369,7 +395,6 @@ async def open_runtime(
             map_size_bytes_max=config.map_size_bytes_max,
             hooks=store_hooks,
         )
-        workers = StoreWorkers(config.commit_threads, jobs_max=config.commit_queue_max)
         workers.start()
         try:
             index = await workers.call(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import queue
 import threading
 from functools import partial
-from typing import TYPE_CHECKING, TypeVar, final
+from typing import TYPE_CHECKING, Protocol, TypeVar, final
 
 import outcome
 import trio
@@ -25,6 +25,33 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 _STOP = None
+
+
+class StoreJobs(Protocol):
+    """What the runtime needs of whatever runs its store jobs (opens, commits, closes).
+
+    :class:`StoreWorkers` in production. The seeded simulation (``tests/sim``) runs the jobs
+    on the loop thread instead, so that one seed replays one schedule exactly; it passes the
+    same contract tests (``tests/runtime/test_store_workers.py``).
+    """
+
+    jobs_started: int
+    jobs_in_flight: int
+
+    @property
+    def is_busy(self) -> bool: ...
+
+    def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def submit(
+        self, job: Callable[[], T], on_done: Callable[[outcome.Outcome[T]], None]
+    ) -> None: ...
+
+    async def wait_submitted(self) -> None: ...
+
+    async def call(self, job: Callable[[], T]) -> T: ...
 
 
 @final
@@ -102,7 +129,8 @@ class StoreWorkers:
         """Run ``job`` on a writer thread and return (or raise) its result.
 
         Waits first while ``jobs_max`` jobs are in flight (cancellable then). Once submitted,
-        cancellation is deferred until the job finished; then ``Cancelled`` is raised.
+        cancellation is deferred until the job finished: its result is returned and the
+        caller's next checkpoint raises ``Cancelled``.
         """
         while self.jobs_in_flight >= self._jobs_max:
             await self._room.park()

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import pytest
+import trio
 
 from facetrt import (
     BadRequestError,
@@ -20,7 +21,7 @@ from tests.facets import CLASSES
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from facetrt import Runtime
+    from facetrt import Runtime, Value
 
 TENANT = "acme"
 
@@ -47,6 +48,51 @@ class Tally(Facet):
         value = self.storage.get("runs", 0)
         assert isinstance(value, int)
         return value
+
+
+class Pinger(Facet):
+    """Waits, then calls another facet: two of them calling each other meet halfway."""
+
+    @rpc
+    async def ping(self, others: list[Value], seconds: float) -> str:
+        await trio.sleep(seconds)
+        if not others:
+            return f"pong from {self.agent_id}"
+        return str(await self.facets.call(str(others[0]), "ping", others[1:], 0.0, cls="Pinger"))
+
+
+class Asker(Facet):
+    """Asks another facet; records which task asked and when the answer was given."""
+
+    task: ClassVar[trio.lowlevel.Task | None] = None
+    answered: ClassVar[bool] = False
+
+    @rpc
+    async def ask(self, other: str) -> Value:
+        Asker.task = trio.lowlevel.current_task()
+        return await self.facets.call(other, "answer", cls="Asker")
+
+    @rpc
+    async def answer(self) -> str:
+        Asker.answered = True
+        return "yes"
+
+
+class _WaitingOnAtResume(trio.abc.Instrument):
+    """What the asking activation says it waits on when its task resumes with the answer."""
+
+    def __init__(self, rt: Runtime, agent_id: str) -> None:
+        self.rt = rt
+        self.address = rt.core.address_of(TENANT, agent_id)
+        self.seen: list[object] = []
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is Asker.task and Asker.answered and not self.seen:
+            router = self.rt.core.router
+            assert router is not None
+            activation = router.running_activation(self.address)
+            assert activation is not None
+            self.seen.append(activation.waiting_on)
 
 
 class Clock:
@@ -80,6 +126,57 @@ async def test_cycle_through_another_facet_is_reentrancy_not_deadlock(rt: Runtim
         )
     # Both facets still work.
     assert await rt.call(TENANT, "a", "call", "b", "get", ["k"], None) == 1
+
+
+@pytest.mark.parametrize("ring", [["a", "b"], ["a", "b", "c"]])
+async def test_facets_calling_each_other_from_separate_chains_fail_instead_of_deadlocking(
+    data_dir: Path, ring: list[str]
+) -> None:
+    # a calls b while b calls a (or a -> b -> c -> a), each from its own caller: no call
+    # chain holds a facet twice, yet each waits on the next one's reply for ever. The call
+    # that closes the cycle fails at once; the others then complete.
+    outcomes: dict[str, object] = {}
+
+    async def ping(index: int) -> None:
+        others: list[Value] = [ring[(index + 1) % len(ring)]]  # the next facet in the ring
+        try:
+            outcomes[ring[index]] = await rt.call(
+                TENANT, ring[index], "ping", others, 0.05, cls="Pinger"
+            )
+        except ReentrancyError as exc:
+            outcomes[ring[index]] = exc
+
+    async with open_runtime(data_dir, classes={"Pinger": Pinger}) as rt:
+        # Real time (writer threads and an autojump clock do not mix); a deadlock would
+        # hit this bound, a pass takes a few handler sleeps.
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for index in range(len(ring)):
+                    nursery.start_soon(ping, index)
+    refused = [o for o in outcomes.values() if isinstance(o, ReentrancyError)]
+    assert len(outcomes) == len(ring)
+    assert len(refused) == 1
+    assert "would deadlock" in refused[0].message
+    assert all(f"{TENANT}/{agent}" in refused[0].message for agent in ring)
+    answered = [o for o in outcomes.values() if not isinstance(o, ReentrancyError)]
+    assert all(isinstance(o, str) and o.startswith("pong from") for o in answered), answered
+
+
+async def test_a_facet_stops_waiting_when_its_answer_arrives_not_when_it_resumes(
+    data_dir: Path,
+) -> None:
+    # Between the reply being set and the caller's task resuming, another facet may check for
+    # wait cycles: the caller must not still count as waiting, or that check refuses a call
+    # that could not deadlock (the sim saw such spurious refusals).
+    Asker.task, Asker.answered = None, False
+    async with open_runtime(data_dir, classes={"Asker": Asker}) as rt:
+        watcher = _WaitingOnAtResume(rt, "x")
+        trio.lowlevel.add_instrument(watcher)
+        try:
+            assert await rt.call(TENANT, "x", "ask", "y", cls="Asker") == "yes"
+        finally:
+            trio.lowlevel.remove_instrument(watcher)
+    assert watcher.seen == [None]
 
 
 async def test_call_chains_are_bounded(data_dir: Path) -> None:

@@ -109,12 +109,15 @@ async def test_messages_queued_during_passivation_are_handled_by_the_next_activa
         await rt.call(TENANT, "s", "put", "k", 0, cls="S")
         await trio.sleep(10.5)  # idle timeout passed: on_deactivate is running (1 s)
         assert rt.statistics().open_facets == 1
-        async with trio.open_nursery() as nursery:
+        # Virtual time must not jump 10 s while a writer thread closes, opens or commits (the
+        # next activation would passivate too): hold the clock during store jobs.
+        async with clock_held_during_store_jobs(rt):
+            async with trio.open_nursery() as nursery:
+                for index in range(1, 6):
+                    nursery.start_soon(_put, rt, f"k{index}", index)
             for index in range(1, 6):
-                nursery.start_soon(_put, rt, f"k{index}", index)
-        for index in range(1, 6):
-            assert await rt.call(TENANT, "s", "get", f"k{index}") == index
-        assert await rt.call(TENANT, "s", "get", "goodbye") is True
+                assert await rt.call(TENANT, "s", "get", f"k{index}") == index
+            assert await rt.call(TENANT, "s", "get", "goodbye") is True
         assert SlowGoodbye.deactivations == 1
         assert rt.statistics().activations == 2
 
@@ -244,3 +247,54 @@ async def test_failing_store_open_fails_that_facet_only(data_dir: Path) -> None:
         with pytest.raises(InternalError, match="cannot open store"):
             await rt.call(TENANT, "victim", "increment", cls="Counter")
         assert await rt.call(TENANT, "healthy", "increment") == 2
+
+
+class _ActivationStarts(trio.abc.Instrument):
+    """Counts the activation tasks the router starts."""
+
+    def __init__(self) -> None:
+        self.starts = 0
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith("Router._run"):
+            self.starts += 1
+
+
+async def test_a_runtime_cancelled_from_outside_answers_queued_messages_at_once(
+    data_dir: Path,
+) -> None:
+    # Found by the seeded simulation (tests/sim): when the runtime's owner was cancelled
+    # rather than closed, every activation started for the queued messages was cancelled
+    # before it handled one, and the router started the next at once: a busy loop until the
+    # grace period ended (thousands of activations a second), and for ever on an autojump
+    # clock whose time only moves when no task can run. Real clock here: with writer threads
+    # an autojump clock would leap to the end of the grace period and hide the loop.
+    config = RuntimeConfig(shutdown_grace_seconds=2, commit_threads=2)
+    Gate.events["q"] = trio.Event()
+    outcomes: list[object] = []
+    starts = _ActivationStarts()
+
+    async def call(method: str, *args: Value) -> None:
+        try:
+            outcomes.append(await rt.call(TENANT, "q", method, *args, cls="Gate"))
+        except UnavailableError as exc:
+            outcomes.append(exc)
+
+    with trio.CancelScope() as scope:
+        async with open_runtime(data_dir, classes=CLASSES, config=config) as rt:
+            await rt.call(TENANT, "q", "put", "created", True, cls="Gate")
+            trio.lowlevel.add_instrument(starts)
+            trio.lowlevel.spawn_system_task(call, "wait_and_put", "w", 1)
+            await wait_until(lambda: rt.statistics().calls == 2)
+            for index in range(3):
+                trio.lowlevel.spawn_system_task(call, "put", f"k{index}", index)
+            await wait_until(lambda: rt.statistics().queued_envelopes == 3)
+            scope.cancel()
+            await trio.sleep_forever()
+    trio.lowlevel.remove_instrument(starts)
+    assert starts.starts <= 1  # none after the cancellation
+    assert len(outcomes) == 4
+    assert all(isinstance(o, UnavailableError) and o.retryable for o in outcomes)
+    async with open_runtime(data_dir, classes=CLASSES) as rt:
+        assert await rt.call(TENANT, "q", "get", "w") is None
+        assert await rt.call(TENANT, "q", "get", "k0") is None

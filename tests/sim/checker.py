@@ -1,0 +1,369 @@
+"""The invariants checked after each run, against a reference model built from the facets' logs.
+
+Every write of the simulation's facet appends ``[tag, kind, a, b]`` to the facet's log in the
+same message (``facets.py``), so the final log of each facet, read back from disk after a
+clean restart, says which operations were applied, how often and in what order. The checker
+holds it against what the callers saw (``history.py``):
+
+1. **State**: the facet's counter, registers and their paddings equal a replay of its log (the
+   reference model), and the log is dense (no gap, no stray entry).
+2. **Acknowledged writes are readable**: an operation with an ``ok`` reply is in the log of its
+   facet exactly once (a forward: in both facets).
+3. **No message applied twice**: no tag appears twice in one log, whatever the retries,
+   repeats with an idempotency key, crashes and reactivations.
+4. **Failures apply nothing**: an operation whose every attempt failed with a definite error
+   (``handler_error``, ``internal`` after a failed commit, ``overloaded``...) is absent; so
+   is every operation whose handler raised on purpose (``fail``), whatever its replies.
+   Unknown outcomes (cancelled, ``timeout``, dropped connection, crash) may be either.
+5. **Results are true**: each ``ok`` result names the log index of its own entry, with the
+   counter value the log implies there; a read's value is the last write of that register
+   before the log length it reports, which is at most the final length (what a reply showed
+   was durable). Every ``ok`` reply of one keyed operation is the same (idempotency).
+6. **Per-facet order** (real time): if an operation was acknowledged before another was sent,
+   the second is not before the first in the facet's log. A client's sequential calls are a
+   special case; reads take part at the log length they saw.
+7. **Turns do not overlap** in one activation (the input gate), as the facet observed.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .facets import LOG_PREFIX, pad_bytes
+from .history import Status
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+
+    from facetrt import Value
+
+    from .history import Operation
+
+WRITE_KINDS = {"add": 1, "put": 1, "forward": 2}  # writes an acknowledged operation made
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Entry:
+    tag: str
+    kind: str
+    first: Value
+    second: Value
+
+
+@dataclass(slots=True, kw_only=True)
+class FacetState:
+    """A facet's state as its ``snapshot`` returned it (empty if it was never created)."""
+
+    log: list[Entry] = field(default_factory=list)
+    log_keys: list[str] = field(default_factory=list)
+    length: int = 0
+    count: int = 0
+    registers: dict[str, Value] = field(default_factory=dict)
+    pads: dict[str, Value] = field(default_factory=dict)  # register key -> padding length
+
+    @classmethod
+    def from_snapshot(cls, raw: Mapping[str, Value]) -> FacetState:
+        log = raw["log"]
+        keys = raw["log_keys"]
+        registers = raw["registers"]
+        pads = raw["pads"]
+        length = raw["next"]
+        count = raw["count"]
+        assert isinstance(log, list)
+        assert isinstance(keys, list)
+        assert isinstance(registers, dict)
+        assert isinstance(pads, dict)
+        assert isinstance(length, int)
+        assert isinstance(count, int)
+        entries = []
+        for item in log:
+            assert isinstance(item, list), item
+            assert len(item) == 4, item
+            tag, kind, first, second = item
+            assert isinstance(tag, str)
+            assert isinstance(kind, str)
+            entries.append(Entry(tag=tag, kind=kind, first=first, second=second))
+        return cls(
+            log=entries,
+            log_keys=[str(key) for key in keys],
+            length=length,
+            count=count,
+            registers=dict(registers),
+            pads=dict(pads),
+        )
+
+
+@dataclass(slots=True, kw_only=True)
+class CheckResult:
+    violations: list[str]
+    acknowledged_writes: int
+    lost_writes: int
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+
+@dataclass(frozen=True, slots=True)
+class _Point:
+    """An operation's place in a facet's order, with when it was sent and acknowledged."""
+
+    position: float  # log index; a read sits at (length it saw) - 0.5
+    invoked: int
+    acknowledged: int | None
+    tag: str
+
+
+def check(
+    operations: Mapping[str, Operation],
+    states: Mapping[str, FacetState],
+    overlapping_turns: Iterable[str] = (),
+) -> CheckResult:
+    """Every violation of the invariants above, as readable lines (none: the run passed)."""
+    checker = _Checker(operations, states)
+    checker.run()
+    checker.violations.extend(f"turns overlapped: {text}" for text in overlapping_turns)
+    return CheckResult(
+        violations=checker.violations,
+        acknowledged_writes=checker.acknowledged_writes,
+        lost_writes=checker.lost_writes,
+    )
+
+
+class _Checker:
+    def __init__(self, operations: Mapping[str, Operation], states: Mapping[str, FacetState]):
+        self.operations = operations
+        self.states = states
+        self.violations: list[str] = []
+        self.acknowledged_writes = 0
+        self.lost_writes = 0
+        # facet -> tag -> log indexes holding it
+        self.positions: dict[str, dict[str, list[int]]] = {}
+        # facet -> counter value after each log index
+        self.counts: dict[str, list[int]] = {}
+
+    def run(self) -> None:
+        for facet, state in self.states.items():
+            self._check_state(facet, state)
+            self._index(facet, state)
+        for operation in self.operations.values():
+            self._check_presence(operation)
+            self._check_results(operation)
+        for facet in self.states:
+            self._check_order(facet)
+
+    def _state(self, facet: str | None) -> FacetState:
+        return self.states.get(facet or "", FacetState())
+
+    # 1. state = replay of the log ------------------------------------------------------
+
+    def _check_state(self, facet: str, state: FacetState) -> None:
+        if state.length != len(state.log):
+            self.violations.append(
+                f"{facet}: log length {state.length} but {len(state.log)} entries"
+            )
+        expected_keys = [f"{LOG_PREFIX}{index:08d}" for index in range(len(state.log))]
+        if state.log_keys != expected_keys:
+            self.violations.append(f"{facet}: log keys are not dense: {state.log_keys[:5]}...")
+        count = 0
+        registers: dict[str, Value] = {}
+        counts = []
+        for entry in state.log:
+            if entry.kind == "add":
+                assert isinstance(entry.first, int)
+                count += entry.first
+            elif entry.kind == "put":
+                assert isinstance(entry.first, str)
+                registers[entry.first] = entry.second
+            counts.append(count)
+        self.counts[facet] = counts
+        if state.count != count:
+            self.violations.append(f"{facet}: counter is {state.count}, its log adds to {count}")
+        if state.registers != registers:
+            self.violations.append(
+                f"{facet}: registers {state.registers} differ from the log's {registers}"
+            )
+        pads = {key: pad_bytes(value) for key, value in registers.items() if isinstance(value, int)}
+        if state.pads != {key: size for key, size in pads.items() if size}:
+            self.violations.append(f"{facet}: paddings {state.pads} differ from the log's {pads}")
+
+    def _index(self, facet: str, state: FacetState) -> None:
+        positions: dict[str, list[int]] = {}
+        for index, entry in enumerate(state.log):
+            positions.setdefault(entry.tag, []).append(index)
+            operation = self.operations.get(entry.tag)
+            if operation is None:
+                self.violations.append(f"{facet}[{index}]: {entry} of an operation never sent")
+            elif not _entry_matches(operation, facet, entry):
+                self.violations.append(
+                    f"{facet}[{index}]: {entry} does not match {operation.spec.kind} "
+                    f"{operation.tag} on {operation.spec.facet} ({_outcomes(operation)})"
+                )
+        self.positions[facet] = positions
+
+    # 2-4. presence ----------------------------------------------------------------------
+
+    def _check_presence(self, operation: Operation) -> None:
+        spec = operation.spec
+        if spec.kind == "get":
+            return
+        acknowledged = operation.first_ok() is not None
+        if acknowledged:
+            self.acknowledged_writes += WRITE_KINDS.get(spec.kind, 0)
+        places = [(spec.facet, "applied")]
+        if spec.kind == "forward":
+            places.append((spec.target or "", "forwarded add applied"))
+        for facet, what in places:
+            found = len(self.positions.get(facet, {}).get(spec.tag, []))
+            described = f"{spec.kind} {spec.tag} on {facet} ({_outcomes(operation)})"
+            if found > 1:
+                self.violations.append(f"{described}: {what} {found} times")
+            elif spec.kind == "fail" and found:
+                self.violations.append(f"{described}: its handler raised, yet it was applied")
+            elif acknowledged and not found and spec.kind != "fail":
+                self.lost_writes += 1
+                self.violations.append(f"{described}: acknowledged, but missing from the log")
+            elif found and operation.all_failed() and what == "applied":
+                self.violations.append(f"{described}: every attempt failed, yet it was applied")
+
+    # 5. results -------------------------------------------------------------------------
+
+    def _check_results(self, operation: Operation) -> None:
+        results = [a.result for a in operation.attempts if a.status is Status.OK]
+        if not results:
+            return
+        spec = operation.spec
+        described = f"{spec.kind} {spec.tag} on {spec.facet} ({_outcomes(operation)})"
+        if any(result != results[0] for result in results[1:]):
+            self.violations.append(f"{described}: replies differ: {results}")
+        result = results[0]
+        problem = None
+        if spec.kind == "add":
+            problem = self._add_result(spec.facet, spec.tag, result)
+        elif spec.kind == "put":
+            problem = self._entry_at(spec.facet, spec.tag, result)
+        elif spec.kind == "get":
+            problem = self._read_result(spec.facet, spec.key, result)
+        elif spec.kind == "forward":
+            if not (isinstance(result, list) and len(result) == 2):
+                problem = f"malformed result {result!r}"
+            else:
+                problem = self._entry_at(spec.facet, spec.tag, result[0]) or self._add_result(
+                    spec.target or "", spec.tag, result[1]
+                )
+        else:
+            problem = f"a handler that raises replied {result!r}"
+        if problem is not None:
+            self.violations.append(f"{described}: {problem}")
+
+    def _entry_at(self, facet: str, tag: str, index: Value) -> str | None:
+        log = self._state(facet).log
+        if not isinstance(index, int) or not 0 <= index < len(log):
+            return f"replied log index {index!r}, outside {facet}'s log of {len(log)}"
+        if log[index].tag != tag:
+            return f"replied log index {index} of {facet}, which holds {log[index]}"
+        return None
+
+    def _add_result(self, facet: str, tag: str, result: Value) -> str | None:
+        if not (isinstance(result, list) and len(result) == 2):
+            return f"malformed add result {result!r}"
+        count, index = result
+        problem = self._entry_at(facet, tag, index)
+        if problem is not None:
+            return problem
+        assert isinstance(index, int)
+        expected = self.counts[facet][index]
+        if count != expected:
+            return f"replied count {count!r} at {facet}[{index}], where the log makes {expected}"
+        return None
+
+    def _read_result(self, facet: str, key: str, result: Value) -> str | None:
+        if not (isinstance(result, list) and len(result) == 2 and isinstance(result[1], int)):
+            return f"malformed read result {result!r}"
+        value, length = result[0], result[1]
+        log = self._state(facet).log
+        if not 0 <= length <= len(log):
+            return f"read at log length {length}, beyond the durable {len(log)} of {facet}"
+        expected = None
+        for entry in log[:length]:
+            if entry.kind == "put" and entry.first == key:
+                expected = entry.second
+        if value != expected:
+            return f"read {key}={value!r} at length {length}; the log has {expected!r} there"
+        return None
+
+    # 6. real-time order -----------------------------------------------------------------
+
+    def _check_order(self, facet: str) -> None:
+        points = []
+        for index, entry in enumerate(self._state(facet).log):
+            operation = self.operations.get(entry.tag)
+            if operation is not None:
+                points.append(_point(operation, float(index)))
+        for operation in self.operations.values():
+            spec = operation.spec
+            first = operation.first_ok()
+            if spec.kind == "get" and spec.facet == facet and first is not None:
+                result = first.result
+                if isinstance(result, list) and len(result) == 2 and isinstance(result[1], int):
+                    points.append(_point(operation, result[1] - 0.5))
+        points.sort(key=lambda point: point.position)
+        latest_invoked: _Point | None = None
+        for _, group in itertools.groupby(points, key=lambda point: point.position):
+            members = list(group)
+            for point in members:
+                if (
+                    latest_invoked is not None
+                    and point.acknowledged is not None
+                    and point.acknowledged < latest_invoked.invoked
+                ):
+                    self.violations.append(
+                        f"{facet}: {point.tag} (at {point.position}) was acknowledged at event "
+                        f"{point.acknowledged}, before {latest_invoked.tag} (earlier in the "
+                        f"log, at {latest_invoked.position}) was sent at event "
+                        f"{latest_invoked.invoked}"
+                    )
+            for point in members:
+                if latest_invoked is None or point.invoked > latest_invoked.invoked:
+                    latest_invoked = point
+
+
+def _point(operation: Operation, position: float) -> _Point:
+    first = operation.first_ok()
+    return _Point(
+        position=position,
+        invoked=operation.first_invoked(),
+        acknowledged=None if first is None else first.completed,
+        tag=operation.tag,
+    )
+
+
+def _entry_matches(operation: Operation, facet: str, entry: Entry) -> bool:
+    spec = operation.spec
+    if entry.kind == "add":
+        on_own = spec.kind in ("add", "fail") and spec.facet == facet
+        forwarded = spec.kind == "forward" and spec.target == facet
+        return (on_own or forwarded) and entry.first == spec.by
+    if entry.kind == "put":
+        return (
+            spec.kind == "put"
+            and spec.facet == facet
+            and (entry.first, entry.second) == (spec.key, spec.value)
+        )
+    if entry.kind == "forward":
+        return (
+            spec.kind == "forward"
+            and spec.facet == facet
+            and (entry.first, entry.second) == (spec.target, spec.by)
+        )
+    return False
+
+
+def _outcomes(operation: Operation) -> str:
+    return ", ".join(
+        f"{a.status.value if a.status else 'in flight'}"
+        f"{'/' + a.code if a.code else ''}{'/' + a.reason if a.reason else ''}"
+        for a in operation.attempts
+    )

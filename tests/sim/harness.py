@@ -1,0 +1,465 @@
+"""One seeded run: the runtime and its protocol server under load and faults, then the check.
+
+One integer seed fixes everything that varies (replay: ``python -m tests.sim --seed N``):
+
+- the **plan** (``plan.py``): limits, fault rates and every operation of every client;
+- the **faults** as they happen: one random stream drawn in the order the store jobs run and
+  the connections drop, which is fixed by
+- **trio's schedule**: trio runs each batch of ready tasks in a random order from a
+  module-level ``random.Random`` (``trio._core._run._r``). Here it is seeded from the run's
+  seed and ``_ALLOW_DETERMINISTIC_SCHEDULING`` is switched on, so that a batch is first sorted
+  by task creation order and then shuffled: the order depends on the seed only, not on memory
+  addresses (deadline ties and cancellation fan-out otherwise come in ``id()`` order). These
+  are trio privates, touched for the length of one run and restored after it: acceptable in
+  a test harness, which is the use trio keeps them for (its Hypothesis plugin does the same);
+  a trio upgrade that renames them fails the determinism test loudly rather than silently;
+- **time**: trio's ``MockClock`` with autojump, so sleeps, idle timeouts, deadlines and slow
+  disks take no real time, and the wall clock of idempotency records follows it;
+- **storage work** runs on the loop thread (``workers.py``): the runtime's writer threads are
+  the one part that no seed can replay.
+
+What stays outside the seed's reach: ``id()`` values, garbage collection, and the real time
+each step takes, none of which the runtime's behaviour depends on. The determinism test runs
+a seed twice and compares the digest of the whole trace (every call, outcome, fault and final
+state, with its trio time).
+
+A run goes through *epochs*, one per runtime lifetime: a crash cancels the runtime and every
+caller at once (their calls become of unknown outcome) and a graceful restart stops the
+callers, drains the protocol sessions and closes the runtime, as the daemon does. The next
+epoch reopens the same data directory and the callers carry on. Finally a fault-free runtime
+reads every facet back, and ``checker.check`` holds it against the history.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, final
+
+import trio
+import trio._core._run as trio_run
+import trio.testing
+from prometheus_client import CollectorRegistry
+
+from facetrt import FacetrtError, NotFoundError, RuntimeConfig, UnavailableError
+from facetrt.client._link import handshake
+from facetrt.metrics import FacetrtMetrics
+from facetrt.runtime._runtime import open_runtime_using
+from facetrt.server._auth import AuthThrottle
+from facetrt.server._tcp import TcpServer
+from facetrt.storage import SystemStore
+
+from .checker import CheckResult, FacetState, check
+from .facets import CLASS_NAME, CLASSES, SimFacet
+from .faults import StoreFaults
+from .history import History
+from .plan import MAP_SIZE_BYTES_INITIAL, TENANT, make_plan
+from .transport import MemoryListener
+from .workers import LoopStoreWorkers
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from facetrt import Runtime
+    from facetrt.client._link import Link
+
+    from .history import Attempt
+    from .plan import ClientSpec, OperationSpec, SimPlan
+    from .transport import ClientStream
+
+WALL_CLOCK_BASE = 1_700_000_000.0
+MEMORY_DIR = "/dev/shm"
+RUN_SECONDS_MAX = 100_000.0  # trio time: a run still going by then is stuck (a deadlock)
+EPOCHS_MAX = 64
+CONNECT_SECONDS = 10.0
+REPLAY = ".venv/bin/python -m tests.sim --seed {seed}"
+STATISTICS = (
+    "activations",
+    "passivations",
+    "resets",
+    "commits",
+    "commits_inline",
+    "commit_failures",
+    "map_grows",
+    "overloaded",
+)
+
+
+def _memory_dir() -> str | None:
+    """A tmpfs to run in when there is one: fsync costs nothing there (a loaded disk makes it
+    milliseconds), and the simulation checks the runtime's logic, not the disk's; the crash
+    loop and the storage-fault tests check the disk."""
+    if os.path.isdir(MEMORY_DIR) and os.access(MEMORY_DIR, os.W_OK):
+        return MEMORY_DIR
+    return None
+
+
+def _wall_clock() -> float:
+    return WALL_CLOCK_BASE + trio.current_time()
+
+
+@contextlib.contextmanager
+def seeded_scheduling(seed: int) -> Iterator[None]:
+    """Make trio's batch order a function of ``seed`` for the enclosed ``trio.run``."""
+    saved_flag = trio_run._ALLOW_DETERMINISTIC_SCHEDULING
+    saved_state = trio_run._r.getstate()
+    setattr(trio_run, "_ALLOW_DETERMINISTIC_SCHEDULING", True)  # noqa: B010 - a Final private
+    trio_run._r.seed(f"schedule/{seed}")
+    try:
+        yield
+    finally:
+        setattr(trio_run, "_ALLOW_DETERMINISTIC_SCHEDULING", saved_flag)  # noqa: B010
+        trio_run._r.setstate(saved_state)
+
+
+@dataclass(slots=True, kw_only=True)
+class SimResult:
+    seed: int
+    plan: SimPlan
+    history: History
+    check: CheckResult
+    states: dict[str, FacetState]
+    digest: str
+    epochs: int
+    statistics: Counter[str]
+
+    @property
+    def ok(self) -> bool:
+        return self.check.ok
+
+    @property
+    def replay(self) -> str:
+        return REPLAY.format(seed=self.seed)
+
+    def attempts(self) -> int:
+        return sum(len(operation.attempts) for operation in self.history.operations.values())
+
+    def report(self) -> str:
+        """What a failure prints: the seed, the command that replays it, what broke."""
+        lines = [
+            f"simulation seed {self.seed}: "
+            f"{'passed' if self.ok else f'{len(self.check.violations)} violation(s)'}",
+            f"replay: {self.replay}",
+            f"plan: {self.plan.describe()}",
+            f"ran: {len(self.history.operations)} operations, {self.attempts()} attempts, "
+            f"{self.epochs} runtime lifetimes, faults {dict(sorted(self.history.faults.items()))}",
+            f"runtime: {dict(self.statistics)}",
+            f"trace digest: {self.digest}",
+        ]
+        lines += [f"  {violation}" for violation in self.check.violations[:40]]
+        if len(self.check.violations) > 40:
+            lines.append(f"  ... and {len(self.check.violations) - 40} more")
+        return "\n".join(lines)
+
+
+def run_simulation(
+    seed: int,
+    *,
+    directory: Path | None = None,
+    lose_failed_commits: bool = False,
+    schedule_seed: int | None = None,
+) -> SimResult:
+    """Run seed ``seed`` to the end and check it (in its own ``trio.run``: call it from sync
+    code). ``lose_failed_commits`` breaks the runtime on purpose (see ``StoreFaults``);
+    ``schedule_seed`` seeds trio's scheduling apart from the rest (tests)."""
+    plan = make_plan(seed)
+    with contextlib.ExitStack() as stack:
+        if directory is None:
+            scratch = tempfile.TemporaryDirectory(prefix="facetrt-sim-", dir=_memory_dir())
+            directory = Path(stack.enter_context(scratch))
+        simulation = _Simulation(plan, directory, lose_failed_commits=lose_failed_commits)
+        stack.enter_context(seeded_scheduling(seed if schedule_seed is None else schedule_seed))
+        try:
+            trio.run(simulation.run, clock=trio.testing.MockClock(autojump_threshold=0))
+        except BaseException as exc:  # an invariant broke inside facetrt, or the harness
+            exc.add_note(f"simulation seed {seed}; replay: {REPLAY.format(seed=seed)}")
+            raise
+    return simulation.result()
+
+
+@dataclass(slots=True)
+class _Lane:
+    specs: tuple[OperationSpec, ...]
+    position: int = 0
+
+    def is_done(self) -> bool:
+        return self.position >= len(self.specs)
+
+
+@dataclass(slots=True)
+class _Client:
+    spec: ClientSpec
+    lanes: list[_Lane]
+    link: Link | None = None
+    stream: ClientStream | None = None
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+
+@dataclass(slots=True)
+class _Epoch:
+    """One runtime lifetime."""
+
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    restart_at: float | None = None
+    stopping: bool = False  # a graceful restart: lanes stop before their next operation
+    listener: MemoryListener = field(default_factory=MemoryListener)
+    nursery: trio.Nursery | None = None
+
+    def is_stopping(self) -> bool:
+        return self.stopping
+
+
+@final
+class _Simulation:
+    def __init__(self, plan: SimPlan, root: Path, *, lose_failed_commits: bool) -> None:
+        self.plan = plan
+        self.data_dir = root / "data"
+        self.system_dir = root / "system"
+        self.lose_failed_commits = lose_failed_commits
+        self.history = History()
+        self.fault_rng = random.Random(f"faults/{plan.seed}")
+        self.clients = [
+            _Client(client, [_Lane(lane) for lane in client.lanes]) for client in plan.clients
+        ]
+        self.restarts = list(plan.faults.restarts)
+        self.crashes = 0
+        self.epochs = 0
+        self.states: dict[str, FacetState] = {}
+        self.stuck = False
+        self.statistics: Counter[str] = Counter()
+        self.key = ""
+
+    def result(self) -> SimResult:
+        result = check(self.history.operations, self.states, SimFacet.overlapping_turns)
+        if self.stuck:
+            result.violations.insert(
+                0, f"stuck: the run had not finished by trio time {RUN_SECONDS_MAX} (a deadlock)"
+            )
+        return SimResult(
+            seed=self.plan.seed,
+            plan=self.plan,
+            history=self.history,
+            check=result,
+            states=self.states,
+            digest=self.history.digest(),
+            epochs=self.epochs,
+            statistics=self.statistics,
+        )
+
+    async def run(self) -> None:
+        SimFacet.overlapping_turns.clear()
+        system = SystemStore(self.system_dir)
+        try:
+            system.create_tenant(TENANT)
+            _, self.key = system.create_key(TENANT)
+            # The store runners live outside the watchdog: a stuck run's runtime must still
+            # be able to close its stores when the watchdog cancels it.
+            async with trio.open_nursery() as outer:
+                with trio.move_on_after(RUN_SECONDS_MAX) as watchdog:
+                    while any(not lane.is_done() for c in self.clients for lane in c.lanes):
+                        assert self.epochs < EPOCHS_MAX, "too many runtime lifetimes"
+                        await self._epoch(outer, system)
+                self.stuck = watchdog.cancelled_caught
+                self.states = await self._read_back(outer)
+        finally:
+            system.close()
+
+    # -- runtime lifetimes ---------------------------------------------------------------
+
+    async def _epoch(self, outer: trio.Nursery, system: SystemStore) -> None:
+        self.epochs += 1
+        epoch = _Epoch(restart_at=self.restarts.pop(0) if self.restarts else None)
+        self.history.note("epoch", self.epochs)
+        faults = StoreFaults(
+            self.fault_rng,
+            self.plan.faults,
+            self.history,
+            crash_allowed=self.crashes < self.plan.faults.crashes_max,
+            on_crash=partial(self._crash, epoch),
+            lose_failed_commits=self.lose_failed_commits,
+        )
+        workers = LoopStoreWorkers(
+            outer, runners=self.plan.store_runners, delay=faults.delay, after_job=faults.after_job
+        )
+        with epoch.scope:
+            async with open_runtime_using(
+                workers,
+                self.data_dir,
+                classes=CLASSES,
+                config=self.plan.runtime,
+                store_hooks=faults.hooks(),
+                wall_clock=_wall_clock,
+            ) as runtime:
+                try:
+                    await self._serve(runtime, system, epoch)
+                finally:
+                    self._count(runtime)
+        self.crashes += faults.crashed
+
+    def _crash(self, epoch: _Epoch) -> None:
+        """Right after a commit, before the runtime hears of it: the node is gone."""
+        self.history.crash()
+        epoch.scope.cancel()
+
+    def _count(self, runtime: Runtime) -> None:
+        statistics = runtime.statistics()
+        for name in STATISTICS:
+            self.statistics[name] += getattr(statistics, name)
+
+    async def _serve(self, runtime: Runtime, system: SystemStore, epoch: _Epoch) -> None:
+        tcp = TcpServer(
+            runtime=runtime,
+            system=system,
+            config=self.plan.server,
+            metrics=FacetrtMetrics(CollectorRegistry()),
+            throttle=AuthThrottle(failures_free=5, delay_seconds_max=1.0),
+        )
+        async with trio.open_nursery() as nursery:
+            epoch.nursery = nursery
+            await nursery.start(tcp.serve, [epoch.listener], nursery)
+            if epoch.restart_at is not None:
+                nursery.start_soon(self._restart_later, epoch)
+            for client in self.clients:
+                client.link, client.stream, client.lock = None, None, trio.Lock()
+                if client.spec.protocol and self.plan.faults.drop_seconds is not None:
+                    nursery.start_soon(
+                        self._drop_connections, client, self.plan.faults.drop_seconds
+                    )
+            async with trio.open_nursery() as lanes:
+                for client in self.clients:
+                    for lane in client.lanes:
+                        if not lane.is_done():
+                            lanes.start_soon(self._lane, client, lane, runtime, epoch)
+            # Every lane finished or stopped for a restart: drain as the daemon does.
+            with trio.move_on_after(self.plan.runtime.shutdown_grace_seconds + 1.0):
+                await tcp.drain()
+            nursery.cancel_scope.cancel()
+
+    async def _restart_later(self, epoch: _Epoch) -> None:
+        assert epoch.restart_at is not None
+        await trio.sleep_until(epoch.restart_at)
+        self.history.fault("graceful_restart")
+        epoch.stopping = True
+
+    async def _drop_connections(self, client: _Client, mean_seconds: float) -> None:
+        while True:
+            await trio.sleep(self.fault_rng.expovariate(1 / mean_seconds))
+            link, stream = client.link, client.stream
+            if link is not None and stream is not None and link.waiters:
+                self.history.fault("connection_dropped", len(link.waiters))
+                stream.drop()
+
+    async def _read_back(self, outer: trio.Nursery) -> dict[str, FacetState]:
+        """Every facet's state, read by a fresh fault-free runtime from the data on disk."""
+        self.history.note("read back", None)
+        config = RuntimeConfig(
+            map_size_bytes_initial=MAP_SIZE_BYTES_INITIAL, open_facets_max=len(self.plan.facets)
+        )
+        states = {}
+        async with open_runtime_using(
+            LoopStoreWorkers(outer, runners=1),
+            self.data_dir,
+            classes=CLASSES,
+            config=config,
+            store_hooks=None,
+            wall_clock=_wall_clock,
+        ) as runtime:
+            for facet in self.plan.facets:
+                try:
+                    raw = await runtime.call(TENANT, facet, "snapshot")
+                except NotFoundError:
+                    states[facet] = FacetState()  # never created (or never committed)
+                    continue
+                assert isinstance(raw, dict)
+                states[facet] = FacetState.from_snapshot(raw)
+                self.history.note("state", [facet, raw["next"], raw["count"], raw["registers"]])
+        return states
+
+    # -- callers -------------------------------------------------------------------------
+
+    async def _lane(self, client: _Client, lane: _Lane, runtime: Runtime, epoch: _Epoch) -> None:
+        while not lane.is_done() and not epoch.stopping:
+            spec = lane.specs[lane.position]
+            await trio.sleep(spec.think)
+            if epoch.is_stopping():  # a restart began while this lane waited
+                return
+            lane.position += 1  # sent at most once by this lane, even if a crash interrupts it
+            if client.spec.protocol:
+                await self._call_protocol(client, spec, epoch)
+            else:
+                await self._call_embedded(runtime, spec)
+
+    def _invoke(self, spec: OperationSpec, path: str) -> Attempt:
+        if spec.sleep:
+            self.history.fault("slow_handler")
+        return self.history.invoke(spec, path)
+
+    async def _call_embedded(self, runtime: Runtime, spec: OperationSpec) -> None:
+        method, args, kwargs = spec.call()
+        attempt = self._invoke(spec, "embedded")
+        give_up = math.inf if spec.cancel_after is None else spec.cancel_after
+        try:
+            with trio.move_on_after(give_up) as scope:
+                result = await runtime.call(
+                    TENANT,
+                    spec.facet,
+                    method,
+                    *args,
+                    cls=CLASS_NAME,
+                    idempotency_key=spec.idempotency_key,
+                    **kwargs,
+                )
+        except FacetrtError as exc:
+            self.history.failed(spec, attempt, exc.code.value)
+            return
+        if scope.cancelled_caught:
+            self.history.fault("call_cancelled")
+            self.history.unknown(spec, attempt, "cancelled")
+        else:
+            self.history.ok(spec, attempt, result)
+
+    async def _call_protocol(self, client: _Client, spec: OperationSpec, epoch: _Epoch) -> None:
+        method, args, kwargs = spec.call()
+        link = await self._link(client, epoch)
+        attempt = self._invoke(spec, "protocol")
+        if link is None:
+            self.history.failed(spec, attempt, "unavailable")  # could not connect: not sent
+            return
+        deadline_ms = None
+        if spec.deadline_seconds is not None:
+            deadline_ms = max(1, round(spec.deadline_seconds * 1000))
+        try:
+            result = await link.call(
+                spec.facet, method, args, kwargs, CLASS_NAME, spec.idempotency_key, deadline_ms
+            )
+        except UnavailableError:
+            if link.error is not None:  # the connection broke: the server may have run it
+                self.history.unknown(spec, attempt, "connection lost")
+            else:
+                self.history.failed(spec, attempt, "unavailable")
+        except FacetrtError as exc:
+            self.history.failed(spec, attempt, exc.code.value)
+        else:
+            self.history.ok(spec, attempt, result)
+
+    async def _link(self, client: _Client, epoch: _Epoch) -> Link | None:
+        """The client's connection, made (with its handshake) when it has none usable."""
+        async with client.lock:
+            if client.link is not None and not client.link.is_closing():
+                return client.link
+            try:
+                stream = await epoch.listener.connect()
+                link = await handshake(stream, self.key, peer="sim", seconds=CONNECT_SECONDS)
+            except (OSError, FacetrtError):
+                return None
+            assert epoch.nursery is not None
+            epoch.nursery.start_soon(link.run)
+            client.link, client.stream = link, stream
+            return link

@@ -1,0 +1,147 @@
+"""The history of one run: every attempt of every operation, the faults, in order.
+
+Events are numbered in the order they happened (one loop thread: a total order that agrees
+with real time), which is what the checker's real-time rule compares. The trace (events with
+their trio times) is what two runs of one seed must reproduce exactly: its digest is the
+run's fingerprint.
+
+Outcomes, from the caller's side:
+
+- ``ok``: the reply came; the operation was applied exactly once (or, for a repeat of a keyed
+  operation, earlier) and the result describes that application.
+- ``failed``: an error reply that guarantees nothing was applied (``handler_error``,
+  ``internal`` for a failed commit, ``overloaded``, ``unavailable`` from the runtime...).
+- ``unknown``: no reply the caller can trust: cancelled by the caller, a ``timeout``, a
+  dropped connection, or a crash of the node before the reply left it.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, final
+
+import trio
+
+if TYPE_CHECKING:
+    from facetrt import Value
+
+    from .plan import OperationSpec
+
+UNKNOWN_CODES = frozenset({"timeout"})  # SPEC §4: its writes may or may not have committed
+
+
+class Status(enum.Enum):
+    OK = "ok"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+
+
+@dataclass(slots=True, kw_only=True)
+class Attempt:
+    number: int
+    path: str  # "embedded" or "protocol"
+    invoked: int  # event number
+    completed: int | None = None
+    status: Status | None = None  # None while in flight
+    code: str | None = None  # the error code of a failed or unknown attempt
+    result: Value = None
+    reason: str = ""  # why an outcome is unknown
+
+
+@dataclass(slots=True, kw_only=True)
+class Operation:
+    spec: OperationSpec
+    attempts: list[Attempt] = field(default_factory=list)
+
+    @property
+    def tag(self) -> str:
+        return self.spec.tag
+
+    def first_invoked(self) -> int:
+        return min(attempt.invoked for attempt in self.attempts)
+
+    def first_ok(self) -> Attempt | None:
+        done = [attempt for attempt in self.attempts if attempt.status is Status.OK]
+        return min(done, key=lambda attempt: attempt.completed or 0) if done else None
+
+    def all_failed(self) -> bool:
+        return all(attempt.status is Status.FAILED for attempt in self.attempts)
+
+
+@final
+class History:
+    def __init__(self) -> None:
+        self.operations: dict[str, Operation] = {}
+        self.faults: Counter[str] = Counter()
+        self.trace: list[list[Value]] = []
+        self._events = 0
+        self._in_flight: dict[int, tuple[OperationSpec, Attempt]] = {}
+
+    def _event(self, *fields: Value) -> int:
+        self._events += 1
+        self.trace.append([self._events, round(trio.current_time(), 9), *fields])
+        return self._events
+
+    def invoke(self, spec: OperationSpec, path: str) -> Attempt:
+        operation = self.operations.get(spec.tag)
+        if operation is None:
+            operation = self.operations[spec.tag] = Operation(spec=spec)
+        number = len(operation.attempts)
+        invoked = self._event("invoke", spec.tag, number, path)
+        attempt = Attempt(number=number, path=path, invoked=invoked)
+        operation.attempts.append(attempt)
+        self._in_flight[id(attempt)] = (spec, attempt)
+        return attempt
+
+    def ok(self, spec: OperationSpec, attempt: Attempt, result: Value) -> None:
+        self._complete(spec, attempt, Status.OK, None, result, "")
+
+    def failed(self, spec: OperationSpec, attempt: Attempt, code: str) -> None:
+        if code in UNKNOWN_CODES:
+            if attempt.status is None:
+                self.fault("deadline_expired")
+            self._complete(spec, attempt, Status.UNKNOWN, code, None, code)
+        else:
+            self._complete(spec, attempt, Status.FAILED, code, None, "")
+
+    def unknown(self, spec: OperationSpec, attempt: Attempt, reason: str) -> None:
+        self._complete(spec, attempt, Status.UNKNOWN, None, None, reason)
+
+    def _complete(
+        self,
+        spec: OperationSpec,
+        attempt: Attempt,
+        status: Status,
+        code: str | None,
+        result: Value,
+        reason: str,
+    ) -> None:
+        if attempt.status is not None:
+            return  # already settled: a crash made it unknown; what came later never left
+        del self._in_flight[id(attempt)]
+        attempt.status, attempt.code, attempt.result, attempt.reason = status, code, result, reason
+        attempt.completed = self._event(
+            "done", spec.tag, attempt.number, status.value, code, result, reason
+        )
+
+    def crash(self) -> None:
+        """The node died: no reply of an attempt in flight ever reaches its caller."""
+        self.fault("crash_after_commit")
+        for spec, attempt in list(self._in_flight.values()):
+            self.unknown(spec, attempt, "crash")
+
+    def note(self, kind: str, detail: Value) -> None:
+        """A trace event that is not a fault (a new runtime lifetime, a final state)."""
+        self._event("note", kind, detail)
+
+    def fault(self, kind: str, detail: Value = None) -> None:
+        self.faults[kind] += 1
+        self._event("fault", kind, detail)
+
+    def digest(self) -> str:
+        text = json.dumps(self.trace, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
