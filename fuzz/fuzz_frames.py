@@ -38,7 +38,7 @@ from pathlib import Path
 if __name__ == "__main__" and not __package__:  # run as a script: find the fuzz package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fuzz._harness import (  # noqa: E402  # after the path fix above
+from fuzz._harness import (  # after the path fix above
     Control,
     bounded_allocation,
     chunks,
@@ -207,7 +207,9 @@ def _reference_path(setting: Setting, stream: bytes, batch_ends: list[int]) -> R
         return run
 
 
-def _respond(setting: Setting, conn: Connection, batch: list[Event], calls: int) -> tuple[int, bool]:
+def _respond(
+    setting: Setting, conn: Connection, batch: list[Event], calls: int
+) -> tuple[int, bool]:
     """Answer a batch as a server would; (calls seen so far, whether the hello was refused)."""
     for event in batch:
         if setting.role is Role.CLIENT:

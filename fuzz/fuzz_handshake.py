@@ -41,7 +41,7 @@ from pathlib import Path
 if __name__ == "__main__" and not __package__:  # run as a script: find the fuzz package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fuzz._harness import Control, fuzz_main, instrumented  # noqa: E402  # after the path fix
+from fuzz._harness import Control, fuzz_main, instrumented  # after the path fix
 
 with instrumented(enabled=__name__ == "__main__"):
     import msgpack
@@ -123,14 +123,12 @@ def check(data: bytes) -> None:
     control = Control(data, CONTROL_BYTES)
     keys = _keys()
     flags = control.byte(5)
-    body: dict[str | bytes, object] = {}
-    for name, value in (
+    fields: tuple[tuple[str | bytes, object], ...] = (
         ("t", TYPES[control.byte(0) % len(TYPES)]),
         ("v", VERSIONS[control.byte(1) % len(VERSIONS)]),
         ("key", _key(control, keys)),
-    ):
-        if value is not MISSING:
-            body[name] = value
+    )
+    body = {name: value for name, value in fields if value is not MISSING}
     if flags & 1:
         body["extra"] = control.payload[:8]
     if flags & 2:

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING
 if __name__ == "__main__" and not __package__:  # run as a script: find the fuzz package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fuzz._harness import (  # noqa: E402  # after the path fix above
+from fuzz._harness import (  # after the path fix above
     Control,
     bounded_allocation,
     chunks,
@@ -96,8 +96,9 @@ JSON_TYPES = frozenset(CONTENT_TYPES[:6])  # the model: which headers mean JSON 
 SMALL_BODY_BYTES_MAX = 1024
 SMALL_VALUE_BYTES_MAX = 64
 # JSON decodes to at most ~40 bytes of Python objects per body byte ("[{},{},...]": a 64-byte
-# dict per 3 bytes); the argument copy and the chunks double it; headroom 2x.
-ALLOCATION_BASE = 256 * 1024
+# dict per 3 bytes); the argument copy and the chunks double it; headroom 2x. The base allows
+# for what the runtimes' own tasks allocate meanwhile on the helper thread.
+ALLOCATION_BASE = 1024 * 1024
 ALLOCATION_PER_BYTE = 256
 _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1
@@ -140,7 +141,7 @@ def check(data: bytes) -> None:
         "client": ("127.0.0.1", 1),
     }
     loop = _loop()
-    run = functools.partial(trio.from_thread.run, _decode, scope, messages, small)
+    run = functools.partial(trio.from_thread.run, _decode, loop, scope, messages, small)
     bound = ALLOCATION_BASE + ALLOCATION_PER_BYTE * len(data)
     outcome = bounded_allocation(
         lambda: run(trio_token=loop.token), bound, "reading and checking the body"
@@ -156,7 +157,9 @@ def check(data: bytes) -> None:
         _check_round_trip([args, kwargs])
 
 
-async def _decode(scope: Mapping[str, object], messages: list[dict[str, object]], small: bool) -> Outcome:
+async def _decode(
+    loop: _Loop, scope: Mapping[str, object], messages: list[dict[str, object]], small: bool
+) -> Outcome:
     """``HttpGateway._call``'s body handling, on the helper thread's trio loop."""
     queue = list(messages)
 
@@ -166,11 +169,11 @@ async def _decode(scope: Mapping[str, object], messages: list[dict[str, object]]
     async def send(message: Mapping[str, object]) -> None:
         raise AssertionError("nothing is sent while reading the body")
 
-    config = _loop().servers[small]
+    config = loop.servers[small]
     exchange = Exchange(scope, receive, send, config)
     try:
         args, kwargs, cls = parse_call_body(await exchange.read_json())
-        runtime = _loop().runtimes[small]
+        runtime = loop.runtimes[small]
         checked = runtime.core._arguments(args, kwargs)
         _check_fast_path(args, kwargs, checked, runtime)
     except Refusal as refusal:
@@ -185,7 +188,10 @@ async def _decode(scope: Mapping[str, object], messages: list[dict[str, object]]
 
 
 def _check_fast_path(
-    args: list[Value], kwargs: dict[str, Value], checked: tuple[list[Value], dict[str, Value]], runtime: Runtime
+    args: list[Value],
+    kwargs: dict[str, Value],
+    checked: tuple[list[Value], dict[str, Value]],
+    runtime: Runtime,
 ) -> None:
     """Scalars are passed without a copy; the copy must agree and keep the size limit."""
     limit = runtime.core.config.value_bytes_max
@@ -365,7 +371,18 @@ def _loop() -> _Loop:
         shutil.rmtree(directory, ignore_errors=True)
 
     atexit.register(close)
-    return box[0]
+    loop = box[0]
+    for small in (False, True):  # pay first-use costs (trio's thread handoff, caches) now
+        empty = [{"type": "http.request", "body": b"", "more_body": False}]
+        trio.from_thread.run(
+            _decode,
+            loop,
+            {"headers": [], "method": "POST", "path": "/"},
+            empty,
+            small,
+            trio_token=loop.token,
+        )
+    return loop
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 if __name__ == "__main__" and not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from facetrt.protocol import encode_frame  # noqa: E402  # after the path fix above
+from facetrt.protocol import encode_frame  # after the path fix above
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 KEY = "frt_0123456789abcdef_" + "A" * 43
@@ -45,7 +45,11 @@ def frame_seeds() -> dict[str, bytes]:
     full_call = _call(
         7,
         args=[1, -2, 3.5, "text", b"\x00\xff", None, True, [1, [2]], {"k": "v"}],
-        **{"class": "Counter", "idem": "idem-1", "trace": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"},
+        **{
+            "class": "Counter",
+            "idem": "idem-1",
+            "trace": "00-" + "1" * 32 + "-" + "2" * 16 + "-01",
+        },
         deadline=1500,
     )
     return {
