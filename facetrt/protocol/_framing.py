@@ -146,16 +146,15 @@ class FrameDecoder:
     def _decode(self, payload: bytes | memoryview) -> object:
         length = len(payload)  # at most frame_bytes_max: next_bodies checked the prefix
         try:
-            return _unpack(payload, length, ARRAY_PREALLOCATED_MAX)
-        except ValueError:
-            pass  # a longer array (or a bad body, which fails again below): the second pass
-        except Exception as exc:
-            raise RemoteProtocolError(f"undecodable frame body: {exc}") from exc
-        try:
-            unpacker = msgpack.Unpacker(max_buffer_size=length)
-            unpacker.feed(payload)
-            unpacker.skip()  # builds nothing; OutOfData if an array declares more than follows
-            return _unpack(payload, length, length)
+            try:
+                return _unpack(payload, length, ARRAY_PREALLOCATED_MAX)
+            except ValueError:
+                # A longer array (or a bad body, which fails again below): decode it only
+                # once msgpack's skip, which builds nothing, has found every element.
+                unpacker = msgpack.Unpacker(max_buffer_size=length)
+                unpacker.feed(payload)
+                unpacker.skip()  # OutOfData when an array declares more than follows
+                return _unpack(payload, length, length)
         except msgpack.OutOfData:
             raise RemoteProtocolError("undecodable frame body: it ends inside a value") from None
         except Exception as exc:
