@@ -6,7 +6,7 @@ that atheris rewrites its bytecode for coverage, which only works on modules imp
 **Allocation oracle.** With ``FACETRT_FUZZ_ALLOCATIONS=1`` in the environment, tracemalloc runs
 for the whole session and :func:`bounded_allocation` asserts, per input, that the peak of memory
 allocated by Python in one path (the peak minus what was held before it) stays within the
-bound the target states. This sees what ``-rss_limit_mb`` cannot: a 5 KB input that allocates
+bound the target states. This sees what ``-rss_limit_mb`` cannot: a 3 KB input that allocates
 80 MB and frees it again before the next input. It slows a run down about 2x (see
 ``docs/reliability.md``), so it is a mode, on in the CI run and in the documented long run.
 """

@@ -15,7 +15,7 @@ Rules and limits (why):
 - What decoding allocates stays linear in the body's length. msgpack preallocates the list an
   array header declares (up to ~10,000 slots, 80 KB) before any element arrives, and each
   nested header does it again: 3 KB of nested ``array 16`` headers made one frame allocate
-  80 MB and take 60 ms to fail (found by ``fuzz/fuzz_frames.py``). So a body is first decoded
+  80 MB and take 56 ms to fail (found by ``fuzz/fuzz_frames.py``). So a body is first decoded
   with arrays of at most ``ARRAY_PREALLOCATED_MAX`` elements (at most 512 bytes preallocated
   per header of 1 to 5 bytes); a body with a longer array is walked by msgpack's ``skip``,
   which builds no objects, and decoded again only if every element it declares is there. Only
