@@ -44,7 +44,7 @@ def test_nested_array_headers_fail_without_allocating_for_their_claims() -> None
 
 
 def test_long_arrays_still_decode_and_round_trip() -> None:
-    body = {
+    body: dict[str, object] = {
         "t": "call",
         "args": [list(range(ARRAY_PREALLOCATED_MAX + 1)), [[1] * 300] * 3],
         "kwargs": {"k": list(range(5000))},

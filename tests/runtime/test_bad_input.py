@@ -156,8 +156,9 @@ async def test_argument_names_and_headers_count_toward_the_limit(data_dir: Path)
     config = RuntimeConfig(value_bytes_max=1000, commit_threads=2)
     async with open_runtime(data_dir, classes=CLASSES, config=config) as rt:
         await rt.call(TENANT, "r", "put", "k", 1, cls="Register")
+        long_name: dict[str, Value] = {"x" * 1000: 1}
         with pytest.raises(BadRequestError, match="over the limit"):
-            await rt.call(TENANT, "r", "dump", **{"x" * 1000: 1})
+            await rt.call(TENANT, "r", "dump", **long_name)  # type: ignore[arg-type]  # on purpose
         with pytest.raises(BadRequestError, match="1001 bytes encoded"):
             await rt.call(TENANT, "r", "dump", "x" * 995)  # [["x" * 995], {}] is 1001 bytes
         assert await rt.call(TENANT, "r", "dump") == {"k": 1}
