@@ -58,6 +58,10 @@ def frame_seeds() -> dict[str, bytes]:
         + _frames(hello, _call(1), _call(2), {"t": "ping", "id": 9}, {"t": "bye"}),
         "calls-cut": bytes([4, 3, 5, 4, 0x55])
         + _frames(_call(1), full_call, _call(1), {"t": "pong", "id": 3}, _call(8)),
+        # A million inputs never put a call after a bye (both decoders' checks) by themselves.
+        "bye-then-call": bytes([7, 2, 0, 4, 0]) + _frames(hello, _call(1), {"t": "bye"}, _call(2)),
+        "bye-then-call-bytewise": bytes([7, 2, 255, 4, 0])
+        + _frames(hello, {"t": "bye"}, {"t": "ping", "id": 1}, _call(2)),
         "calls-bytewise": bytes([5, 3, 255, 2, 0x0F]) + _frames(_call(1), _call(2), _call(1)),
         "client": bytes([7, 6, 3, 2, 0])
         + _frames(
