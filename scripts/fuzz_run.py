@@ -10,8 +10,9 @@ tracemalloc bound per input; ``--no-allocations`` for raw speed). New corpus ent
 written), crashes, timeouts and OOMs to ``<workdir>/<target>/``, the full log to
 ``<workdir>/<target>/log.txt``. The summary gives, per target: inputs executed, libFuzzer's
 ``cov:`` (edges of instrumented facetrt code reached) and ``ft:`` (features), the corpus size,
-findings (crash, timeout and OOM files), time and inputs per second, with the machine's load
-before and after. Exit status 1 if any target found something or failed.
+time and inputs per second, the slowest input, the peak RSS and findings (crash, timeout and
+OOM files), with the machine's load before and after. Exit status 1 if any target found
+something or failed.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"frames": "frames.dict", "handshake": "frames.dict", "http_body": "http_body.dict"}
 STATUS = re.compile(r"^#(\d+)\s+\w+\s+cov: (\d+) ft: (\d+) corp: (\d+)/")
-EXECUTED = re.compile(r"^stat::number_of_executed_units: (\d+)")
+EXECUTED = re.compile(r"^stat::number_of_executed_units:\s+(\d+)")
+SLOWEST = re.compile(r"^stat::slowest_unit_time_sec:\s+(\d+)")
+PEAK_RSS = re.compile(r"^stat::peak_rss_mb:\s+(\d+)")
 FINDINGS = ("crash-", "timeout-", "oom-", "leak-", "slow-unit-")
 
 
@@ -42,6 +45,8 @@ class Summary:
     corpus: int
     findings: list[str]
     seconds: float
+    slowest_seconds: int
+    peak_rss_mb: int
 
     def line(self) -> str:
         rate = self.executed / self.seconds if self.seconds else 0.0
@@ -49,7 +54,8 @@ class Summary:
         return (
             f"{self.target:<10} exit {self.exit_code}  inputs {self.executed:>9,}  "
             f"cov {self.cov:>4}  ft {self.ft:>5}  corpus {self.corpus:>5}  "
-            f"{self.seconds:>7.0f} s  {rate:>6.0f}/s  findings: {found}"
+            f"{self.seconds:>7.0f} s  {rate:>6.0f}/s  slowest input {self.slowest_seconds} s  "
+            f"peak RSS {self.peak_rss_mb} MB  findings: {found}"
         )
 
 
@@ -85,16 +91,21 @@ def run_target(target: str, args: argparse.Namespace) -> Summary:
 
 
 def _summarize(target: str, exit_code: int, log: Path, workdir: Path, seconds: float) -> Summary:
-    executed = cov = ft = corpus = 0
+    executed = cov = ft = corpus = slowest = rss = 0
     for line in log.read_text(errors="replace").splitlines():
         status = STATUS.match(line)
         if status:
             executed, cov, ft, corpus = (int(group) for group in status.groups())
-        stat = EXECUTED.match(line)
-        if stat:
-            executed = int(stat.group(1))
+        for pattern in (EXECUTED, SLOWEST, PEAK_RSS):
+            stat = pattern.match(line)
+            if stat and pattern is EXECUTED:
+                executed = int(stat.group(1))
+            elif stat and pattern is SLOWEST:
+                slowest = int(stat.group(1))
+            elif stat:
+                rss = int(stat.group(1))
     findings = sorted(path.name for path in workdir.iterdir() if path.name.startswith(FINDINGS))
-    return Summary(target, exit_code, executed, cov, ft, corpus, findings, seconds)
+    return Summary(target, exit_code, executed, cov, ft, corpus, findings, seconds, slowest, rss)
 
 
 def _load() -> str:
