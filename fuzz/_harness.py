@@ -13,11 +13,15 @@ bound the target states. This sees what ``-rss_limit_mb`` cannot: a 3 KB input t
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import os
+import shutil
 import sys
+import tempfile
 import tracemalloc
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
@@ -63,6 +67,36 @@ def _measured(run: Callable[[], T]) -> tuple[T, int]:
     tracemalloc.reset_peak()
     result = run()
     return result, tracemalloc.get_traced_memory()[1] - held
+
+
+def scratch_directory(name: str) -> Path:
+    """A fresh directory for this process's stores: ``<tmp>/facetrt-fuzz/<pid>/<name>``.
+
+    A normal exit (pytest) removes it, after the stores registered later have closed;
+    libFuzzer ends the process without running ``atexit``, so directories of processes that
+    are gone are removed here, when a later run starts.
+    """
+    base = Path(tempfile.gettempdir()) / "facetrt-fuzz"
+    base.mkdir(exist_ok=True)
+    for other in base.iterdir():
+        if other.name.isdigit() and not _alive(int(other.name)):
+            shutil.rmtree(other, ignore_errors=True)
+    mine = base / str(os.getpid())
+    directory = mine / name
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    atexit.register(shutil.rmtree, mine, ignore_errors=True)
+    return directory
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 class Control:

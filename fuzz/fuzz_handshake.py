@@ -31,17 +31,20 @@ from __future__ import annotations
 
 import atexit
 import functools
-import shutil
 import struct
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 if __name__ == "__main__" and not __package__:  # run as a script: find the fuzz package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fuzz._harness import Control, fuzz_main, instrumented  # after the path fix
+from fuzz._harness import (  # after the path fix above
+    Control,
+    fuzz_main,
+    instrumented,
+    scratch_directory,
+)
 
 with instrumented(enabled=__name__ == "__main__"):
     import msgpack
@@ -103,9 +106,8 @@ class Keys:
 @functools.cache
 def _keys() -> Keys:
     """A real system store with one key of each kind, made once per process."""
-    directory = Path(tempfile.mkdtemp(prefix="facetrt-fuzz-"))
+    directory = scratch_directory("handshake")
     store = SystemStore(directory / "system")
-    atexit.register(shutil.rmtree, directory, ignore_errors=True)
     atexit.register(store.close)
     store.create_tenant("acme")
     store.create_tenant("gone")

@@ -38,9 +38,7 @@ import binascii
 import functools
 import json
 import math
-import shutil
 import sys
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +53,7 @@ from fuzz._harness import (  # after the path fix above
     chunks,
     fuzz_main,
     instrumented,
+    scratch_directory,
     split_points,
 )
 
@@ -340,7 +339,7 @@ def _loop() -> _Loop:
     started = threading.Event()
     stop = threading.Event()
     box: list[_Loop] = []
-    directory = Path(tempfile.mkdtemp(prefix="facetrt-fuzz-http-"))
+    directory = scratch_directory("http_body")
 
     async def main() -> None:
         small = RuntimeConfig(value_bytes_max=SMALL_VALUE_BYTES_MAX)
@@ -368,7 +367,6 @@ def _loop() -> _Loop:
     def close() -> None:
         stop.set()
         thread.join(10)
-        shutil.rmtree(directory, ignore_errors=True)
 
     atexit.register(close)
     loop = box[0]
