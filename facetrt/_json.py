@@ -24,10 +24,19 @@ BYTES_MARKER: Final = "$bytes"
 
 
 def parse_json(body: bytes) -> Value:
-    """Decode a request body: UTF-8 JSON, finite numbers, ``$bytes`` markers turned to bytes."""
+    """Decode a request body: UTF-8 JSON, finite numbers, ``$bytes`` markers turned to bytes.
+
+    UTF-8 only (RFC 8259 section 8.1; a leading byte order mark is ignored, as it allows):
+    ``json.loads`` would also take UTF-16 and UTF-32 bytes, which a body declared
+    ``application/json`` (charset UTF-8 or none) must not be.
+    """
     try:
-        document = json.loads(body, parse_float=_finite_float, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, huge ints
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise BadRequestError(f"the body is not UTF-8: {exc.reason} at byte {exc.start}") from None
+    try:
+        document = json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge ints, deep nesting
         raise BadRequestError(f"the body is not valid JSON: {exc}") from None
     return from_json(document)
 

@@ -149,6 +149,21 @@ async def test_values_over_the_limit_are_refused(data_dir: Path) -> None:
         assert await rt.call(TENANT, "r", "dump") == {"k": "x" * 900}
 
 
+async def test_argument_names_and_headers_count_toward_the_limit(data_dir: Path) -> None:
+    """Regression (found by fuzz/fuzz_http_body.py): the scalar fast path counted only the
+    values, so a long keyword name, or a lone argument within 11 bytes of the limit, passed
+    over ``value_bytes_max`` and reached the handler (which failed, ``handler_error``)."""
+    config = RuntimeConfig(value_bytes_max=1000, commit_threads=2)
+    async with open_runtime(data_dir, classes=CLASSES, config=config) as rt:
+        await rt.call(TENANT, "r", "put", "k", 1, cls="Register")
+        long_name: dict[str, Value] = {"x" * 1000: 1}
+        with pytest.raises(BadRequestError, match="over the limit"):
+            await rt.call(TENANT, "r", "dump", **long_name)  # type: ignore[arg-type]  # on purpose
+        with pytest.raises(BadRequestError, match="1001 bytes encoded"):
+            await rt.call(TENANT, "r", "dump", "x" * 995)  # [["x" * 995], {}] is 1001 bytes
+        assert await rt.call(TENANT, "r", "dump") == {"k": 1}
+
+
 async def test_bad_result_is_handler_error_and_discards_writes(rt: Runtime) -> None:
     with pytest.raises(HandlerError) as info:
         await rt.call(TENANT, "r", "bad_result", cls="Register")
