@@ -44,7 +44,7 @@ def main() -> int:
         "--round-seconds",
         type=float,
         default=None,
-        help="fresh facets this often (default: 2 with --restarts, else never)",
+        help="fresh facets this often (default: never)",
     )
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
     parser.add_argument(
@@ -62,7 +62,7 @@ def main() -> int:
         short_deadline_fraction=args.short_deadline_fraction,
         drop_fraction=args.drop_fraction,
         restarts=args.restarts,
-        round_seconds=args.round_seconds or (2.0 if args.restarts else None),
+        round_seconds=args.round_seconds,
     )
     work_dir = args.dir or Path(tempfile.mkdtemp(prefix="facetrt-lin-"))
     print(f"linearizability run: seed {seed}, work dir {work_dir}", flush=True)

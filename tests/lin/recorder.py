@@ -22,7 +22,9 @@ times); the schedule itself, being real, does not replay.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import dataclasses
 import os
 import random
 import re
@@ -59,6 +61,8 @@ CLASSES_TOML: Final = """
 [classes]
 Register = "tests.facets:Register"
 Counter = "facetrt.examples:Counter"
+AgentMemory = "facetrt.examples:AgentMemory"
+Alarm = "tests.facets:Alarm"
 """
 
 
@@ -166,6 +170,9 @@ class DaemonProcess:
         self.port = 0  # the kernel picks the first; restarts reuse it, so clients find it
         self.starts = 0
         self.process: subprocess.Popen[bytes] | None = None
+        # time.monotonic() once each daemon process so far had exited and been reaped: no call
+        # sent to it can take effect later (see no_effect_after).
+        self.ends: list[float] = []
 
     @property
     def url(self) -> str:
@@ -194,6 +201,7 @@ class DaemonProcess:
         assert self.process is not None
         self.process.kill()
         self.process.wait()
+        self.ends.append(time.monotonic())
         self.process = None
 
     def stop(self) -> int:
@@ -208,6 +216,7 @@ class DaemonProcess:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        self.ends.append(time.monotonic())
         return process.returncode
 
 
@@ -268,11 +277,31 @@ def record(root: Path, options: RecordOptions) -> Recording:
         if line
     ]
     return Recording(
-        history=history,
+        history=no_effect_after(history, daemon.ends),
         processes=options.processes,
         restarts=restarts,
         record_seconds=time.monotonic() - started,
     )
+
+
+def no_effect_after(history: Sequence[Operation], ends: Sequence[float]) -> list[Operation]:
+    """Give each unknown outcome the end of the daemon process that could have run it.
+
+    ``ends`` are the times, in order, at which each daemon process had exited and been reaped
+    (processes never overlap: a restart follows the reaping). A call invoked at ``t`` went to
+    the process running at ``t``, or to one already dead (then it had no effect at all): either
+    way it took effect by the first end at or after ``t``, or never. Without this an unknown
+    outcome stays a candidate to the end of its partition, across every later restart.
+    """
+    assert list(ends) == sorted(ends), ends
+    bounded: list[Operation] = []
+    for op in history:
+        if not op.is_known and op.no_effect_after_seconds is None:
+            index = bisect.bisect_left(ends, op.invoke_seconds)
+            if index < len(ends):
+                op = dataclasses.replace(op, no_effect_after_seconds=ends[index])
+        bounded.append(op)
+    return bounded
 
 
 def _running(workers: Sequence[subprocess.Popen[bytes]]) -> bool:
