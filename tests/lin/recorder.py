@@ -144,7 +144,7 @@ def check_recorded(history: Sequence[Operation]) -> Report:
     )
 
 
-def _child_environment() -> dict[str, str]:
+def child_environment() -> dict[str, str]:
     # FACETRT_* variables would be read as daemon settings; the repository root on the path
     # lets the daemon import tests.facets.
     env = {name: value for name, value in os.environ.items() if not name.startswith("FACETRT_")}
@@ -186,7 +186,7 @@ class DaemonProcess:
         command += ["--config", str(self.config), "--listen", f"{HOST}:{self.port}", "--http", ""]
         with out.open("wb") as stdout, (self.root / f"daemon-{self.starts}.err").open("wb") as err:
             self.process = subprocess.Popen(
-                command, stdout=stdout, stderr=err, env=_child_environment(), cwd=REPO_ROOT
+                command, stdout=stdout, stderr=err, env=child_environment(), cwd=REPO_ROOT
             )
         deadline = time.monotonic() + START_SECONDS
         while (match := SERVING.search(out.read_text())) is None:
@@ -247,7 +247,7 @@ def record(root: Path, options: RecordOptions) -> Recording:
                     "tests.lin.worker",
                     _spec(options, daemon, index, rng, epoch),
                 ],
-                env=_child_environment(),
+                env=child_environment(),
                 cwd=REPO_ROOT,
             )
             for index in range(len(outputs))

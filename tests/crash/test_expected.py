@@ -1,0 +1,228 @@
+"""The daemon crash loop's checks (``tests/crash/expected.py``) accept what may survive a kill
+and report what may not: each rule on small hand-made records."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tests.crash.daemon_worker import CallRecord
+from tests.crash.expected import (
+    CounterExpectation,
+    FreshExpectation,
+    MemoryExpectation,
+    RegisterExpectation,
+    StatsExpectation,
+    TimerExpectation,
+)
+from tests.lin.checker import Operation, OpKind
+
+if TYPE_CHECKING:
+    from facetrt import Value
+    from tests.lin.checker import Value as ModelValue
+
+
+def _op(
+    kind: OpKind,
+    invoke: float,
+    complete: float | None,
+    *,
+    argument: ModelValue = None,
+    expected: ModelValue = None,
+    result: ModelValue = None,
+    no_effect_after: float | None = None,
+) -> Operation:
+    return Operation(
+        process_id=1,
+        facet="f",
+        key="k",
+        kind=kind,
+        argument=argument,
+        expected=expected,
+        result=result,
+        invoke_seconds=invoke,
+        complete_seconds=complete,
+        no_effect_after_seconds=no_effect_after,
+    )
+
+
+def _record(
+    facet: str, method: str, args: list[Value], result: Value, *, known: bool = True
+) -> CallRecord:
+    return CallRecord(
+        process_id=1,
+        facet=facet,
+        method=method,
+        args=args,
+        result=result if known else None,
+        invoke_seconds=0,
+        complete_seconds=1 if known else None,
+    )
+
+
+def _counter() -> CounterExpectation:
+    counter = CounterExpectation("ctr")
+    counter.add(_op(OpKind.INCREMENT, 0, 1, argument=5, result=5))
+    counter.add(_op(OpKind.INCREMENT, 2, 3, argument=10, result=15))
+    counter.add(_op(OpKind.INCREMENT, 4, None, argument=100))  # unknown
+    return counter
+
+
+def test_counter_may_hold_acknowledged_plus_any_unknown() -> None:
+    for value in (15, 115):
+        findings = _counter().check(value)
+        assert (findings.problems, findings.lost) == ([], 0)
+
+
+def test_counter_below_acknowledged_increments_loses_them() -> None:
+    findings = _counter().check(5)
+    assert findings.lost == 1
+    assert "ctr: read 5" in findings.problems[0]
+    assert _counter().check(0).lost == 2
+
+
+def test_counter_above_every_increment_made_is_a_problem() -> None:
+    findings = _counter().check(116)
+    assert findings.lost == 0
+    assert "more than the 15 acknowledged plus 100 unknown" in findings.problems[0]
+
+
+def test_counter_below_a_total_seen_by_a_read_is_a_problem() -> None:
+    counter = _counter()
+    counter.add(_op(OpKind.READ, 5, 6, result=115))  # the unknown increment was seen
+    findings = counter.check(15)
+    assert findings.problems == ["ctr: read 15 after 115 was seen"]
+
+
+def _register() -> RegisterExpectation:
+    register = RegisterExpectation("reg")
+    register.add(_op(OpKind.WRITE, 0, 1, argument="a"))
+    register.add(_op(OpKind.WRITE, 2, None, argument="lost-reply", no_effect_after=3))
+    register.add(_op(OpKind.CAS, 4, 5, argument="b", expected="a", result=True))
+    register.add(_op(OpKind.CAS, 6, 7, argument="never", expected="x", result=False))
+    return register
+
+
+def test_register_holds_the_last_acknowledged_write() -> None:
+    register = _register()
+    assert register.acknowledged == 2
+    findings = register.check("b")
+    assert (findings.problems, findings.lost) == ([], 0)
+
+
+def test_register_with_a_superseded_value_lost_a_write() -> None:
+    """ "a" was overwritten by the cas invoked after it; the unknown write's no-effect time
+    also ended before the cas began; a failed cas wrote nothing; None was long gone."""
+    for value in ("a", "lost-reply", "never", None):
+        findings = _register().check(value)
+        assert findings.lost == 1, value
+        assert f"reg: read {value!r}" in findings.problems[0]
+
+
+def test_register_may_hold_an_unknown_write_not_superseded() -> None:
+    register = _register()
+    register.add(_op(OpKind.WRITE, 8, None, argument="maybe"))
+    register.add(_op(OpKind.CAS, 8, None, argument="maybe-cas", expected="b"))
+    for value in ("b", "maybe", "maybe-cas"):
+        assert register.check(value).lost == 0
+
+
+def test_register_starts_absent_until_a_write_is_acknowledged() -> None:
+    register = RegisterExpectation("reg")
+    assert register.check(None).lost == 0
+    register.add(_op(OpKind.WRITE, 0, None, argument="maybe"))
+    assert register.check(None).lost == 0
+    assert register.check("maybe").lost == 0
+
+
+def _memory() -> MemoryExpectation:
+    memory = MemoryExpectation("mem")
+    memory.add(_record("mem", "append_turn", ["user", "t1"], 0))
+    memory.add(_record("mem", "append_turn", ["user", "t2"], None, known=False))
+    memory.add(_record("mem", "append_turn", ["user", "t3"], 1))
+    return memory
+
+
+def _turns(*texts: str) -> list[Value]:
+    return [{"role": "user", "text": text, "tokens": 0} for text in texts]
+
+
+def test_memory_holds_acknowledged_turns_in_order() -> None:
+    memory = _memory()
+    assert memory.check(2, _turns("t1", "t3")).problems == []
+    # Turns only grow, and later checks read only the new ones.
+    memory.add(_record("mem", "append_turn", ["user", "t4"], 2))
+    findings = memory.check(3, _turns("t4"))
+    assert (findings.problems, findings.lost) == ([], 0)
+
+
+def test_memory_missing_or_misplaced_turn_is_lost() -> None:
+    findings = _memory().check(1, _turns("t1"))
+    assert findings.lost == 1
+    assert "turn 1 acknowledged as 't3'" in findings.problems[0]
+    # An unknown append that did happen pushes an acknowledged one out of its place.
+    assert _memory().check(2, _turns("t2", "t3")).lost == 1
+
+
+def test_memory_turns_never_appended_or_twice_are_problems() -> None:
+    findings = _memory().check(4, _turns("t1", "t3", "t3", "bogus"))
+    assert "mem: turn 't3' appears twice" in findings.problems
+    assert "mem: turn 'bogus' was never appended" in findings.problems
+
+
+def test_memory_turns_going_back_are_lost() -> None:
+    memory = _memory()
+    memory.check(2, _turns("t1", "t3"))
+    findings = memory.check(1, [])
+    assert findings.lost == 1
+
+
+def test_stats_counts_between_acknowledged_appends_and_all_turns() -> None:
+    memory = _memory()
+    memory.check(2, _turns("t1", "t3"))
+    stats = StatsExpectation("stats")
+    for value in (2, 3):
+        assert stats.check(value, [memory]).problems == []
+    assert stats.check(1, [memory]).lost == 1
+    assert stats.check(4, [memory]).problems != []
+
+
+def _timers() -> TimerExpectation:
+    timers = TimerExpectation("alarm")
+    timers.add(_record("alarm", "set", ["a", None, 0.1], None))
+    timers.add(_record("alarm", "set", ["b", None, 0.1], None))
+    timers.add(_record("alarm", "set", ["c", None, 0.1], None, known=False))
+    return timers
+
+
+def test_acknowledged_timer_is_pending_or_fired_once() -> None:
+    findings = _timers().check({"a"}, {"b": 1})
+    assert (findings.problems, findings.lost) == ([], 0)
+    # Read in between a firing: in both.
+    assert _timers().check({"a", "b"}, {"b": 1, "c": 1}).problems == []
+
+
+def test_timer_gone_twice_fired_or_never_set_is_reported() -> None:
+    findings = _timers().check({"a"}, {})
+    assert findings.lost == 1
+    assert "['b']" in findings.problems[0]
+    findings = _timers().check(set(), {"a": 2, "b": 1, "zz": 1})
+    assert "alarm: timer 'a' fired 2 times" in findings.problems
+    assert "alarm: timer 'zz' was never set" in findings.problems
+
+
+def test_fresh_counter_holds_its_amount_or_nothing_if_unknown() -> None:
+    fresh = FreshExpectation()
+    fresh.add(_record("fresh-1", "increment", [7], 7))
+    fresh.add(_record("fresh-2", "increment", [9], None, known=False))
+    findings = fresh.check({"fresh-1": 7, "fresh-2": None})
+    assert (findings.problems, findings.lost) == ([], 0)
+    assert fresh.new == {}  # each fresh facet is checked once
+
+    fresh.add(_record("fresh-3", "increment", [7], 7))
+    fresh.add(_record("fresh-4", "increment", [9], None, known=False))
+    findings = fresh.check({"fresh-3": None, "fresh-4": 5})
+    assert findings.lost == 1
+    assert findings.problems == [
+        "fresh-3: acknowledged 7, read None",
+        "fresh-4: 9 or nothing, read 5",
+    ]
