@@ -5,8 +5,10 @@ tenant and key made before it starts, the classes Register, Counter, AgentMemory
 Several client processes (``python -m tests.crash.daemon_worker``) call it through
 ``facetrt.client`` and record every outcome (see there). One cycle:
 
-1. the clients are calling (they were told ``go``); after a random delay the daemon is killed
-   with SIGKILL, and the time it was reaped is noted: no call can take effect after it;
+1. the clients are calling (they were told ``go``), and a thread of the parent creates and
+   revokes tenant keys through the admin HTTP API (system store writes, ``tests/crash/admin.py``);
+   after a random delay the daemon is killed with SIGKILL, and the time it was reaped is noted:
+   no call can take effect after it;
 2. the clients are told ``pause``: each finishes the call in flight (it fails: the daemon is
    gone) and answers once its records are written; the parent reads the new records;
 3. with no process holding the data directory, every LMDB environment is verified with
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import random
 import subprocess
 import sys
 import time
@@ -37,6 +40,7 @@ from typing import TYPE_CHECKING, Final
 from facetrt import NotFoundError
 from facetrt.client import SyncClient
 from tests.crash import EnvironmentVerifier, wait_line
+from tests.crash.admin import AdminWriter, KeyExpectation, list_keys
 from tests.crash.daemon_worker import (
     ALARM_PREFIX,
     GO,
@@ -60,6 +64,7 @@ from tests.crash.expected import (
 from tests.lin.checker import Operation, OpKind
 from tests.lin.recorder import (
     REPO_ROOT,
+    TENANT,
     DaemonProcess,
     Report,
     check_recorded,
@@ -69,7 +74,6 @@ from tests.lin.recorder import (
 from tests.lin.worker import COUNTER_KEY, REGISTER_PREFIX, WorkerSpec, operation_from_json
 
 if TYPE_CHECKING:
-    import random
     from collections.abc import Callable
     from pathlib import Path
     from types import TracebackType
@@ -166,7 +170,7 @@ class DaemonCrashHarness:
         self.config = config or DaemonCrashConfig()
         self.work_dir = work_dir
         self.rng = rng
-        self.daemon = DaemonProcess(work_dir)
+        self.daemon = DaemonProcess(work_dir, http=True)
         self.verifier = EnvironmentVerifier(self.daemon.data_dir)
         self.cycles = 0
         self.history: list[Operation] = []  # register and counter operations, parent's too
@@ -177,11 +181,14 @@ class DaemonCrashHarness:
         self.stats = StatsExpectation(STATS_AGENT)
         self.timers: dict[str, TimerExpectation] = {}
         self.fresh = FreshExpectation()
+        self.keys = KeyExpectation(TENANT)
         self._clients: list[_Client] = []
 
     def __enter__(self) -> DaemonCrashHarness:
         self.daemon.start()
         try:
+            listing = list_keys(self.daemon.http_url, self.daemon.admin_key, TENANT)
+            self.keys.initial = {str(key["key_id"]) for key in listing}
             self._clients = [self._start_client(index) for index in range(self.config.processes)]
             for client in self._clients:
                 self._expect(client, READY)
@@ -214,9 +221,21 @@ class DaemonCrashHarness:
                 config.kill_after_min_seconds, config.kill_after_max_seconds
             ),
         )
+        admin = AdminWriter(
+            self.daemon.http_url,
+            self.daemon.admin_key,
+            self.keys,
+            random.Random(self.rng.randrange(2**32)),
+        )
+        acknowledged = self.keys.acknowledged
+        admin.start()
         time.sleep(report.kill_after_seconds)
         self.daemon.kill()
         killed = self.daemon.ends[-1]
+        admin.stop()
+        report.calls += admin.requests
+        report.unknown += admin.unknown
+        report.acknowledged += self.keys.acknowledged - acknowledged
         self._tell_all(PAUSE)
         self._take_records(report, killed)
         report.environments, report.walked, problems = self.verifier.verify()
@@ -405,6 +424,9 @@ class DaemonCrashHarness:
                 findings.add(timers.check(pending, fired))
             values = {facet: _fresh_value(client, facet) for facet in self.fresh.new}
             findings.add(self.fresh.check(values))
+        findings.add(
+            self.keys.check(list_keys(self.daemon.http_url, self.daemon.admin_key, TENANT))
+        )
         return findings
 
     def _read(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from tests.crash.admin import KeyExpectation
 from tests.crash.daemon_worker import CallRecord
 from tests.crash.expected import (
     CounterExpectation,
@@ -226,3 +227,33 @@ def test_fresh_counter_holds_its_amount_or_nothing_if_unknown() -> None:
         "fresh-3: acknowledged 7, read None",
         "fresh-4: 9 or nothing, read 5",
     ]
+
+
+def _keys() -> KeyExpectation:
+    keys = KeyExpectation("t", initial={"k0"})
+    keys.created |= {"k1", "k2", "k3"}
+    keys.revoking |= {"k2", "k3"}
+    keys.revoked.add("k2")  # k3's revocation got no answer
+    keys.created_unknown = 1
+    return keys
+
+
+def _listing(**revoked: bool) -> list[dict[str, object]]:
+    return [{"key_id": key, "revoked": 1.0 if gone else None} for key, gone in revoked.items()]
+
+
+def test_keys_created_and_revoked_stay_so() -> None:
+    for k3 in (False, True):  # k3's revocation may or may not have happened
+        listing = _listing(k0=False, k1=False, k2=True, k3=k3, unknown=False)
+        findings = _keys().check(listing)
+        assert (findings.problems, findings.lost) == ([], 0)
+
+
+def test_keys_lost_revived_or_invented_are_reported() -> None:
+    findings = _keys().check(_listing(k0=False, k2=False, k3=True, x=False, y=False))
+    assert findings.lost == 2  # k1 gone, k2 active again
+    assert "keys acknowledged as created are gone: ['k1']" in findings.problems
+    assert "keys acknowledged as revoked are active: ['k2']" in findings.problems
+    assert any("2 keys nobody knows of" in problem for problem in findings.problems)
+    findings = _keys().check(_listing(k0=False, k1=True, k2=True, k3=True))
+    assert findings.problems == ["keys nobody revoked are revoked: ['k1']"]

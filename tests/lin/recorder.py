@@ -56,7 +56,9 @@ TENANT: Final = "lin"
 HOST: Final = "127.0.0.1"
 START_SECONDS: Final = 30.0
 STOP_SECONDS: Final = 30.0
-SERVING: Final = re.compile(r"protocol tcp://127\.0\.0\.1:(\d+)")
+SERVING: Final = re.compile(
+    r"protocol tcp://127\.0\.0\.1:(\d+), HTTP (?:http://127\.0\.0\.1:(\d+)|off)"
+)
 CLASSES_TOML: Final = """
 [classes]
 Register = "tests.facets:Register"
@@ -154,9 +156,13 @@ def child_environment() -> dict[str, str]:
 
 
 class DaemonProcess:
-    """``facetrt serve`` on a data directory, which can be SIGKILLed and started again."""
+    """``facetrt serve`` on a data directory, which can be SIGKILLed and started again.
 
-    def __init__(self, root: Path) -> None:
+    With ``http`` it also serves the HTTP gateway (admin routes included, with the admin key
+    the daemon writes on its first start), on a port the kernel picks and restarts reuse.
+    """
+
+    def __init__(self, root: Path, *, http: bool = False) -> None:
         self.root = root
         self.data_dir = root / "data"
         system = SystemStore(self.data_dir / "system")
@@ -168,6 +174,7 @@ class DaemonProcess:
         self.config = root / "daemon.toml"
         self.config.write_text(f"data_dir = {str(self.data_dir)!r}\n{CLASSES_TOML}")
         self.port = 0  # the kernel picks the first; restarts reuse it, so clients find it
+        self.http_port: int | None = 0 if http else None
         self.starts = 0
         self.process: subprocess.Popen[bytes] | None = None
         # time.monotonic() once each daemon process so far had exited and been reaped: no call
@@ -183,7 +190,8 @@ class DaemonProcess:
         self.starts += 1
         out = self.root / f"daemon-{self.starts}.out"
         command = [sys.executable, "-m", "facetrt", "--log-level", "WARNING", "serve"]
-        command += ["--config", str(self.config), "--listen", f"{HOST}:{self.port}", "--http", ""]
+        http = "" if self.http_port is None else f"{HOST}:{self.http_port}"
+        command += ["--config", str(self.config), "--listen", f"{HOST}:{self.port}", "--http", http]
         with out.open("wb") as stdout, (self.root / f"daemon-{self.starts}.err").open("wb") as err:
             self.process = subprocess.Popen(
                 command, stdout=stdout, stderr=err, env=child_environment(), cwd=REPO_ROOT
@@ -195,6 +203,18 @@ class DaemonProcess:
                 raise RuntimeError(f"the daemon did not start; see {out} and its .err")
             time.sleep(0.02)
         self.port = int(match[1])
+        if self.http_port is not None:
+            self.http_port = int(match[2])
+
+    @property
+    def http_url(self) -> str:
+        assert self.http_port, "no HTTP gateway, or not started yet"
+        return f"http://{HOST}:{self.http_port}"
+
+    @property
+    def admin_key(self) -> str:
+        """The admin key the daemon wrote on its first start."""
+        return (self.data_dir / "admin.key").read_text().strip()
 
     def kill(self) -> None:
         """SIGKILL: no drain, no close; what was acknowledged must already be durable."""
