@@ -35,10 +35,12 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from facetrt import NotFoundError
 from facetrt.client import SyncClient
+from facetrt.examples import STATS_AGENT
 from tests.crash import EnvironmentVerifier, wait_line
 from tests.crash.admin import AdminWriter, KeyExpectation, list_keys
 from tests.crash.daemon_worker import (
@@ -66,22 +68,22 @@ from tests.lin.recorder import (
     REPO_ROOT,
     TENANT,
     DaemonProcess,
+    RecordOptions,
     Report,
     check_recorded,
     child_environment,
     no_effect_after,
+    worker_spec,
 )
-from tests.lin.worker import COUNTER_KEY, REGISTER_PREFIX, WorkerSpec, operation_from_json
+from tests.lin.worker import COUNTER_KEY, REGISTER_PREFIX, operation_from_json
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from pathlib import Path
     from types import TracebackType
 
     from facetrt import Value
 
 PARENT_PROCESS_ID: Final = -1  # the parent's reads in the linearizability history
-STATS_AGENT: Final = "stats/turns"  # AgentMemory's tenant-wide counter
 DRAIN_POLL_SECONDS: Final = 0.1
 
 
@@ -275,26 +277,19 @@ class DaemonCrashHarness:
 
     def _start_client(self, index: int) -> _Client:
         config, daemon = self.config, self.daemon
-        operations = self.work_dir / f"client-{index}.operations.jsonl"
-        records = self.work_dir / f"client-{index}.records.jsonl"
-        lin_spec = WorkerSpec(
-            index=index,
-            url=daemon.url,
-            key=daemon.key,
-            output=str(operations),
-            seed=self.rng.randrange(2**32),
+        load = RecordOptions(
+            seed=0,  # unused: worker_spec draws each client's seed from the harness's generator
+            processes=config.processes,
             operations=0,  # unused: the parent says when to stop
-            register_facets=[f"{REGISTER_PREFIX}{i}" for i in range(config.register_facets)],
-            register_keys=[f"k{i}" for i in range(config.register_keys)],
-            counter_facets=[f"ctr-{i}" for i in range(config.counter_facets)],
-            deadline_seconds=10.0,
-            short_deadline_seconds=(0.0001, 0.002),
+            register_facets=config.register_facets,
+            register_keys=config.register_keys,
+            counter_facets=config.counter_facets,
             short_deadline_fraction=config.short_deadline_fraction,
             drop_fraction=config.drop_fraction,
-            drop_after_seconds=(0.0, 0.002),
-            round_seconds=None,
-            epoch=time.monotonic(),
         )
+        lin_spec = worker_spec(load, daemon, index, self.rng, time.monotonic())
+        operations = Path(lin_spec.output)
+        records = self.work_dir / f"worker-{index}.records.jsonl"
         spec = CrashSpec(
             records=str(records),
             memory_facets=[f"{MEMORY_PREFIX}{i}" for i in range(config.memory_facets)],
@@ -306,7 +301,7 @@ class DaemonCrashHarness:
         )
         command = [sys.executable, "-m", "tests.crash.daemon_worker"]
         command += [lin_spec.to_json(), spec.to_json()]
-        with (self.work_dir / f"client-{index}.err").open("ab") as stderr:
+        with (self.work_dir / f"worker-{index}.err").open("ab") as stderr:
             process = subprocess.Popen(
                 command,
                 bufsize=0,  # commands leave at once; answers are read without read-ahead
@@ -332,7 +327,7 @@ class DaemonCrashHarness:
             raise RuntimeError(
                 f"client {client.operations.name} did not answer {answer!r} within "
                 f"{self.config.answer_seconds} s (exit code {client.process.poll()}); "
-                f"see {self.work_dir}/client-*.err"
+                f"see {self.work_dir}/worker-*.err"
             )
 
     def _abandon(self) -> None:

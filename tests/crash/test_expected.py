@@ -15,35 +15,10 @@ from tests.crash.expected import (
     StatsExpectation,
     TimerExpectation,
 )
-from tests.lin.checker import Operation, OpKind
+from tests.lin.history import cas, inc, read, write
 
 if TYPE_CHECKING:
     from facetrt import Value
-    from tests.lin.checker import Value as ModelValue
-
-
-def _op(
-    kind: OpKind,
-    invoke: float,
-    complete: float | None,
-    *,
-    argument: ModelValue = None,
-    expected: ModelValue = None,
-    result: ModelValue = None,
-    no_effect_after: float | None = None,
-) -> Operation:
-    return Operation(
-        process_id=1,
-        facet="f",
-        key="k",
-        kind=kind,
-        argument=argument,
-        expected=expected,
-        result=result,
-        invoke_seconds=invoke,
-        complete_seconds=complete,
-        no_effect_after_seconds=no_effect_after,
-    )
 
 
 def _record(
@@ -62,9 +37,9 @@ def _record(
 
 def _counter() -> CounterExpectation:
     counter = CounterExpectation("ctr")
-    counter.add(_op(OpKind.INCREMENT, 0, 1, argument=5, result=5))
-    counter.add(_op(OpKind.INCREMENT, 2, 3, argument=10, result=15))
-    counter.add(_op(OpKind.INCREMENT, 4, None, argument=100))  # unknown
+    counter.add(inc(1, 5, 5, 0, 1))
+    counter.add(inc(1, 10, 15, 2, 3))
+    counter.add(inc(1, 100, None, 4, None))  # unknown
     return counter
 
 
@@ -89,17 +64,17 @@ def test_counter_above_every_increment_made_is_a_problem() -> None:
 
 def test_counter_below_a_total_seen_by_a_read_is_a_problem() -> None:
     counter = _counter()
-    counter.add(_op(OpKind.READ, 5, 6, result=115))  # the unknown increment was seen
+    counter.add(read(2, 115, 5, 6))  # the unknown increment was seen
     findings = counter.check(15)
     assert findings.problems == ["ctr: read 15 after 115 was seen"]
 
 
 def _register() -> RegisterExpectation:
     register = RegisterExpectation("reg")
-    register.add(_op(OpKind.WRITE, 0, 1, argument="a"))
-    register.add(_op(OpKind.WRITE, 2, None, argument="lost-reply", no_effect_after=3))
-    register.add(_op(OpKind.CAS, 4, 5, argument="b", expected="a", result=True))
-    register.add(_op(OpKind.CAS, 6, 7, argument="never", expected="x", result=False))
+    register.add(write(1, "a", 0, 1))
+    register.add(write(1, "lost-reply", 2, None, no_effect_after=3))
+    register.add(cas(2, "a", "b", True, 4, 5))
+    register.add(cas(2, "x", "never", False, 6, 7))
     return register
 
 
@@ -121,8 +96,8 @@ def test_register_with_a_superseded_value_lost_a_write() -> None:
 
 def test_register_may_hold_an_unknown_write_not_superseded() -> None:
     register = _register()
-    register.add(_op(OpKind.WRITE, 8, None, argument="maybe"))
-    register.add(_op(OpKind.CAS, 8, None, argument="maybe-cas", expected="b"))
+    register.add(write(3, "maybe", 8, None))
+    register.add(cas(4, "b", "maybe-cas", None, 8, None))
     for value in ("b", "maybe", "maybe-cas"):
         assert register.check(value).lost == 0
 
@@ -130,7 +105,7 @@ def test_register_may_hold_an_unknown_write_not_superseded() -> None:
 def test_register_starts_absent_until_a_write_is_acknowledged() -> None:
     register = RegisterExpectation("reg")
     assert register.check(None).lost == 0
-    register.add(_op(OpKind.WRITE, 0, None, argument="maybe"))
+    register.add(write(1, "maybe", 0, None))
     assert register.check(None).lost == 0
     assert register.check("maybe").lost == 0
 

@@ -265,7 +265,7 @@ def record(root: Path, options: RecordOptions) -> Recording:
                     sys.executable,
                     "-m",
                     "tests.lin.worker",
-                    _spec(options, daemon, index, rng, epoch),
+                    worker_spec(options, daemon, index, rng, epoch).to_json(),
                 ],
                 env=child_environment(),
                 cwd=REPO_ROOT,
@@ -328,9 +328,11 @@ def _running(workers: Sequence[subprocess.Popen[bytes]]) -> bool:
     return any(worker.poll() is None for worker in workers)
 
 
-def _spec(
+def worker_spec(
     options: RecordOptions, daemon: DaemonProcess, index: int, rng: random.Random, epoch: float
-) -> str:
+) -> WorkerSpec:
+    """What worker ``index`` does (its seed drawn from ``rng``); it writes its operations to
+    ``worker-<index>.jsonl`` next to the daemon's data directory."""
     return WorkerSpec(
         index=index,
         url=daemon.url,
@@ -348,4 +350,4 @@ def _spec(
         drop_after_seconds=options.drop_after_seconds,
         round_seconds=options.round_seconds,
         epoch=epoch,
-    ).to_json()
+    )

@@ -30,6 +30,7 @@ from tests.lin.checker import (
     check_history,
     partition_history,
 )
+from tests.lin.history import FACET, cas, inc, operation, read, write
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -37,72 +38,6 @@ if TYPE_CHECKING:
     from tests.lin.checker import CheckResult, Model
 
 StateT = TypeVar("StateT", bound=Hashable)
-
-FACET = "acme/agent"
-
-
-def _op(
-    process_id: int,
-    kind: OpKind,
-    invoke: float,
-    complete: float | None,
-    *,
-    argument: Value = None,
-    expected: Value = None,
-    result: Value = None,
-    key: str = "k",
-    facet: str = FACET,
-    no_effect_after: float | None = None,
-) -> Operation:
-    return Operation(
-        process_id=process_id,
-        facet=facet,
-        key=key,
-        kind=kind,
-        argument=argument,
-        expected=expected,
-        result=result,
-        invoke_seconds=invoke,
-        complete_seconds=complete,
-        no_effect_after_seconds=no_effect_after,
-    )
-
-
-def write(
-    p: int,
-    value: Value,
-    t0: float,
-    t1: float | None,
-    *,
-    key: str = "k",
-    no_effect_after: float | None = None,
-) -> Operation:
-    return _op(p, OpKind.WRITE, t0, t1, argument=value, key=key, no_effect_after=no_effect_after)
-
-
-def read(p: int, result: Value, t0: float, t1: float | None, *, key: str = "k") -> Operation:
-    return _op(p, OpKind.READ, t0, t1, result=result, key=key)
-
-
-def cas(
-    p: int, expected: Value, new: Value, ok: bool | None, t0: float, t1: float | None
-) -> Operation:
-    return _op(p, OpKind.CAS, t0, t1, argument=new, expected=expected, result=ok)
-
-
-def inc(
-    p: int,
-    n: int,
-    total: int | None,
-    t0: float,
-    t1: float | None,
-    *,
-    no_effect_after: float | None = None,
-) -> Operation:
-    return _op(
-        p, OpKind.INCREMENT, t0, t1, argument=n, result=total, no_effect_after=no_effect_after
-    )
-
 
 # -- register ------------------------------------------------------------------------------
 
@@ -380,8 +315,8 @@ def test_partitions_are_checked_independently() -> None:
 
 def test_same_key_in_two_facets_is_two_partitions() -> None:
     history = [
-        _op(0, OpKind.WRITE, 0, 1, argument=1, facet="t/x"),
-        _op(1, OpKind.READ, 2, 3, result=None, facet="t/y"),
+        operation(0, OpKind.WRITE, 0, 1, argument=1, facet="t/x"),
+        operation(1, OpKind.READ, 2, 3, result=None, facet="t/y"),
     ]
     assert len(partition_history(history)) == 2
     assert check_history(history, REGISTER).verdict is Verdict.LINEARIZABLE
@@ -440,7 +375,7 @@ def test_malformed_register_history_is_refused(history: list[Operation], message
 
 def test_malformed_counter_history_is_refused() -> None:
     with pytest.raises(ValueError, match="integer amount"):
-        check_history([_op(0, OpKind.INCREMENT, 0, 1, argument="1", result=1)], COUNTER)
+        check_history([operation(0, OpKind.INCREMENT, 0, 1, argument="1", result=1)], COUNTER)
     with pytest.raises(ValueError, match="no 'write'"):
         check_history([write(0, 1, 0, 1)], COUNTER)
 
@@ -486,7 +421,7 @@ def executions(draw: st.DrawFn, kind: str, steps_max: int = 24) -> list[Operatio
         if unknown and draw(st.booleans()):
             no_effect_after = (when if applied else invoke) + draw(st.integers(0, 3 * SPACING))
         ops.append(
-            _op(
+            operation(
                 p,
                 op.kind,
                 invoke,
@@ -507,17 +442,17 @@ def _register_step(
     current = state.get(key)
     kind = draw(st.sampled_from([OpKind.READ, OpKind.WRITE, OpKind.CAS]))
     if kind is OpKind.READ:
-        return _op(0, kind, 0, 0, result=current)
+        return operation(0, kind, 0, 0, result=current)
     # Written values are unique (the step number), so a corrupted read is always observable.
     if kind is OpKind.WRITE:
         if applied:
             state[key] = k
-        return _op(0, kind, 0, 0, argument=k)
+        return operation(0, kind, 0, 0, argument=k)
     expected = current if draw(st.booleans()) else -1
     swaps = expected == current
     if applied and swaps:
         state[key] = k
-    return _op(0, kind, 0, 0, argument=k, expected=expected, result=swaps)
+    return operation(0, kind, 0, 0, argument=k, expected=expected, result=swaps)
 
 
 def _counter_step(
@@ -526,11 +461,11 @@ def _counter_step(
     current = state.get(key, 0)
     assert isinstance(current, int)
     if draw(st.booleans()):
-        return _op(0, OpKind.READ, 0, 0, result=current)
+        return operation(0, OpKind.READ, 0, 0, result=current)
     n = draw(st.integers(1, 3))
     if applied:
         state[key] = current + n
-    return _op(0, OpKind.INCREMENT, 0, 0, argument=n, result=current + n)
+    return operation(0, OpKind.INCREMENT, 0, 0, argument=n, result=current + n)
 
 
 def _stretch(draw: st.DrawFn, ops: list[Operation]) -> list[Operation]:
@@ -632,10 +567,27 @@ def _results(kind: OpKind) -> st.SearchStrategy[Value]:
 _lengths = st.one_of(st.integers(0, 6), st.none(), st.tuples(st.just("by"), st.integers(0, 6)))
 
 
-def _times(invoke: int, length: int | tuple[str, int] | None) -> dict[str, float | None]:
-    if isinstance(length, tuple):
-        return {"complete": None, "no_effect_after": invoke + length[1]}
-    return {"complete": None if length is None else invoke + length, "no_effect_after": None}
+def _row(
+    p: int,
+    invoke: int,
+    length: int | tuple[str, int] | None,
+    kind: OpKind,
+    argument: Value,
+    expected: Value,
+    result: Value,
+) -> Operation:
+    complete = length if isinstance(length, int) else None
+    no_effect_after = length[1] if isinstance(length, tuple) else None
+    return operation(
+        p,
+        kind,
+        invoke,
+        None if complete is None else invoke + complete,
+        argument=argument,
+        expected=expected,
+        result=result,
+        no_effect_after=None if no_effect_after is None else invoke + no_effect_after,
+    )
 
 
 @pytest.mark.slow  # a few hundred generated histories: about half a second
@@ -659,23 +611,11 @@ def test_random_register_history_matches_brute_force(
     """Arbitrary small histories, mostly nonsense: the verdict must equal the oracle's."""
     history: list[Operation] = []
     for p, (invoke, length, kind, argument, expected, result) in enumerate(rows):
-        times = _times(invoke, length)
-        if kind is OpKind.CAS and times["complete"] is not None and not isinstance(result, bool):
+        if kind is OpKind.CAS and isinstance(length, int) and not isinstance(result, bool):
             result = False
         if kind is OpKind.WRITE:
             result = None
-        history.append(
-            _op(
-                p,
-                kind,
-                invoke,
-                times["complete"],
-                argument=argument,
-                expected=expected,
-                result=result,
-                no_effect_after=times["no_effect_after"],
-            )
-        )
+        history.append(_row(p, invoke, length, kind, argument, expected, result))
     assert _check(history, "register").verdict is _oracle(history, "register")
 
 
@@ -698,21 +638,10 @@ def test_random_counter_history_matches_brute_force(
 ) -> None:
     """As for registers; amounts are sometimes negative, which turns the growing-total prune
     off, so both searches are compared with the oracle."""
-    history: list[Operation] = []
-    for p, (invoke, length, kind, amount, result) in enumerate(rows):
-        times = _times(invoke, length)
-        argument = amount if kind is OpKind.INCREMENT else None
-        history.append(
-            _op(
-                p,
-                kind,
-                invoke,
-                times["complete"],
-                argument=argument,
-                result=result,
-                no_effect_after=times["no_effect_after"],
-            )
-        )
+    history = [
+        _row(p, invoke, length, kind, amount if kind is OpKind.INCREMENT else None, None, result)
+        for p, (invoke, length, kind, amount, result) in enumerate(rows)
+    ]
     assert _check(history, "counter").verdict is _oracle(history, "counter")
 
 
