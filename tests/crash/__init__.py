@@ -137,37 +137,24 @@ def environment_paths(data_dir: Path) -> list[Path]:
     return paths
 
 
-class EnvironmentVerifier:
-    """Verifies every environment under a data directory, skipping files unchanged since they
-    last verified.
+def verify_environments(data_dir: Path) -> tuple[int, list[str]]:
+    """Walk every environment under ``data_dir`` with ``lmdb.verify``; return (environments
+    walked, problems).
 
-    Only ever run it while no process has the directory open (after a kill, before a restart):
-    a data file is then exactly what the crash left. A file whose size and modification time
-    are those it had when it last verified was not written since (every commit writes it), so
-    it is not walked again: after a few hundred cycles most facets are idle ones.
+    Run it only while no process has the directory open (after a kill, before a restart): the
+    files are then exactly what the crash left. An empty data file (a kill between creating it
+    and LMDB writing its meta pages; LMDB initialises it on the next open) is not walked.
     """
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self._verified: dict[Path, tuple[int, int]] = {}
-
-    def verify(self, *, all_again: bool = False) -> tuple[int, int, list[str]]:
-        """Return (environments, walked, problems); an empty data file (killed between
-        creating it and LMDB writing its meta pages) counts as an environment, not walked."""
-        paths = environment_paths(self.data_dir)
-        walked = 0
-        problems: list[str] = []
-        for path in paths:
-            stat = path.stat()
-            signature = (stat.st_size, stat.st_mtime_ns)
-            if stat.st_size == 0 or (not all_again and self._verified.get(path) == signature):
-                continue
-            walked += 1
-            found = verify_store(path.parent)
-            problems += [f"{path.parent}: lmdb.verify: {problem}" for problem in found]
-            if not found:
-                self._verified[path] = signature
-        return len(paths), walked, problems
+    walked = 0
+    problems: list[str] = []
+    for path in environment_paths(data_dir):
+        if path.stat().st_size == 0:
+            continue
+        walked += 1
+        problems += [
+            f"{path.parent}: lmdb.verify: {problem}" for problem in verify_store(path.parent)
+        ]
+    return walked, problems
 
 
 def read_counters(data_dir: Path, agents: Sequence[str]) -> dict[str, int | None]:
@@ -292,8 +279,7 @@ class CrashHarness:
 
     def verify_all(self) -> tuple[int, list[str]]:
         """Verify every store under the data directory; return (stores, problems)."""
-        stores, _, problems = EnvironmentVerifier(self.data_dir).verify()
-        return stores, problems
+        return verify_environments(self.data_dir)
 
     def _run_child(self, report: CycleReport, log_path: Path, fresh_prefix: str) -> None:
         config = self.config

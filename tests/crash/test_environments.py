@@ -1,5 +1,5 @@
-"""EnvironmentVerifier finds every LMDB environment of a data directory, walks it with
-``lmdb.verify``, reports a damaged one, and skips files unchanged since they verified."""
+"""verify_environments finds every LMDB environment of a data directory (facet stores, the timer
+index, the system store), walks each with ``lmdb.verify`` and reports a damaged one."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import lmdb
 
-from tests.crash import DATA_FILE, EnvironmentVerifier
+from tests.crash import DATA_FILE, verify_environments
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -38,37 +38,28 @@ def _layout(data_dir: Path) -> list[Path]:
     return directories
 
 
-def test_every_environment_is_walked_then_skipped_until_it_changes(tmp_path: Path) -> None:
-    directories = _layout(tmp_path)
-    verifier = EnvironmentVerifier(tmp_path)
-    assert verifier.verify() == (3, 3, [])
-    assert verifier.verify() == (3, 0, [])
-    _write(directories[1], 300)
-    assert verifier.verify() == (3, 1, [])
-    assert verifier.verify(all_again=True) == (3, 3, [])
+def test_every_environment_is_walked(tmp_path: Path) -> None:
+    _layout(tmp_path)
+    assert verify_environments(tmp_path) == (3, [])
 
 
 def test_a_damaged_environment_is_reported(tmp_path: Path) -> None:
     directories = _layout(tmp_path)
-    verifier = EnvironmentVerifier(tmp_path)
-    assert verifier.verify()[2] == []
     data = directories[0] / DATA_FILE
     damaged = bytearray(data.read_bytes())
     # Past the two meta pages: the tree's pages.
     damaged[2 * PAGE_BYTES + 16 : 2 * PAGE_BYTES + 64] = b"\xff" * 48
     data.write_bytes(bytes(damaged))
-    environments, walked, problems = verifier.verify()
-    assert (environments, walked) == (3, 1)
+    walked, problems = verify_environments(tmp_path)
+    assert walked == 3
     assert problems
     assert all(problem.startswith(f"{directories[0]}: lmdb.verify: ") for problem in problems)
-    # Damage is reported again until it is repaired: a failed file is never skipped.
-    assert verifier.verify()[2] == problems
 
 
-def test_an_empty_data_file_counts_but_is_not_walked(tmp_path: Path) -> None:
+def test_an_empty_data_file_is_not_walked(tmp_path: Path) -> None:
     """A kill between creating a store's file and LMDB writing its first pages leaves it
     empty: LMDB initialises it on the next open, so there is nothing to verify yet."""
     directory = tmp_path / "tenants" / "t" / "facets" / "ab" / "abcd"
     directory.mkdir(parents=True)
     (directory / DATA_FILE).write_bytes(b"")
-    assert EnvironmentVerifier(tmp_path).verify() == (1, 0, [])
+    assert verify_environments(tmp_path) == (0, [])

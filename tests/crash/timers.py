@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from facetrt import FacetrtError, RuntimeConfig, open_runtime
-from tests.crash import TENANT, EnvironmentVerifier, run_and_kill
+from tests.crash import TENANT, run_and_kill, verify_environments
 from tests.facets import Alarm
 
 if TYPE_CHECKING:
@@ -135,7 +135,7 @@ class TimerCrashHarness:
         self._run_child(report, log_path, prefix)
         started, acknowledged = read_timer_log(log_path)
         report.started, report.acknowledged = len(started), len(acknowledged)
-        report.problems += EnvironmentVerifier(self.data_dir).verify()[2]
+        report.problems += verify_environments(self.data_dir)[1]
         try:
             fired, pending = trio.run(_drain, self.data_dir, self.agents, config.drain_seconds)
         except FacetrtError as exc:

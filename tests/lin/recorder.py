@@ -46,7 +46,7 @@ from tests.lin.checker import (
     Verdict,
     check_history,
 )
-from tests.lin.worker import REGISTER_PREFIX, WorkerSpec, operation_from_json
+from tests.lin.worker import REGISTER_PREFIX, WorkerSpec, operation_from_json, operation_to_json
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 TENANT: Final = "lin"
 HOST: Final = "127.0.0.1"
+HISTORY_FILE: Final = "history.jsonl"
 START_SECONDS: Final = 30.0
 STOP_SECONDS: Final = 30.0
 SERVING: Final = re.compile(
@@ -290,14 +291,19 @@ def record(root: Path, options: RecordOptions) -> Recording:
         failed = [w.args for w in workers if w.returncode != 0]
         if failed:
             raise RuntimeError(f"worker processes failed: {failed}")
-    history = [
-        operation_from_json(line)
-        for path in outputs
-        for line in path.read_text().splitlines()
-        if line
-    ]
+    history = no_effect_after(
+        [
+            operation_from_json(line)
+            for path in outputs
+            for line in path.read_text().splitlines()
+            if line
+        ],
+        daemon.ends,
+    )
+    # The merged history, no-effect-after times included: what was checked, for inspection.
+    (root / HISTORY_FILE).write_text("".join(operation_to_json(op) + "\n" for op in history))
     return Recording(
-        history=no_effect_after(history, daemon.ends),
+        history=history,
         processes=options.processes,
         restarts=restarts,
         record_seconds=time.monotonic() - started,

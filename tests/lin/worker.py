@@ -101,6 +101,7 @@ def operation_to_json(op: Operation) -> str:
             "result": op.result,
             "invoke_seconds": op.invoke_seconds,
             "complete_seconds": op.complete_seconds,
+            "no_effect_after_seconds": op.no_effect_after_seconds,
         }
     )
 
