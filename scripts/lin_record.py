@@ -7,8 +7,10 @@ One run of ``tests/lin/recorder.py``: a fresh ``facetrt serve`` on loopback, ``-
 worker processes each making ``--operations`` random register (read, write, cas) and counter
 (read, increment) calls with short deadlines and dropped connections mixed in, optionally
 ``--restarts`` SIGKILLs and restarts of the daemon during the run; then the merged history is
-checked per (facet, key). Prints the figures and exits 1 unless the history is linearizable,
-keeping the directory (with every worker's JSON-lines history) for inspection.
+checked per (facet, key), each unknown outcome dropped once the daemon process that could have
+run it was reaped. Prints the figures and exits 1 unless the history is linearizable, keeping
+the directory (every worker's JSON-lines history, and the merged one checked, ``history.jsonl``)
+for inspection.
 """
 
 from __future__ import annotations
