@@ -180,7 +180,6 @@ class DaemonCrashHarness:
         self.daemon = DaemonProcess(work_dir, http=True)
         self.cycles = 0
         self.history: list[Operation] = []  # register and counter operations, parent's too
-        self.acknowledged = 0
         self.counters: dict[str, CounterExpectation] = {}
         self.registers: dict[tuple[str, str], RegisterExpectation] = {}
         self.memories: dict[str, MemoryExpectation] = {}
