@@ -407,14 +407,14 @@ class DaemonCrashHarness:
                 findings.add(counter.check(value))
             for (facet, key), register in self.registers.items():
                 value = self._read(client, facet, key, "get", (key,), "Register")
-                findings.add(register.check(value))
+                findings.add(register.check(value, time.monotonic()))
             for facet, memory in self.memories.items():
                 summary = client.call(facet, "summary", cls="AgentMemory")
                 assert isinstance(summary, dict)
                 turns = summary["turns"]
                 assert isinstance(turns, int)
                 new = turns - memory.turns
-                fresh_turns = client.call(facet, "last", new, cls="AgentMemory") if new else []
+                fresh_turns = client.call(facet, "last", new, cls="AgentMemory") if new > 0 else []
                 assert isinstance(fresh_turns, list)
                 findings.add(memory.check(turns, fresh_turns))
             if self.memories:

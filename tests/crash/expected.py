@@ -8,13 +8,13 @@ unknown outcomes (no reply) may or may not have taken effect. Rules:
 
 * **Counter** (``increment(by)`` returns the new total): the value read is at least the sum of
   the acknowledged increments and at most that plus the unknown ones, and at least every total
-  a client was told (totals only grow). An acknowledged increment whose total exceeds the value
-  read is lost.
+  a client was told or an earlier check read (totals only grow). An acknowledged increment whose
+  total exceeds the value read is lost.
 * **Register** (``put``/``cas``, unique values): the value read was written by a write (or a
-  successful cas) that was acknowledged or had an unknown outcome, and that no acknowledged
-  write invoked after its end (its reply, or the kill for an unknown outcome) superseded; the
-  initial None only while nothing was acknowledged. Anything else means the acknowledged state
-  was lost.
+  successful cas) that was acknowledged or had an unknown outcome, or read by the last check,
+  and that no acknowledged write invoked after its end (its reply, or the kill for an unknown
+  outcome) superseded; the initial None only while nothing was acknowledged or read. Anything
+  else means the acknowledged state was lost.
 * **Memory** (``append_turn(role, text)`` returns the turn's sequence number): turns never go
   back; each acknowledged turn is at its sequence number with its text; every turn is one some
   client started, once (no turn applied twice).
@@ -88,6 +88,8 @@ class CounterExpectation:
             self.seen_max = max(self.seen_max, op.result)
 
     def check(self, value: int) -> Findings:
+        """Check the value read after a restart; it is then a total seen, like any other (what
+        one restart found must still be there after the next)."""
         findings = Findings()
         lost = sum(total > value for total in self.totals)
         if lost or value < self.acknowledged_sum:
@@ -104,6 +106,7 @@ class CounterExpectation:
                 f"{self.name}: read {value}, more than the {self.acknowledged_sum} acknowledged "
                 f"plus {self.unknown_sum} unknown"
             )
+        self.seen_max = max(self.seen_max, value)
         return findings
 
 
@@ -115,6 +118,7 @@ class RegisterExpectation:
     writes: list[tuple[Value, float, float, bool]] = field(default_factory=list)
     latest_acknowledged_invoke: float = -math.inf
     acknowledged: int = 0
+    read: bool = False  # checked once: the value read then stands for every write before it
 
     def add(self, op: Operation) -> None:
         if op.kind is OpKind.READ:
@@ -128,12 +132,14 @@ class RegisterExpectation:
             )
         self.writes.append((op.argument, op.invoke_seconds, _end(op), op.is_known))
 
-    def check(self, value: Value) -> Findings:
+    def check(self, value: Value, at: float) -> Findings:
+        """Check the value read at ``at`` after a restart, with no call in flight; from then on
+        that value is the one to supersede (what one restart found must survive the next)."""
         findings = Findings()
         # A write that ended before an acknowledged write began was overwritten for good.
         self.writes = [w for w in self.writes if w[2] >= self.latest_acknowledged_invoke]
         possible = {repr(w[0]) for w in self.writes}
-        if not self.acknowledged:
+        if not self.acknowledged and not self.read:
             possible.add(repr(None))
         if repr(value) not in possible:
             latest = [w[0] for w in self.writes if w[3]]
@@ -142,6 +148,8 @@ class RegisterExpectation:
                 f"{self.name}: read {value!r}, not one of the writes that may be the last "
                 f"(acknowledged: {latest[-3:]!r})",
             )
+        self.writes = [(value, at, at, True)]
+        self.read = True
         return findings
 
 

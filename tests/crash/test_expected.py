@@ -69,6 +69,13 @@ def test_counter_below_a_total_seen_by_a_read_is_a_problem() -> None:
     assert findings.problems == ["ctr: read 15 after 115 was seen"]
 
 
+def test_counter_below_what_an_earlier_check_read_is_a_problem() -> None:
+    """The unknown increment was there after one restart: it must be after the next."""
+    counter = _counter()
+    assert counter.check(115).problems == []
+    assert counter.check(15).problems == ["ctr: read 15 after 115 was seen"]
+
+
 def _register() -> RegisterExpectation:
     register = RegisterExpectation("reg")
     register.add(write(1, "a", 0, 1))
@@ -81,7 +88,7 @@ def _register() -> RegisterExpectation:
 def test_register_holds_the_last_acknowledged_write() -> None:
     register = _register()
     assert register.acknowledged == 2
-    findings = register.check("b")
+    findings = register.check("b", 10)
     assert (findings.problems, findings.lost) == ([], 0)
 
 
@@ -89,25 +96,43 @@ def test_register_with_a_superseded_value_lost_a_write() -> None:
     """ "a" was overwritten by the cas invoked after it; the unknown write's no-effect time
     also ended before the cas began; a failed cas wrote nothing; None was long gone."""
     for value in ("a", "lost-reply", "never", None):
-        findings = _register().check(value)
+        findings = _register().check(value, 10)
         assert findings.lost == 1, value
         assert f"reg: read {value!r}" in findings.problems[0]
 
 
-def test_register_may_hold_an_unknown_write_not_superseded() -> None:
+def _with_unknown_writes() -> RegisterExpectation:
     register = _register()
     register.add(write(3, "maybe", 8, None))
     register.add(cas(4, "b", "maybe-cas", None, 8, None))
+    return register
+
+
+def test_register_may_hold_an_unknown_write_not_superseded() -> None:
     for value in ("b", "maybe", "maybe-cas"):
-        assert register.check(value).lost == 0
+        assert _with_unknown_writes().check(value, 10).lost == 0
 
 
 def test_register_starts_absent_until_a_write_is_acknowledged() -> None:
     register = RegisterExpectation("reg")
-    assert register.check(None).lost == 0
-    register.add(write(1, "maybe", 0, None))
-    assert register.check(None).lost == 0
-    assert register.check("maybe").lost == 0
+    assert register.check(None, 1).lost == 0
+    register.add(write(1, "maybe", 2, None))
+    assert register.check(None, 3).lost == 0
+
+
+def test_register_keeps_what_an_earlier_check_read() -> None:
+    """An unknown write found after one restart must still be there after the next, until an
+    acknowledged write supersedes it."""
+    register = RegisterExpectation("reg")
+    register.add(write(1, "maybe", 0, None, no_effect_after=1))
+    assert register.check("maybe", 2).lost == 0
+    assert register.check(None, 3).lost == 1
+    for value, lost in (("maybe", 1), ("next", 0)):
+        register = RegisterExpectation("reg")
+        register.add(write(1, "maybe", 0, None, no_effect_after=1))
+        register.check("maybe", 2)
+        register.add(write(2, "next", 4, 5))
+        assert register.check(value, 6).lost == lost, value
 
 
 def _memory() -> MemoryExpectation:
