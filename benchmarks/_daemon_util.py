@@ -170,6 +170,7 @@ class Spec:
     seconds: float
     server_pid: int | None
     retries: int = 3  # the client's (its default): with retries on, every call carries an idem key
+    agents: int = 1  # raw: >1 spreads each connection's calls over agent-0 .. agent-(N-1)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Spec:
@@ -242,6 +243,13 @@ async def _raw_connection(run: _Run, first_id: int) -> None:
     async with stream:
         buffer = await _handshake(stream, spec.key)
         frame = _frame_maker(spec.agent)
+        if spec.agents > 1:  # round-robin over the agents, by call id
+            makers = [_frame_maker(f"{spec.agent}-{index}") for index in range(spec.agents)]
+            count = len(makers)
+
+            def frame(call_id: int) -> bytes:
+                return makers[call_id % count](call_id)
+
         clock = time.perf_counter
         unpack_header = HEADER.unpack_from
         unpackb = msgpack.unpackb

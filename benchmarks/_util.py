@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import json
 import math
 import os
 import platform
@@ -307,3 +308,13 @@ def render_table(results: Sequence[CaseResult]) -> str:
         if index == 0:
             lines.append("  ".join("-" * width for width in widths))
     return "\n".join(lines)
+
+
+def write_result(name: str, stamp: str, result: dict[str, JsonValue]) -> Path:
+    """Write ``result`` to ``benchmarks/results/<name>-<stamp>.json`` (git-ignored)."""
+    results = REPO_ROOT / "benchmarks" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    out = results / f"{name}-{stamp}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return out

@@ -173,7 +173,9 @@ class Daemon:
 
 
 @contextlib.contextmanager
-def running_daemon(root: Path) -> Iterator[Daemon]:
+def running_daemon(root: Path, extra_args: tuple[str, ...] = ()) -> Iterator[Daemon]:
+    """``facetrt serve`` on a fresh data directory with one tenant; ``extra_args`` go after
+    ``serve`` (``--config FILE``, for instance)."""
     data_dir = root / "data"
     facetrt = [sys.executable, "-m", "facetrt"]
     env = _child_environment()
@@ -197,6 +199,7 @@ def running_daemon(root: Path) -> Iterator[Daemon]:
         f"{HOST}:0",
         "--http",
         f"{HOST}:0",
+        *extra_args,
     ]
     out, err = root / "daemon.out", root / "daemon.err"
     with out.open("wb") as stdout, err.open("wb") as stderr:

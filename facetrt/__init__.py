@@ -39,6 +39,9 @@ from ._errors import StorageError as StorageError
 from ._errors import StoreFullError as StoreFullError
 from ._errors import UnauthorizedError as UnauthorizedError
 from ._errors import UnavailableError as UnavailableError
+from ._fetch import FetchError as FetchError
+from ._fetch import FetchRequest as FetchRequest
+from ._fetch import FetchResponse as FetchResponse
 from ._ids import FacetAddress as FacetAddress
 from ._values import Value as Value
 from .config import RuntimeConfig as RuntimeConfig
@@ -67,6 +70,9 @@ __all__ = [
     "FacetAddress",
     "FacetCalls",
     "FacetrtError",
+    "FetchError",
+    "FetchRequest",
+    "FetchResponse",
     "ForbiddenError",
     "HandlerError",
     "InternalError",

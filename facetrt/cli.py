@@ -76,6 +76,9 @@ def cmd_serve(options: argparse.Namespace) -> int:
                 f"HTTP {http}"
             )
             _out(f"data directory {info.data_dir.resolve()}; admin key in {info.admin_key_path}")
+            if info.proxy_address:
+                host, port = info.proxy_address
+                _out(f"egress proxy on {host}:{port} (per-run credentials only)")
 
     trio.run(main)
     return 0
@@ -220,8 +223,7 @@ def cmd_tenant_create(options: argparse.Namespace) -> int:
 
         data_dir = Path(options.data_dir or DEFAULT_DATA_DIR)
         refuse_leftover_tenant_data(tenant_path(data_dir, options.name), options.name)
-        system.create_tenant(options.name)
-        key_id, key = system.create_key(options.name)
+        key_id, key = system.create_tenant_with_key(options.name)
         return {"tenant": options.name, "key_id": key_id, "key": key}
 
     result = _Admin(options).run(direct, "POST", "/v1/admin/tenants", {"tenant": options.name})
@@ -254,6 +256,7 @@ QUOTA_FLAGS = {
     "mailbox": "mailbox_envelopes_max",
     "calls_per_second": "calls_per_second",
     "burst": "calls_burst",
+    "in_flight": "calls_in_flight_max",
 }
 
 
@@ -368,6 +371,194 @@ def cmd_tenant_delete(options: argparse.Namespace) -> int:
         f"removed {result['deleted_facets']} facets"
     )
     return 0
+
+
+def _egress_path(tenant: str) -> str:
+    return f"/v1/admin/tenants/{urllib.parse.quote(tenant)}/egress"
+
+
+def _show_egress(result: dict[str, Any]) -> None:
+    source = result["source"]
+    _out(f"egress policy of tenant {result['tenant']} ({source}):")
+    if result["policy"] is None:
+        _out("(the node default from the daemon's [egress] configuration; deny all by default)")
+        return
+    _out(json.dumps(result["policy"], indent=2))
+
+
+def cmd_egress_show(options: argparse.Namespace) -> int:
+    tenant = options.tenant
+
+    def direct(system: SystemStore) -> dict[str, object]:
+        stored = system.tenant_egress(tenant)
+        return {"tenant": tenant, "policy": stored, "source": "tenant" if stored else "default"}
+
+    _show_egress(_Admin(options).run(direct, "GET", _egress_path(tenant)))
+    return 0
+
+
+def cmd_egress_set(options: argparse.Namespace) -> int:
+    from .policy import EgressPolicy
+
+    tenant = options.tenant
+    source = sys.stdin if options.file == "-" else Path(options.file).open()  # noqa: SIM115
+    with source:
+        try:
+            data = json.loads(source.read())
+        except ValueError as exc:
+            raise ConfigError(f"{options.file}: not JSON: {exc}") from None
+    policy = EgressPolicy.parse(data).to_json()  # refuse a bad file before anything changes
+
+    def direct(system: SystemStore) -> dict[str, object]:
+        system.set_tenant_egress(tenant, policy)
+        return {"tenant": tenant, "policy": policy, "source": "tenant"}
+
+    result = _Admin(options).run(direct, "PUT", _egress_path(tenant), policy)
+    _show_egress(result)
+    return 0
+
+
+def cmd_egress_reset(options: argparse.Namespace) -> int:
+    tenant = options.tenant
+
+    def direct(system: SystemStore) -> dict[str, object]:
+        system.set_tenant_egress(tenant, None)
+        return {"tenant": tenant, "policy": None, "source": "default"}
+
+    _show_egress(_Admin(options).run(direct, "DELETE", _egress_path(tenant)))
+    return 0
+
+
+def _secrets_path(tenant: str, name: str | None = None) -> str:
+    path = f"/v1/admin/tenants/{urllib.parse.quote(tenant)}/secrets"
+    return path if name is None else f"{path}/{urllib.parse.quote(name, safe='')}"
+
+
+def _read_secret_value() -> str:
+    """The value from standard input: typed without echo at a terminal, else piped (one
+    trailing newline dropped). Never printed."""
+    if sys.stdin.isatty():
+        import getpass
+
+        return getpass.getpass("secret value (not shown): ")
+    value = sys.stdin.read()
+    return value[:-1] if value.endswith("\n") else value
+
+
+def cmd_secret_set(options: argparse.Namespace) -> int:
+    from .policy import NodeKey
+
+    tenant, name = options.tenant, options.name
+    value = _read_secret_value().removesuffix("\r")
+    admin = _Admin(options)
+
+    def direct(system: SystemStore) -> dict[str, object]:
+        key = NodeKey.load_or_create(admin.data_dir)
+        record = key.seal(tenant, name, value, options.host, allow_http=options.allow_http)
+        system.put_secret(tenant, name, record)
+        return {"name": name, "hosts": record["hosts"], "allow_http": record["allow_http"]}
+
+    body: dict[str, object] = {"value": value, "hosts": options.host}
+    if options.allow_http:
+        body["allow_http"] = True
+    result = admin.run(direct, "PUT", _secrets_path(tenant, name), body)
+    hosts = ", ".join(result["hosts"])
+    _out(f"set secret {name} of tenant {tenant}, bound to {hosts}")
+    return 0
+
+
+def cmd_secret_list(options: argparse.Namespace) -> int:
+    from .policy import secret_listing
+
+    tenant = options.tenant
+    result = _Admin(options).run(
+        lambda system: {"secrets": secret_listing(system, tenant)}, "GET", _secrets_path(tenant)
+    )
+    _out(f"{'NAME':<32} {'HTTP':<5} BOUND HOSTS")
+    for secret in result["secrets"]:
+        http = "yes" if secret["allow_http"] else "no"
+        _out(f"{secret['name']:<32} {http:<5} {', '.join(secret['hosts'])}")
+    return 0
+
+
+def cmd_secret_delete(options: argparse.Namespace) -> int:
+    tenant, name = options.tenant, options.name
+    _Admin(options).run(
+        lambda system: system.delete_secret(tenant, name), "DELETE", _secrets_path(tenant, name)
+    )
+    _out(f"deleted secret {name} of tenant {tenant}")
+    return 0
+
+
+AUDIT_PAGE = 1000
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _since(text: str) -> float:
+    """``--since``: a duration back from now (``90s``, ``30m``, ``1h``, ``7d``) or unix seconds."""
+    unit = _DURATION_UNITS.get(text[-1:])
+    try:
+        if unit is not None:
+            return time.time() - float(text[:-1]) * unit
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--since takes a duration such as 1h, 30m, 7d, or unix seconds; got {text!r}"
+        ) from None
+
+
+def cmd_audit(options: argparse.Namespace) -> int:
+    """Show a tenant's egress audit log (a table, or JSON lines with --json)."""
+    from .policy._audit import read_offline
+
+    admin = _Admin(options)
+    tenant = options.tenant
+    since: float | None = options.since
+    shown = 0
+    after: str | None = None
+    if not options.json:
+        _out(
+            f"{'TIME (UTC)':<19} {'SOURCE':<6} {'AGENT':<16} {'METHOD':<7} {'URL':<40} "
+            f"{'DECISION':<8} {'RULE':<22} {'STATUS':>6} {'IN':>9} {'OUT':>9} {'MS':>7} ERROR"
+        )
+    while shown < options.limit:
+        page = min(AUDIT_PAGE, options.limit - shown)
+        query = urllib.parse.urlencode(
+            {k: v for k, v in (("since", since), ("after", after), ("limit", page)) if v}
+        )
+
+        def direct(system: SystemStore, page: int = page, after: str | None = after) -> Any:
+            records, cursor = read_offline(
+                admin.data_dir, tenant, since=since, after=after, limit=page
+            )
+            return {"records": records, "next": cursor}
+
+        path = f"/v1/admin/tenants/{urllib.parse.quote(tenant)}/audit?{query}"
+        result = admin.run(direct, "GET", path)
+        for record in result["records"]:
+            _out(json.dumps(record, separators=(",", ":")) if options.json else _audit_row(record))
+        shown += len(result["records"])
+        after = result["next"]
+        if after is None:
+            break
+    return 0
+
+
+def _audit_row(record: dict[str, Any]) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(record["time"]))
+    port = record["port"]
+    default = {"http": 80, "https": 443}.get(record["scheme"])
+    url = f"{record['scheme']}://{record['host']}{'' if port == default else f':{port}'}"
+    url += record["path"]
+    latency = record.get("latency_seconds")
+    status = record.get("status")
+    return (
+        f"{when:<19} {record['source']:<6} {(record.get('agent') or '-')[:16]:<16} "
+        f"{record['method'][:7]:<7} {url[:40]:<40} {record['decision']:<8} "
+        f"{record['rule'][:22]:<22} {'-' if status is None else status:>6} "
+        f"{record.get('bytes_in', 0):>9} {record.get('bytes_out', 0):>9} "
+        f"{'-' if latency is None else round(latency * 1000):>7} {record.get('error') or ''}"
+    )
 
 
 def cmd_key_create(options: argparse.Namespace) -> int:
@@ -694,6 +885,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("--mailbox", "messages queued per facet before `overloaded`"),
         ("--calls-per-second", "sustained calls per second from outside"),
         ("--burst", "calls at once above the rate (default: one second's worth)"),
+        ("--in-flight", "calls in flight across its connections (then they are not read)"),
     ):
         quota.add_argument(flag, type=_quota_value, default=_UNSET, metavar="N", help=text)
     quota.add_argument("--reset", action="store_true", help="drop every override first")
@@ -709,6 +901,67 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = management(key.add_parser("revoke", help="revoke a key (takes effect at once)"))
     revoke.add_argument("key_id")
     revoke.set_defaults(handler=cmd_key_revoke)
+
+    egress_text = "tenants' egress policies (deny by default; see docs/egress.md)"
+    egress = commands.add_parser("egress", help=egress_text, description=egress_text)
+    egress_commands = egress.add_subparsers(dest="sub", required=True)
+    egress_show = management(egress_commands.add_parser("show", help="a tenant's egress policy"))
+    egress_show.add_argument("tenant")
+    egress_show.set_defaults(handler=cmd_egress_show)
+    set_text = "replace a tenant's egress policy with a JSON file; in force from its next request"
+    egress_set = management(egress_commands.add_parser("set", help=set_text, description=set_text))
+    egress_set.add_argument("tenant")
+    egress_set.add_argument("--file", required=True, help="the policy (JSON; - for stdin)")
+    egress_set.set_defaults(handler=cmd_egress_set)
+    egress_reset = management(
+        egress_commands.add_parser("reset", help="back to the node's default policy")
+    )
+    egress_reset.add_argument("tenant")
+    egress_reset.set_defaults(handler=cmd_egress_reset)
+
+    secret_text = "tenants' secrets, injected into outbound requests for their bound hosts only"
+    secret = commands.add_parser("secret", help=secret_text, description=secret_text)
+    secret_commands = secret.add_subparsers(dest="sub", required=True)
+    set_secret_text = (
+        "store a secret (its value read from standard input, never shown); facet code refers "
+        "to it as {{secret:NAME}} in a header value"
+    )
+    secret_set = management(
+        secret_commands.add_parser("set", help=set_secret_text, description=set_secret_text)
+    )
+    secret_set.add_argument("tenant")
+    secret_set.add_argument("name")
+    secret_set.add_argument(
+        "--host",
+        action="append",
+        required=True,
+        help="a host it may be sent to (exact, or *.suffix); repeat for more",
+    )
+    secret_set.add_argument(
+        "--allow-http", action="store_true", help="also over plain http (loopback tests only)"
+    )
+    secret_set.set_defaults(handler=cmd_secret_set)
+    secret_list = management(
+        secret_commands.add_parser("list", help="a tenant's secret names and bound hosts")
+    )
+    secret_list.add_argument("tenant")
+    secret_list.set_defaults(handler=cmd_secret_list)
+    secret_delete = management(secret_commands.add_parser("delete", help="delete a secret"))
+    secret_delete.add_argument("tenant")
+    secret_delete.add_argument("name")
+    secret_delete.set_defaults(handler=cmd_secret_delete)
+
+    audit_text = "a tenant's egress audit log: every outbound attempt, allowed or denied"
+    audit = management(commands.add_parser("audit", help=audit_text, description=audit_text))
+    audit.add_argument("--tenant", required=True)
+    audit.add_argument(
+        "--since",
+        type=_since,
+        help="only records from this long ago (90s, 30m, 1h, 7d) or unix seconds",
+    )
+    audit.add_argument("--json", action="store_true", help="JSON lines, one record each")
+    audit.add_argument("--limit", type=int, default=10_000, help="records at most (10000)")
+    audit.set_defaults(handler=cmd_audit)
 
     facet = commands.add_parser("facet", help="facets: list, inspect, export, import, ...")
     facet_commands = facet.add_subparsers(dest="sub", required=True)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ._errors import BadRequestError, ConfigError
+from .policy._model import EgressConfig
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -25,6 +26,7 @@ MAP_SIZE_BYTES_LIMIT = 1 << 40
 FACETS_LIMIT = 1 << 32
 CALLS_PER_SECOND_LIMIT = 10_000_000.0
 CALLS_BURST_LIMIT = 10_000_000
+CALLS_IN_FLIGHT_LIMIT = 1_000_000
 
 
 class RuntimeConfig(BaseModel):
@@ -127,6 +129,14 @@ class RuntimeConfig(BaseModel):
         description="Calls a tenant may send at once above its rate (default quota); unset: "
         "one second's worth.",
     )
+    tenant_calls_in_flight_max: int | None = Field(
+        None,
+        gt=0,
+        le=CALLS_IN_FLIGHT_LIMIT,
+        description="Calls one tenant may have in flight from outside, across all its "
+        "connections (default quota); at the bound its connections stop being read until "
+        "replies go out (backpressure, nothing refused). Unset: only the per-connection bound.",
+    )
     timers_per_facet_max: int = Field(
         10_000, gt=0, le=1_000_000, description="Timers (scheduled or failed) one facet may hold."
     )
@@ -158,8 +168,9 @@ class TenantQuotaSettings(BaseModel):
 
     A field left unset (None) follows the node default in :class:`RuntimeConfig`
     (``tenant_facets_max``, ``map_size_bytes_max``, ``mailbox_envelopes_max``,
-    ``tenant_calls_per_second``, ``tenant_calls_burst``). Stored with the tenant's record in
-    the system store; validated here, never on the call path.
+    ``tenant_calls_per_second``, ``tenant_calls_burst``, ``tenant_calls_in_flight_max``).
+    Stored with the tenant's record in the system store; validated here, never on the call
+    path.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -181,6 +192,12 @@ class TenantQuotaSettings(BaseModel):
     )
     calls_burst: int | None = Field(
         None, gt=0, le=CALLS_BURST_LIMIT, description="Calls at once above the rate."
+    )
+    calls_in_flight_max: int | None = Field(
+        None,
+        gt=0,
+        le=CALLS_IN_FLIGHT_LIMIT,
+        description="Calls in flight at once, across its connections (backpressure).",
     )
 
     def overrides(self) -> dict[str, object]:
@@ -213,7 +230,12 @@ class ServerConfig(BaseModel):
     http: str | None = Field(
         "127.0.0.1:7421", description="HOST:PORT of the HTTP gateway; empty disables it."
     )
-    connections_max: int = Field(1024, gt=0, le=1_000_000, description="Open TCP connections.")
+    connections_max: int = Field(
+        1024,
+        gt=0,
+        le=1_000_000,
+        description="Open TCP connections; more are refused with `overloaded` and closed.",
+    )
     calls_in_flight_max: int = Field(
         256, gt=0, le=100_000, description="Calls in flight per connection before reads pause."
     )
@@ -223,6 +245,19 @@ class ServerConfig(BaseModel):
     handshake_seconds: float = Field(10.0, gt=0, le=600, description="Time to send `hello`.")
     frame_seconds: float = Field(
         30.0, gt=0, le=3600, description="Time to finish a frame once its first byte arrived."
+    )
+    http_connections_max: int = Field(
+        1024,
+        gt=0,
+        le=1_000_000,
+        description="Open HTTP connections; more are answered 429 `overloaded` and closed.",
+    )
+    http_keep_alive_seconds: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="An HTTP connection without a request for this long is closed; a "
+        "request's head must arrive within it.",
     )
     http_body_bytes_max: int = Field(
         4 * MIB, ge=1024, le=256 * MIB, description="Largest HTTP request body."
@@ -255,6 +290,7 @@ class DaemonConfig(BaseModel):
     )
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    egress: EgressConfig = Field(default_factory=EgressConfig)
 
     @model_validator(mode="after")
     def _frames_carry_values(self) -> DaemonConfig:

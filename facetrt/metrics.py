@@ -23,6 +23,7 @@ from prometheus_client.utils import floatToGoString
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
+    from .policy import EgressStatistics
     from .runtime import HistogramSnapshot, RuntimeStatistics
 
 SURFACES = ("tcp", "http")
@@ -169,6 +170,53 @@ class _CallCollector(Collector):
 
 
 @final
+class _EgressCollector(Collector):
+    """Egress attempts and the audit log; labels from closed sets, never a tenant."""
+
+    def __init__(self, statistics: Callable[[], EgressStatistics]) -> None:
+        self._statistics = statistics
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._statistics()
+        requests = CounterMetricFamily(
+            "facetrt_egress_requests",
+            "Outbound attempts (each redirect hop counts), by source (fetch, proxy), decision "
+            "(allowed, denied) and reason (allowed, no_rule, scheme, host, path, address, "
+            "secret, redirects, limit, credentials).",
+            labels=["source", "decision", "reason"],
+        )
+        for (source, decision, reason), count in sorted(stats.decisions.items()):
+            requests.add_metric([source, decision, reason], count)
+        yield requests
+        failures = CounterMetricFamily(
+            "facetrt_egress_failures",
+            "Allowed outbound requests that failed on the network, by kind (dns, connect, tls, "
+            "protocol, timeout).",
+            labels=["kind"],
+        )
+        for kind, count in sorted(stats.failures.items()):
+            failures.add_metric([kind], count)
+        yield failures
+        audit = stats.audit
+        counters: dict[str, tuple[str, float]] = {
+            "facetrt_egress_response_bytes": (
+                "Response body bytes handed back to facets and tools.",
+                stats.response_bytes,
+            ),
+            "facetrt_audit_records": ("Audit records written (attempts).", audit.records),
+            "facetrt_audit_commits": ("Durable audit-log commits (group commits).", audit.commits),
+            "facetrt_audit_commit_seconds": (
+                "Time spent in audit-log commits (fsync included).",
+                audit.commit_seconds,
+            ),
+            "facetrt_audit_pruned": ("Audit records removed by retention.", audit.pruned),
+            "facetrt_audit_failures": ("Failed audit-log commits.", audit.failures),
+        }
+        for name, (text, total) in counters.items():
+            yield CounterMetricFamily(name, text, value=total)
+
+
+@final
 class FacetrtMetrics:
     """The daemon's metrics. Create one per daemon with its own registry."""
 
@@ -176,6 +224,8 @@ class FacetrtMetrics:
         self,
         registry: CollectorRegistry,
         statistics: Callable[[], RuntimeStatistics] | None = None,
+        *,
+        egress: Callable[[], EgressStatistics] | None = None,
     ) -> None:
         self.registry = registry
         self.calls = CallStats()
@@ -188,6 +238,12 @@ class FacetrtMetrics:
         self.connections_accepted = Counter(
             "facetrt_connections_accepted",
             "Client connections accepted.",
+            ["surface"],
+            registry=registry,
+        )
+        self.connections_refused = Counter(
+            "facetrt_connections_refused",
+            "Client connections refused at the connection limit (or while draining, tcp).",
             ["surface"],
             registry=registry,
         )
@@ -204,7 +260,10 @@ class FacetrtMetrics:
         )
         if statistics is not None:
             registry.register(_RuntimeCollector(statistics))
+        if egress is not None:
+            registry.register(_EgressCollector(egress))
         # Pre-create the label sets so a scrape shows zeros rather than nothing.
         for surface in SURFACES:
             self.connections.labels(surface)
+            self.connections_refused.labels(surface)
             self.auth_failures.labels(surface)

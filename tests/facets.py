@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import trio
 
@@ -215,10 +215,37 @@ def _timer_dict(timer: Timer) -> dict[str, Value]:
     }
 
 
+class Fetcher(Facet):
+    """Outbound HTTP through ``self.fetch``; answers what facet code received."""
+
+    @rpc
+    async def request(
+        self,
+        url: str,
+        method: str = "GET",
+        headers: dict[str, str] | None = None,
+        body: str | None = None,
+        json: Value = None,
+    ) -> dict[str, Value]:
+        options: dict[str, Any] = {"method": method, "headers": headers, "body": body}
+        response = await self.fetch(url, json=json, **options)
+        return {
+            "status": response.status,
+            "headers": [list(pair) for pair in response.headers],
+            "text": response.text,
+            "url": response.url,
+        }
+
+    @rpc
+    async def put(self, key: str, value: Value) -> None:
+        self.storage.put(key, value)
+
+
 CLASSES: dict[str, type[Facet]] = {
     "Counter": Counter,
     "AgentMemory": AgentMemory,
     "Register": Register,
     "Gate": Gate,
     "Alarm": Alarm,
+    "Fetcher": Fetcher,
 }

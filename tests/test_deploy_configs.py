@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from facetrt.config import DaemonConfig, RuntimeConfig, ServerConfig, load_daemon_config
+from facetrt.policy import EgressConfig
 from facetrt.server._daemon import resolve_classes
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -53,11 +54,12 @@ def test_example_config_mentions_every_setting() -> None:
         header, _, body = table.partition("\n")
         sections[header.strip("[] ")] = body
     expected = {
-        "": sorted(set(DaemonConfig.model_fields) - {"classes", "server", "runtime"}),
+        "": sorted(set(DaemonConfig.model_fields) - {"classes", "server", "runtime", "egress"}),
         "server": list(ServerConfig.model_fields),
         "runtime": list(RuntimeConfig.model_fields),
+        "egress": list(EgressConfig.model_fields),
     }
-    assert set(sections) == {"", "classes", "server", "runtime"}
+    assert set(sections) == {"", "classes", "server", "runtime", "egress"}
     for section, names in expected.items():
         for name in names:
             pattern = rf"^#?\s*{re.escape(name)}\s*="

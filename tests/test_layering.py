@@ -22,7 +22,11 @@ RULES: dict[str, tuple[set[str], set[str]]] = {
     ),
     "runtime": (
         {"trio", "outcome", "msgpack"},
-        {"_errors", "_ids", "_values", "config", "storage", "runtime"},
+        {"_errors", "_fetch", "_ids", "_values", "config", "storage", "runtime"},
+    ),
+    "policy": (
+        {"trio", "lmdb", "httpx", "httpcore", "h11", "pydantic", "cryptography"},
+        {"_errors", "_fetch", "_ids", "storage", "policy"},
     ),
 }
 

@@ -6,6 +6,7 @@ import inspect
 
 import facetrt
 import facetrt.client
+import facetrt.policy
 import facetrt.protocol
 import facetrt.runtime
 import facetrt.storage
@@ -21,6 +22,7 @@ def test_all_is_sorted_and_complete() -> None:
     modules = (
         facetrt,
         facetrt.client,
+        facetrt.policy,
         facetrt.protocol,
         facetrt.runtime,
         facetrt.storage,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from ._facet import EgressGateway as EgressGateway
 from ._facet import Facet as Facet
 from ._facet import FacetCalls as FacetCalls
 from ._facet import rpc as rpc
 from ._load import HistogramSnapshot as HistogramSnapshot
+from ._quotas import InFlight as InFlight
 from ._quotas import TenantQuotas as TenantQuotas
 from ._runtime import Runtime as Runtime
 from ._runtime import RuntimeStatistics as RuntimeStatistics
@@ -16,9 +18,11 @@ from ._timers_api import Timer as Timer
 from ._timers_api import Timers as Timers
 
 __all__ = [
+    "EgressGateway",
     "Facet",
     "FacetCalls",
     "HistogramSnapshot",
+    "InFlight",
     "Runtime",
     "RuntimeStatistics",
     "Saturation",

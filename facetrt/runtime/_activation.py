@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import secrets
 import time
 from functools import partial
 from typing import TYPE_CHECKING, final
@@ -50,6 +51,7 @@ from .._errors import (
     HandlerError,
     InternalError,
     NotFoundError,
+    PolicyViolationError,
     ReentrancyError,
     StorageError,
     StoreFullError,
@@ -69,6 +71,7 @@ from ._timers_api import Timers
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
+    from .._fetch import FetchRequest, FetchResponse
     from .._ids import FacetAddress
     from ..storage import FacetStore
     from ._core import RuntimeCore
@@ -132,6 +135,7 @@ class Activation:
         # created its store: undone if it stops before it does.
         self._reserved = False
         self._recent = recent_commits()
+        self._run: tuple[Envelope | None, str] | None = None  # (message, its run id) for fetch
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -140,6 +144,11 @@ class Activation:
         self._stop_requested = True
         self._evicted = self._evicted or evicted
         self.mailbox.wake()
+
+    @property
+    def committing(self) -> bool:
+        """A commit is in flight (the idle timeout counts from its end)."""
+        return self._commit_running
 
     def _is_stop_requested(self) -> bool:
         return self._stop_requested
@@ -297,11 +306,9 @@ class Activation:
                 await self.mailbox.wait_nonempty()
                 self._supervisor.mark_busy(self)
                 continue
-            with trio.move_on_after(self._config.idle_timeout_seconds) as idle:
-                await self.mailbox.wait_nonempty()
+            # The supervisor's sweeper asks for a stop once idle_timeout_seconds have passed.
+            await self.mailbox.wait_nonempty()
             self._supervisor.mark_busy(self)
-            if idle.cancelled_caught and not self.mailbox:
-                return
 
     async def _close(self) -> None:
         """Finish: fail what cannot run, run ``on_deactivate``, flush, close the store."""
@@ -753,6 +760,29 @@ class Activation:
         return await self._core.call(
             target, method, args, kwargs, cls=cls, idempotency_key=idempotency_key, chain=chain
         )
+
+    async def fetch(self, request: FetchRequest) -> FetchResponse:
+        """``self.fetch``: the output gate first (like a facet call), then the egress layer."""
+        egress = self._core.egress
+        if egress is None:
+            raise PolicyViolationError(
+                "egress denied by rule no-egress: this runtime was opened without an egress "
+                "gateway, so every outbound request is denied"
+            )
+        await self.wait_durable()
+        return await egress.fetch(
+            request,
+            tenant=self.address.tenant_id,
+            agent=self.address.agent_id,
+            run_id=self._run_id(),
+        )
+
+    def _run_id(self) -> str:
+        """A random id of the current message, the same for all of its fetches (audit log)."""
+        current = self._current
+        if self._run is None or self._run[0] is not current:
+            self._run = (current, secrets.token_hex(8))
+        return self._run[1]
 
 
 def _without_lower(plan: HintPlan | None) -> HintPlan | None:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from ..config import RuntimeConfig
     from ..storage import StoreRegistry, TimerIndex
-    from ._facet import Facet
+    from ._facet import EgressGateway, Facet
     from ._router import Router
     from ._storage_bridge import StoreWorkers
     from ._timer_scheduler import TimerScheduler
@@ -69,8 +69,10 @@ class RuntimeCore:
         workers: StoreWorkers,
         timer_index: TimerIndex,
         wall_clock: Callable[[], float] = time.time,
+        egress: EgressGateway | None = None,
     ) -> None:
         self.config = config
+        self.egress = egress
         self.classes = dict(classes)
         self.registry = registry
         self.workers = workers

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable
+import json as json_module
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
+
+from .._errors import BadRequestError
+from .._fetch import FetchRequest, FetchResponse
 
 if TYPE_CHECKING:
     from .._ids import FacetAddress
@@ -41,6 +45,16 @@ class _Outbound(Protocol):
         cls: str | None,
         idempotency_key: str | None,
     ) -> Value: ...
+
+    async def fetch(self, request: FetchRequest) -> FetchResponse: ...
+
+
+class EgressGateway(Protocol):
+    """What performs ``self.fetch`` for a runtime (``facetrt.policy.Egress``)."""
+
+    async def fetch(
+        self, request: FetchRequest, *, tenant: str, agent: str, run_id: str
+    ) -> FetchResponse: ...
 
 
 class FacetCalls:
@@ -96,6 +110,7 @@ class Facet:
     timers: Timers
     facets: FacetCalls
     _address: FacetAddress
+    _outbound: _Outbound
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -120,6 +135,44 @@ class Facet:
     def agent_id(self) -> str:
         return self._address.agent_id
 
+    async def fetch(
+        self,
+        url: str,
+        *,
+        method: str = "GET",
+        headers: Mapping[str, str] | None = None,
+        body: bytes | str | None = None,
+        json: object = None,
+    ) -> FetchResponse:
+        """Make an outbound HTTP request under the tenant's egress policy (SPEC §6).
+
+        Before it leaves, this facet's earlier messages' writes are made durable (the output
+        gate) and the attempt is written to the tenant's durable audit log. Every redirect hop
+        is decided again. A header value may hold ``{{secret:NAME}}``: the egress layer puts
+        the secret's value there if the host is one the secret is bound to; facet code never
+        sees the value (it is redacted from the response).
+
+        Args:
+            url: an ``http://`` or ``https://`` URL.
+            method: the HTTP method.
+            headers: request headers (``Host``, framing and proxy headers are refused).
+            body: the request body (a str is sent as UTF-8).
+            json: a JSON value to send as the body (``Content-Type: application/json``);
+                not together with ``body``.
+
+        Returns:
+            The final response: ``status``, ``headers``, ``body``, ``url``, ``.text``, ``.json()``.
+
+        Raises:
+            PolicyViolationError: the policy denied the request or a redirect hop (the message
+                names the deciding rule), or it went over the time or response-size limit.
+            FetchError: an allowed request failed on the network (DNS, connect, TLS, HTTP).
+            BadRequestError: malformed arguments.
+            InternalError: the audit log could not be written; nothing was sent (retryable).
+        """
+        request = build_request(url, method=method, headers=headers, body=body, json=json)
+        return await self._outbound.fetch(request)
+
     async def on_activate(self) -> None:
         """Called once per activation before its first message; may read and write storage."""
 
@@ -141,5 +194,42 @@ def instantiate(
     facet.storage = storage
     facet.timers = timers
     facet.facets = FacetCalls(outbound)
+    facet._outbound = outbound
     facet.__init__()  # type: ignore[misc]  # deliberate: attributes are set before __init__
     return facet
+
+
+def build_request(
+    url: str,
+    *,
+    method: str,
+    headers: Mapping[str, str] | None,
+    body: bytes | str | None,
+    json: object,
+) -> FetchRequest:
+    """Check and normalise ``fetch``'s arguments.
+
+    Raises:
+        BadRequestError: wrong types, or both ``body`` and ``json``.
+    """
+    if not isinstance(url, str) or not isinstance(method, str) or not method:
+        raise BadRequestError("fetch needs a str url and a non-empty str method")
+    pairs: list[tuple[str, str]] = []
+    for name, value in (headers or {}).items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise BadRequestError("fetch headers must map str to str")
+        pairs.append((name, value))
+    if json is not None:
+        if body is not None:
+            raise BadRequestError("fetch takes body or json, not both")
+        try:
+            body = json_module.dumps(json, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise BadRequestError(f"fetch json= is not JSON-serialisable: {exc}") from None
+        if not any(name.lower() == "content-type" for name, _ in pairs):
+            pairs.append(("Content-Type", "application/json"))
+    if isinstance(body, str):
+        body = body.encode()
+    elif body is not None and not isinstance(body, bytes):
+        raise BadRequestError("fetch body must be bytes or str")
+    return FetchRequest(url=url, method=method.upper(), headers=tuple(pairs), body=body)

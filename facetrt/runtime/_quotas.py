@@ -17,13 +17,23 @@ What each quota costs, and where it is checked (decision 0010):
   Refused with ``quota_exceeded`` before any store exists.
 - **bytes per facet**: the LMDB map size maximum of the tenant's stores, read when a store
   opens and whenever it needs to grow; a full store refuses its batch with ``quota_exceeded``.
+- **calls in flight**: one :class:`InFlight` counter per tenant, node-wide, kept by the
+  surfaces (a TCP connection counts a call from dispatch to reply, the HTTP gateway per
+  request). At the bound a tenant's connections are simply not read until replies go out:
+  backpressure, not refusal, since a refused call still costs the loop a decode and a reply
+  while a call left unread costs nothing. The one event loop's rounds then hold at most that
+  many of the tenant's calls, which is what keeps other tenants' latency (the noisy
+  neighbour, docs/reliability.md section 6).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, final
+
+import trio
 
 from .._errors import QuotaExceededError
 
@@ -49,6 +59,7 @@ class TenantQuotas:
         mailbox_envelopes_max: messages queued per facet before ``overloaded``.
         calls_per_second: sustained calls per second from outside; None: no rate limit.
         calls_burst: calls at once above the rate (None when there is no rate limit).
+        calls_in_flight_max: calls in flight from outside at once; None: no tenant bound.
     """
 
     facets_max: int
@@ -56,6 +67,48 @@ class TenantQuotas:
     mailbox_envelopes_max: int
     calls_per_second: float | None
     calls_burst: int | None
+    calls_in_flight_max: int | None
+
+
+@final
+class InFlight:
+    """Calls of one tenant in flight from outside, node-wide, and their bound.
+
+    Every tenant has one from its first call on, bounded or not (``sys.maxsize``): a
+    connection counts on the object it got at its handshake, so the bound can change under
+    it without a call taken on one object being given back to another.
+    """
+
+    __slots__ = ("_lot", "bound", "count", "waiting")
+
+    def __init__(self, bound: int | None) -> None:
+        self.bound = sys.maxsize if bound is None else bound
+        self.count = 0
+        self.waiting = 0  # tasks in wait_for_room: give() wakes them only then
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def give(self) -> None:
+        """One call answered."""
+        self.count -= 1
+        if self.waiting:
+            self._lot.unpark_all()
+
+    def give_waiters(self) -> None:
+        """Wake the waiters (after ``count`` went down without :meth:`give`)."""
+        self._lot.unpark_all()
+
+    def set_bound(self, bound: int | None) -> None:
+        self.bound = sys.maxsize if bound is None else bound
+        if self.waiting:
+            self._lot.unpark_all()
+
+    async def wait_for_room(self) -> None:
+        """Return once a call was answered or the bound changed (callers check again)."""
+        self.waiting += 1
+        try:
+            await self._lot.park()
+        finally:
+            self.waiting -= 1
 
 
 @final
@@ -109,6 +162,8 @@ class Quotas:
         # meanwhile may have missed it, so its result is discarded and the scan repeated.
         self._count_epochs: dict[str, int] = {}
         self.refusals: dict[str, int] = dict.fromkeys(REFUSAL_REASONS, 0)
+        # tenant -> its calls in flight; kept (never replaced) once made, see InFlight.
+        self._in_flight: dict[str, InFlight] = {}
 
     # -- settings ------------------------------------------------------------------------
 
@@ -143,12 +198,24 @@ class Quotas:
         self.rate_limited = self._config.tenant_calls_per_second is not None or any(
             settings.calls_per_second is not None for settings in self._overrides.values()
         )
+        flight = self._in_flight.get(tenant)
+        if flight is not None:
+            flight.set_bound(quotas.calls_in_flight_max)
         return quotas
+
+    def in_flight(self, tenant: str) -> InFlight:
+        """``tenant``'s calls in flight from outside (made on first use, then kept)."""
+        flight = self._in_flight.get(tenant)
+        if flight is None:
+            flight = InFlight(self.effective(tenant).calls_in_flight_max)
+            self._in_flight[tenant] = flight
+        return flight
 
     def forget_tenant(self, tenant: str) -> None:
         """Drop everything known about a deleted tenant (a new one of that name starts fresh)."""
         self.set_overrides(tenant, None)
         self._buckets.pop(tenant, None)
+        self._in_flight.pop(tenant, None)  # its connections (revoked) keep their own object
         self._forget_count(tenant)
 
     def _resolve(self, settings: TenantQuotaSettings | None) -> TenantQuotas:
@@ -159,6 +226,7 @@ class Quotas:
         mailbox = settings.mailbox_envelopes_max if settings else None
         rate = settings.calls_per_second if settings else None
         burst = settings.calls_burst if settings else None
+        flight = settings.calls_in_flight_max if settings else None
         rate = config.tenant_calls_per_second if rate is None else rate
         burst = config.tenant_calls_burst if burst is None else burst
         if rate is None:
@@ -171,6 +239,7 @@ class Quotas:
             mailbox_envelopes_max=config.mailbox_envelopes_max if mailbox is None else mailbox,
             calls_per_second=rate,
             calls_burst=burst,
+            calls_in_flight_max=config.tenant_calls_in_flight_max if flight is None else flight,
         )
 
     # -- rate (the call path) --------------------------------------------------------------

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .._values import Value
     from ..config import TenantQuotaSettings
     from ..storage import FacetRecord
+    from ._facet import EgressGateway
     from ._load import HistogramSnapshot
     from ._quotas import TenantQuotas
 
@@ -314,6 +315,7 @@ class Runtime:
         core.closing = True
         if core.timer_scheduler is not None:
             core.timer_scheduler.stop()
+        self._supervisor.stop()
         for activation in self._router.activations():
             activation.request_stop()
         with trio.move_on_after(core.config.shutdown_grace_seconds, shield=True):
@@ -333,6 +335,7 @@ async def open_runtime(
     config: RuntimeConfig | None = None,
     store_hooks: StoreHooks | None = None,
     wall_clock: Callable[[], float] = time.time,
+    egress: EgressGateway | None = None,
 ) -> AsyncIterator[Runtime]:
     """Open a runtime hosting ``classes`` with its data under ``data_dir``.
 
@@ -348,6 +351,8 @@ async def open_runtime(
             the epoch). Timers sleep on trio's clock for ``due - wall_clock()``, so tests that
             use trio's autojump clock pass one derived from it, e.g.
             ``lambda: 1.7e9 + trio.current_time()``.
+        egress: what performs ``self.fetch`` (a ``facetrt.policy.Egress``, running for as
+            long as the runtime); without one every fetch fails ``policy_violation``.
 
     Raises:
         ConfigError: bad classes, or the data directory is in use by another process.
@@ -384,16 +389,19 @@ async def open_runtime(
                         workers=workers,
                         timer_index=index,
                         wall_clock=wall_clock,
+                        egress=egress,
                     )
                     supervisor = Supervisor(
                         config.open_facets_max,
                         wait_seconds_max=config.activation_wait_seconds_max,
+                        idle_timeout_seconds=config.idle_timeout_seconds,
                     )
                     router = Router(core=core, supervisor=supervisor, nursery=nursery)
                     core.router = router
                     scheduler = TimerScheduler(core=core, index=index)
                     core.timer_scheduler = scheduler
                     await nursery.start(scheduler.run)
+                    await nursery.start(supervisor.sweep_idle)
                     runtime = Runtime(core, router, supervisor)
                     try:
                         yield runtime

@@ -12,6 +12,11 @@ or a wall clock that went back) is *deferred*: not woken again for a while. Defe
 share that bound with the ones in flight. To keep refills cheap, after filling up the scheduler
 waits until half the wakes in flight are answered (each refill rescans the entries it skips).
 
+Storage failures: a read of the index that fails (its environment failed and is being, or
+could not be, reopened: see ``TimerIndex``) is logged and retried after
+``INDEX_RETRY_SECONDS``, with a repair of the index on a writer thread meanwhile; it never
+ends the loop, which would take the node down with it. Wakes already in flight go on.
+
 Clocks: due times are wall-clock milliseconds (``RuntimeCore.wall_clock``, persisted); sleeping
 uses trio's clock, converted at each refill, so an injected wall clock derived from trio's
 (tests with the autojump clock) moves both together. Sleeps are capped at
@@ -28,7 +33,7 @@ from typing import TYPE_CHECKING, Final, final
 import outcome
 import trio
 
-from .._errors import FacetrtError, NotFoundError, UnavailableError
+from .._errors import FacetrtError, NotFoundError, StorageError, UnavailableError
 from ._timer_record import wall_ms
 
 if TYPE_CHECKING:
@@ -43,6 +48,7 @@ FIRE_TIMERS: Final = "fire_timers"  # the method of an internal wake envelope
 SLEEP_SECONDS_MAX: Final = 60.0
 EMPTY_WAKE_DEFER_SECONDS: Final = 1.0
 FAILED_WAKE_DEFER_SECONDS: Final = 10.0
+INDEX_RETRY_SECONDS: Final = 1.0
 _IN_FLIGHT: Final = math.inf
 
 
@@ -65,6 +71,7 @@ class TimerScheduler:
         self._position: bytes | None = None
         self._lot = trio.lowlevel.ParkingLot()
         self._scope = trio.CancelScope()
+        self._repairing = False  # an index repair job is on a writer thread
 
     def notify(self, due_ms: int) -> None:
         """A facet's hint moved to ``due_ms``: wake the loop if it sleeps for a later one.
@@ -97,9 +104,13 @@ class TimerScheduler:
         due: list[FacetAddress] = []
         next_ms: int | None = None
         if room > 0:
-            due, self._position, next_ms = self._index.due_after(
-                wall_ms(wall_now), after=self._position, skip=self._busy, limit=room
-            )
+            try:
+                due, self._position, next_ms = self._index.due_after(
+                    wall_ms(wall_now), after=self._position, skip=self._busy, limit=room
+                )
+            except StorageError as exc:
+                self._index_failed(exc)
+                return now + INDEX_RETRY_SECONDS
         for address in due:
             self._wake(address)
         self._starved = len(self._busy) >= self._wakes_max
@@ -111,6 +122,21 @@ class TimerScheduler:
             delay = (next_ms + 1) / 1000 - wall_now
             deadlines.append(now + min(max(delay, 0.0), SLEEP_SECONDS_MAX))
         return min(deadlines, default=None)
+
+    def _index_failed(self, error: StorageError) -> None:
+        """The index could not be read: log, and have a writer thread reopen it if needed."""
+        logger.error("reading the timer index failed; retrying: %s", error.message)
+        if self._repairing:
+            return
+        self._repairing = True
+        self._core.workers.submit(self._index.repair, self._repaired)
+
+    def _repaired(self, result: outcome.Outcome[None]) -> None:
+        self._repairing = False
+        try:
+            result.unwrap()
+        except StorageError as exc:  # anything else is a bug: let it crash
+            logger.error("the timer index could not be reopened yet: %s", exc.message)
 
     def _wake(self, address: FacetAddress) -> None:
         core = self._core

@@ -11,6 +11,7 @@ runtime drains its mailboxes, flushes commits and closes every environment → e
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import logging
@@ -28,13 +29,14 @@ from .._errors import ConfigError, FacetrtError, UnauthorizedError
 from ..config import TenantQuotaSettings
 from ..data import DataOperations
 from ..metrics import FacetrtMetrics
+from ..policy import Egress, EgressProxy, NodeKey, RedactingFilter, Redactor
 from ..runtime import Facet, open_runtime
 from ..storage import SystemStore
 from ._auth import AuthThrottle
 from ._tcp import TcpServer
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Iterator, Mapping
 
     from ..config import DaemonConfig
     from ..runtime import Runtime
@@ -51,6 +53,7 @@ class DaemonInfo:
 
     tcp_address: tuple[str, int]
     http_address: tuple[str, int] | None
+    proxy_address: tuple[str, int] | None
     admin_key_path: Path
     data_dir: Path
 
@@ -146,6 +149,21 @@ def load_tenant_quotas(runtime: Runtime, system: SystemStore) -> None:
             logger.warning("ignoring the stored quotas of tenant %s: %s", tenant, exc.message)
 
 
+@contextlib.contextmanager
+def redacted_logs(redactor: Callable[[], Redactor]) -> Iterator[None]:
+    """Pass every record reaching the root logger's handlers through the redaction filter
+    (secret values of every tenant, token shapes) while the daemon runs."""
+    log_filter = RedactingFilter(redactor)
+    handlers = list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(log_filter)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(log_filter)
+
+
 @final
 class Daemon:
     """One `facetrt serve` process. ``await nursery.start(daemon.run)`` returns DaemonInfo."""
@@ -157,6 +175,7 @@ class Daemon:
         self.registry = CollectorRegistry(auto_describe=True)
         self.runtime: Runtime | None = None  # set while running (for embedding and tests)
         self.system: SystemStore | None = None
+        self.egress: Egress | None = None  # set while running
         self._stop = trio.Event()
 
     def stop(self) -> None:
@@ -169,16 +188,25 @@ class Daemon:
         handle_signals: bool = False,
         task_status: trio.TaskStatus[DaemonInfo] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        with redacted_logs(lambda: self.egress.secrets.redactor() if self.egress else Redactor()):
+            await self._run(handle_signals, task_status)
+
+    async def _run(self, handle_signals: bool, task_status: trio.TaskStatus[DaemonInfo]) -> None:
         config = self.config
         classes = resolve_classes(config.classes)
         data_dir = Path(config.data_dir)
-        async with open_runtime(data_dir, classes=classes, config=config.runtime) as runtime:
+        # Built here, started in _serve (it writes nothing before a fetch, which needs the
+        # runtime and therefore the data directory's lock).
+        egress = Egress(config.egress, data_dir=data_dir)
+        async with open_runtime(
+            data_dir, classes=classes, config=config.runtime, egress=egress
+        ) as runtime:
             system = SystemStore(data_dir / "system")
-            self.runtime, self.system = runtime, system
+            self.runtime, self.system, self.egress = runtime, system, egress
             try:
-                await self._serve(runtime, system, data_dir, handle_signals, task_status)
+                await self._serve(runtime, system, egress, data_dir, handle_signals, task_status)
             finally:
-                self.runtime = self.system = None
+                self.runtime = self.system = self.egress = None
                 system.close()
         logger.info("facetrt stopped")
 
@@ -186,6 +214,7 @@ class Daemon:
         self,
         runtime: Runtime,
         system: SystemStore,
+        egress: Egress,
         data_dir: Path,
         handle_signals: bool,
         task_status: trio.TaskStatus[DaemonInfo],
@@ -193,8 +222,11 @@ class Daemon:
         config = self.config.server
         admin_key_path = ensure_admin_key(system, data_dir)
         load_tenant_quotas(runtime, system)
+        egress.policies.load(system)
+        egress.node_key = NodeKey.load_or_create(data_dir)
+        egress.secrets.load(system, egress.node_key)
         await DataOperations(runtime, system=system).start()  # clear crashed operations' scratch
-        metrics = FacetrtMetrics(self.registry, runtime.statistics)
+        metrics = FacetrtMetrics(self.registry, runtime.statistics, egress=egress.statistics)
         throttle = AuthThrottle(
             failures_free=config.auth_failures_free,
             delay_seconds_max=config.auth_delay_seconds_max,
@@ -204,6 +236,11 @@ class Daemon:
         )
         http_shutdown = trio.Event()
         async with trio.open_nursery() as nursery:
+            await nursery.start(egress.run)
+            proxy_address = None
+            if self.config.egress.proxy_listen:
+                proxy = EgressProxy(egress, egress.proxy_credentials)
+                proxy_address = await nursery.start(proxy.run)
             host, port = parse_host_port(config.listen)
             listeners: list[trio.SocketListener] = await trio.open_tcp_listeners(port, host=host)
             tcp_address = listeners[0].socket.getsockname()[:2]
@@ -216,8 +253,6 @@ class Daemon:
             else:
                 from ._http import build_app, serve_http
 
-                bind = config.http
-
                 app = build_app(
                     runtime=runtime,
                     system=system,
@@ -225,11 +260,14 @@ class Daemon:
                     health=self.health,
                     config=config,
                     throttle=throttle,
+                    egress=egress,
                 )
 
                 async def run_http(task_status: trio.TaskStatus[tuple[str, int]]) -> None:
                     try:
-                        await serve_http(app, bind, http_shutdown, task_status=task_status)
+                        await serve_http(
+                            app, config, http_shutdown, metrics=metrics, task_status=task_status
+                        )
                     finally:
                         http_done.set()
 
@@ -259,6 +297,7 @@ class Daemon:
                 DaemonInfo(
                     tcp_address=(str(tcp_address[0]), int(tcp_address[1])),
                     http_address=http_address,
+                    proxy_address=proxy_address,
                     admin_key_path=admin_key_path,
                     data_dir=data_dir,
                 )
@@ -272,6 +311,8 @@ class Daemon:
             with trio.move_on_after(self.config.runtime.shutdown_grace_seconds):
                 await tcp.drain()
                 await http_done.wait()
+            # Drain the runtime while the egress still runs: messages finishing now may fetch.
+            await runtime.aclose()
             nursery.cancel_scope.cancel()
 
     async def _accept(

@@ -22,11 +22,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from functools import partial
-from typing import TYPE_CHECKING, Final, cast, final
+from typing import TYPE_CHECKING, Final, final
 
 import hypercorn.config
-import hypercorn.trio
 import prometheus_client
 import trio
 
@@ -42,6 +40,7 @@ from .._errors import (
     UnavailableError,
 )
 from ._http_admin import ADMIN_ROUTES, EXCHANGE_ROUTES, AdminApi, resolve_admin_route
+from ._http_connections import HttpConnections
 from ._http_exchange import (
     JSON_TYPE,
     ASGIApp,
@@ -57,11 +56,10 @@ from ._http_exchange import (
 )
 
 if TYPE_CHECKING:
-    from hypercorn.typing import ASGIFramework
-
     from .._values import Value
     from ..config import ServerConfig
     from ..metrics import FacetrtMetrics
+    from ..policy import Egress
     from ..runtime import Runtime
     from ..storage import Principal, SystemStore
     from ._auth import AuthThrottle
@@ -80,7 +78,7 @@ TRACEPARENT: Final = re.compile(
 # -- serving -------------------------------------------------------------------------------
 
 
-def hypercorn_config(bind: str) -> hypercorn.config.Config:
+def hypercorn_config(bind: str, *, keep_alive_seconds: float = 30.0) -> hypercorn.config.Config:
     """Hypercorn settings: quiet, bounded, quick to stop."""
     host, port = _split_host_port(bind)
     config = hypercorn.config.Config()
@@ -89,8 +87,10 @@ def hypercorn_config(bind: str) -> hypercorn.config.Config:
     config.errorlog = logging.getLogger("facetrt.server.hypercorn")  # our logging setup
     config.include_server_header = False
     # Longer than client pools keep idle connections (httpx 5 s, aiohttp 15 s), so a client
-    # rarely reuses a connection we are closing.
-    config.keep_alive_timeout = 30.0
+    # rarely reuses a connection we are closing. It also bounds a slow request head: the
+    # idle timer runs from the connection's start (or the last response) until a complete
+    # head arrived, so a client dribbling its headers is closed when it fires.
+    config.keep_alive_timeout = keep_alive_seconds
     config.keep_alive_max_requests = 100_000
     config.h11_max_incomplete_size = 16 * 1024  # request line and headers
     config.h2_max_concurrent_streams = 100
@@ -99,33 +99,35 @@ def hypercorn_config(bind: str) -> hypercorn.config.Config:
     config.graceful_timeout = GRACEFUL_SECONDS
     config.startup_timeout = config.shutdown_timeout = GRACEFUL_SECONDS
     # read_timeout stays None: it would cut connections whose call takes longer. Slow bodies
-    # are bounded by the app (frame_seconds); idle connections by keep_alive_timeout.
+    # are bounded by the app (frame_seconds); slow heads and idle connections by
+    # keep_alive_timeout; open connections by HttpConnections (hypercorn has no limit).
     return config
 
 
 async def serve_http(
     app: ASGIApp,
-    bind: str,
+    server: ServerConfig,
     shutdown: trio.Event,
     *,
+    metrics: FacetrtMetrics | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` on ``bind`` ("HOST:PORT", port 0 picks one) until ``shutdown`` is set.
+    """Serve ``app`` on ``server.http`` ("HOST:PORT", port 0 picks one) until ``shutdown``.
 
-    Reports the bound (host, port) through ``task_status``. On shutdown hypercorn stops
-    accepting, closes idle connections and gives requests in flight ``GRACEFUL_SECONDS``.
+    Reports the bound (host, port) through ``task_status``. At most
+    ``server.http_connections_max`` connections are served at once; more are answered 429
+    ``overloaded`` and closed. On shutdown it stops accepting, closes idle connections and
+    gives requests in flight ``GRACEFUL_SECONDS``.
 
     Raises:
-        ConfigError: ``bind`` is not HOST:PORT.
+        ConfigError: ``server.http`` is not HOST:PORT.
     """
-    config = hypercorn_config(bind)
-    serve = partial(
-        hypercorn.trio.serve, cast("ASGIFramework", app), config, shutdown_trigger=shutdown.wait
+    assert server.http
+    config = hypercorn_config(server.http, keep_alive_seconds=server.http_keep_alive_seconds)
+    connections = HttpConnections(
+        app, config, connections_max=server.http_connections_max, metrics=metrics
     )
-    async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(serve)
-        host, port = _split_host_port(binds[0].partition("://")[2])
-        task_status.started((host, port))
+    await connections.serve(shutdown, task_status=task_status)
 
 
 def _split_host_port(text: str) -> tuple[str, int]:
@@ -143,6 +145,7 @@ def build_app(
     health: Health,
     config: ServerConfig,
     throttle: AuthThrottle,
+    egress: Egress | None = None,
 ) -> ASGIApp:
     """The gateway's ASGI app over the daemon's parts."""
     return HttpGateway(
@@ -152,6 +155,7 @@ def build_app(
         health=health,
         config=config,
         throttle=throttle,
+        egress=egress,
     )
 
 
@@ -171,6 +175,7 @@ class HttpGateway:
         health: Health,
         config: ServerConfig,
         throttle: AuthThrottle,
+        egress: Egress | None = None,
     ) -> None:
         self._runtime = runtime
         self._system = system
@@ -178,7 +183,7 @@ class HttpGateway:
         self._health = health
         self._config = config
         self._throttle = throttle
-        self._admin = AdminApi(runtime=runtime, system=system)
+        self._admin = AdminApi(runtime=runtime, system=system, egress=egress)
 
     async def __call__(self, scope: Message, receive: Receive, send: Send, /) -> None:
         kind = scope["type"]
@@ -278,10 +283,18 @@ class HttpGateway:
         if traceparent is not None and TRACEPARENT.fullmatch(traceparent) is None:
             raise BadRequestError("traceparent is not a W3C trace context header")
         args, kwargs, cls = parse_call_body(await x.read_json())
-        address = self._runtime.core.address_of(tenant, agent)  # validated once, cached
-        return await self._runtime.core.call(
-            address, method, args, kwargs, cls=cls, idempotency_key=idempotency_key, chain=()
-        )
+        core = self._runtime.core
+        address = core.address_of(tenant, agent)  # validated once, cached
+        flight = core.quotas.in_flight(tenant)
+        while flight.count >= flight.bound:
+            await flight.wait_for_room()  # the tenant's bound (backpressure, as over TCP)
+        flight.count += 1
+        try:
+            return await core.call(
+                address, method, args, kwargs, cls=cls, idempotency_key=idempotency_key, chain=()
+            )
+        finally:
+            flight.give()
 
     async def _authenticate(self, x: Exchange) -> Principal:
         """The principal of the request's bearer key (counted and throttled when refused)."""

@@ -8,6 +8,17 @@
     GET    tenants/{t}/keys                 {"keys": [{"key_id", "tenant", "created", "revoked"}]}
     POST   tenants/{t}/keys                 201 {"tenant", "key_id", "key"}
     GET    tenants/{t}/quotas               {"tenant", "facets", "quotas", "overrides"}
+    GET    tenants/{t}/egress               {"tenant", "policy", "source": "tenant"|"default"}
+    PUT    tenants/{t}/egress  {policy}     the same; replaces the tenant's policy, in force
+                                            from its next outbound request
+    DELETE tenants/{t}/egress               the same; back to the node default policy
+    GET    tenants/{t}/secrets              {"secrets": [{"name", "hosts", "allow_http",
+                                            "created"}]} (names and hosts, never values)
+    PUT    tenants/{t}/secrets/{name}  {"value", "hosts", "allow_http"?}   the same, one
+                                            secret (the value is never shown back)
+    DELETE tenants/{t}/secrets/{name}       {"name", "deleted": true}
+    GET    tenants/{t}/audit?since=&after=&limit=   {"records": [...], "next": cursor|null}
+                                            egress attempts, oldest first (since: unix s)
     PUT    tenants/{t}/quotas  {overrides}  the same; replaces every override (null or
                                             missing: the node default), in force at once
     DELETE keys/{key id}                    {"key_id", "revoked": true}
@@ -36,21 +47,24 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, final
+from typing import TYPE_CHECKING, Final, TypeVar, final
 
 import trio
 
-from .._errors import BadRequestError, ConflictError, FacetrtError, NotFoundError
+from .._errors import BadRequestError, FacetrtError, NotFoundError
 from .._ids import validate_tenant_id
 from ..config import TenantQuotaSettings
 from ..data import DataOperations, refuse_leftover_tenant_data
+from ..policy import EgressPolicy, Policies, secret_listing
 from ._http_exchange import dump_json, to_json
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
     from .._values import Value
+    from ..policy import Egress
     from ..runtime import Runtime
     from ..storage import SystemStore
     from ._http_exchange import Exchange
@@ -59,12 +73,18 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 # route name -> allowed methods
 ADMIN_ROUTES: Final[Mapping[str, tuple[str, ...]]] = {
     "tenants": ("GET", "POST"),
     "tenant": ("DELETE",),
     "tenant_keys": ("GET", "POST"),
     "tenant_quotas": ("GET", "PUT"),
+    "tenant_egress": ("GET", "PUT", "DELETE"),
+    "tenant_audit": ("GET",),
+    "tenant_secrets": ("GET",),
+    "tenant_secret": ("PUT", "DELETE"),
     "key": ("DELETE",),
     "tenant_facets": ("GET",),
     "facet": ("GET", "DELETE"),
@@ -82,6 +102,8 @@ IMPORT_TYPES: Final = (NDJSON, b"application/jsonl", b"application/json-lines")
 PROGRESS_SECONDS: Final = 0.5
 FACETS_PAGE_MAX: Final = 1000
 FACETS_PAGE_DEFAULT: Final = 100
+AUDIT_PAGE_DEFAULT: Final = 1000
+AUDIT_PAGE_MAX: Final = 10_000
 
 
 def resolve_admin_route(segments: list[str]) -> tuple[str, tuple[str, ...]] | None:
@@ -95,6 +117,14 @@ def resolve_admin_route(segments: list[str]) -> tuple[str, tuple[str, ...]] | No
             return "tenant_keys", (tenant,)
         case ["tenants", tenant, "quotas"]:
             return "tenant_quotas", (tenant,)
+        case ["tenants", tenant, "egress"]:
+            return "tenant_egress", (tenant,)
+        case ["tenants", tenant, "audit"]:
+            return "tenant_audit", (tenant,)
+        case ["tenants", tenant, "secrets"]:
+            return "tenant_secrets", (tenant,)
+        case ["tenants", tenant, "secrets", name]:
+            return "tenant_secret", (tenant, name)
         case ["keys", key_id]:
             return "key", (key_id,)
         case ["tenants", tenant, "facets"]:
@@ -112,9 +142,13 @@ def resolve_admin_route(segments: list[str]) -> tuple[str, tuple[str, ...]] | No
 
 @final
 class AdminApi:
-    def __init__(self, *, runtime: Runtime, system: SystemStore) -> None:
+    def __init__(
+        self, *, runtime: Runtime, system: SystemStore, egress: Egress | None = None
+    ) -> None:
         self._runtime = runtime
         self._system = system
+        self._egress_service = egress
+        self._policies = egress.policies if egress is not None else Policies()
         self._data = DataOperations(runtime, system=system)
 
     async def handle(
@@ -135,21 +169,41 @@ class AdminApi:
             case "tenants", "GET":
                 return 200, {"tenants": system.list_tenants(), "quotas": system.all_tenant_quotas()}
             case "tenants", "POST":
-                return self._create_tenant(body)
+                return await self._create_tenant(body)
             case "tenant_keys", "GET":
                 return 200, {"keys": self._keys(params[0])}
             case "tenant_keys", "POST":
                 _check_empty(body)
                 tenant = validate_tenant_id(params[0])
-                key_id, key = system.create_key(tenant)
+                key_id, key = await self._offload(partial(system.create_key, tenant))
                 logger.info("created key %s for tenant %s", key_id, tenant)
                 return 201, {"tenant": tenant, "key_id": key_id, "key": key}
             case "tenant_quotas", "GET":
                 return 200, await self._quotas(params[0])
             case "tenant_quotas", "PUT":
                 return 200, await self._set_quotas(params[0], body)
+            case "tenant_egress", "GET":
+                return 200, self._egress(params[0])
+            case "tenant_egress", "PUT":
+                return 200, await self._set_egress(params[0], EgressPolicy.parse(body))
+            case "tenant_egress", "DELETE":
+                _check_empty(body)
+                return 200, await self._set_egress(params[0], None)
+            case "tenant_audit", "GET":
+                return 200, await self._audit(params[0], query)
+            case "tenant_secrets", "GET":
+                return 200, {"secrets": self._secrets(params[0])}
+            case "tenant_secret", "PUT":
+                return 200, await self._set_secret(params[0], params[1], body)
+            case "tenant_secret", "DELETE":
+                _check_empty(body)
+                store = self._secret_store(params[0])
+                await self._offload(partial(store.delete_secret, params[0], params[1]))
+                self._reload_secrets(params[0])
+                logger.info("deleted secret %s of tenant %s", params[1], params[0])
+                return 200, {"name": params[1], "deleted": True}
             case "key", "DELETE":
-                self._revoke(params[0])
+                await self._revoke(params[0])
                 return 200, {"key_id": params[0], "revoked": True}
             case "tenant_facets", "GET":
                 return 200, await self._facets(params[0], query)
@@ -189,7 +243,16 @@ class AdminApi:
                 await x.respond_json(200, result)
             case "tenant":
                 deleted = validate_tenant_id(params[0])
-                await self._long(x, lambda progress: self._data.delete_tenant(deleted, progress))
+
+                async def delete(progress: Progress) -> dict[str, Value]:
+                    # Its egress policy and secrets went with its system-store record (the
+                    # first step): drop the copies in force, whatever the wipe does next.
+                    try:
+                        return await self._data.delete_tenant(deleted, progress)
+                    finally:
+                        self._forget_egress(deleted)
+
+                await self._long(x, delete)
             case "backups":
                 fields = _fields(
                     await x.read_json(), required={"path"}, optional={"tenant", "agent"}
@@ -257,15 +320,26 @@ class AdminApi:
             nursery.start_soon(work)
             await x.respond_stream(200, NDJSON, lines())
 
-    def _create_tenant(self, body: object) -> tuple[int, object]:
+    async def _offload(self, job: Callable[[], T]) -> T:
+        """Run a system-store write on a writer thread: its fsync must not stop the loop
+        (every facet of the node) for a millisecond or, on a busy disk, for many."""
+        return await self._runtime.core.workers.call(job)
+
+    async def _create_tenant(self, body: object) -> tuple[int, object]:
         if not isinstance(body, dict) or set(body) != {"tenant"}:
             raise BadRequestError('send {"tenant": "<tenant id>"}')
         tenant = validate_tenant_id(body["tenant"])
         refuse_leftover_tenant_data(self._runtime.core.registry.tenant_path(tenant), tenant)
-        self._system.create_tenant(tenant)
-        key_id, key = self._system.create_key(tenant)
+        key_id, key = await self._offload(partial(self._system.create_tenant_with_key, tenant))
+        self._forget_egress(tenant)  # a new tenant starts with the node default, no secrets
         logger.info("created tenant %s with key %s", tenant, key_id)
         return 201, {"tenant": tenant, "key_id": key_id, "key": key}
+
+    def _forget_egress(self, tenant: str) -> None:
+        """Drop ``tenant``'s policy and opened secrets from the egress layer (not stored)."""
+        self._policies.set(tenant, None)
+        if self._egress_service is not None:
+            self._egress_service.secrets.set_tenant(tenant, [])
 
     def _keys(self, tenant: str) -> list[dict[str, object]]:
         validate_tenant_id(tenant)
@@ -300,17 +374,92 @@ class AdminApi:
             raise BadRequestError('send a JSON object of quotas, e.g. {"facets_max": 1000}')
         settings = TenantQuotaSettings.parse(body)
         # Durable first: a quota the node enforces is one it still enforces after a restart.
-        self._system.set_tenant_quotas(tenant, settings.overrides())
+        await self._offload(partial(self._system.set_tenant_quotas, tenant, settings.overrides()))
         self._runtime.set_tenant_quotas(tenant, settings)
         logger.info("set the quotas of tenant %s: %s", tenant, settings.overrides())
         return await self._quotas(tenant)
 
-    def _revoke(self, key_id: str) -> None:
-        records = self._system.list_keys()
-        admins = [r.key_id for r in records if r.is_admin and r.revoked is None]
-        if admins == [key_id]:
-            raise ConflictError("refusing to revoke the last admin key; create another first")
-        self._system.revoke_key(key_id)
+    def _egress(self, tenant: str) -> dict[str, object]:
+        validate_tenant_id(tenant)
+        if not self._system.tenant_exists(tenant):
+            raise NotFoundError(f"tenant {tenant!r} does not exist")
+        own = self._policies.own(tenant)
+        policy = own if own is not None else self._policies.default
+        return {
+            "tenant": tenant,
+            "policy": policy.to_json(),
+            "source": "default" if own is None else "tenant",
+        }
+
+    async def _set_egress(self, tenant: str, policy: EgressPolicy | None) -> dict[str, object]:
+        validate_tenant_id(tenant)
+        stored = None if policy is None else policy.to_json()
+        # Durable first: a policy the node enforces is one it still enforces after a restart.
+        await self._offload(partial(self._system.set_tenant_egress, tenant, stored))
+        self._policies.set(tenant, policy)
+        logger.info("set the egress policy of tenant %s (own: %s)", tenant, policy is not None)
+        return self._egress(tenant)
+
+    async def _audit(self, tenant: str, query: Mapping[str, list[str]]) -> dict[str, object]:
+        validate_tenant_id(tenant)
+        if self._egress_service is None:
+            raise NotFoundError("this node has no egress audit log")
+        since_text = (query.get("since") or [""])[0]
+        after = (query.get("after") or [""])[0] or None
+        limit_text = (query.get("limit") or [""])[0]
+        try:
+            since = float(since_text) if since_text else None
+            limit = int(limit_text) if limit_text else AUDIT_PAGE_DEFAULT
+            if after is not None:
+                bytes.fromhex(after)
+        except ValueError:
+            raise BadRequestError(
+                "since is unix seconds, limit an integer, after a cursor"
+            ) from None
+        if not 0 < limit <= AUDIT_PAGE_MAX:
+            raise BadRequestError(f"limit must be from 1 to {AUDIT_PAGE_MAX}")
+        records, cursor = await self._egress_service.audit.read(
+            tenant, since=since, after=after, limit=limit
+        )
+        return {"records": records, "next": cursor}
+
+    def _secret_store(self, tenant: str) -> SystemStore:
+        validate_tenant_id(tenant)
+        if not self._system.tenant_exists(tenant):
+            raise NotFoundError(f"tenant {tenant!r} does not exist")
+        return self._system
+
+    def _secrets(self, tenant: str) -> list[dict[str, object]]:
+        return secret_listing(self._secret_store(tenant), tenant)
+
+    async def _set_secret(self, tenant: str, name: str, body: object) -> dict[str, object]:
+        system = self._secret_store(tenant)
+        egress = self._egress_service
+        if egress is None or egress.node_key is None:
+            raise NotFoundError("this node keeps no secrets (no egress node key)")
+        fields = _fields(body, required={"value", "hosts"}, optional={"allow_http"})
+        hosts = fields["hosts"]
+        if not isinstance(hosts, list):
+            raise BadRequestError("hosts must be a list of host names or *.suffix patterns")
+        record = egress.node_key.seal(
+            tenant,
+            name,
+            _text(fields["value"], "value"),
+            hosts,
+            allow_http=_flag(fields.get("allow_http")),
+        )
+        await self._offload(partial(system.put_secret, tenant, name, record))  # durable first
+        self._reload_secrets(tenant)
+        logger.info("set secret %s of tenant %s", name, tenant)  # never the value
+        return {"name": name, "hosts": record["hosts"], "allow_http": record["allow_http"]}
+
+    def _reload_secrets(self, tenant: str) -> None:
+        egress = self._egress_service
+        if egress is not None and egress.node_key is not None:
+            egress.secrets.reload_tenant(self._system, egress.node_key, tenant)
+
+    async def _revoke(self, key_id: str) -> None:
+        await self._offload(partial(self._system.revoke_key, key_id, keep_an_admin_key=True))
         logger.info("revoked key %s", key_id)
 
     async def _facets(self, tenant: str, query: Mapping[str, list[str]]) -> dict[str, object]:

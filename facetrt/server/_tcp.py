@@ -16,7 +16,7 @@ import logging
 import os
 import re
 from functools import partial
-from typing import TYPE_CHECKING, final
+from typing import TYPE_CHECKING, Final, final
 
 import outcome
 import trio
@@ -28,6 +28,7 @@ from .._errors import (
     ForbiddenError,
     InternalError,
     LocalProtocolError,
+    OverloadedError,
     RemoteProtocolError,
     UnauthorizedError,
     UnavailableError,
@@ -46,6 +47,7 @@ from ..protocol import (
     State,
     Welcome,
 )
+from ..runtime import InFlight
 
 if TYPE_CHECKING:
     from .._values import Value
@@ -64,6 +66,8 @@ logger = logging.getLogger(__name__)
 # bytes costs 14.5 us here, recv(64 KiB) 2.4 us).
 RECEIVE_BYTES_MAX = 64 * 1024
 CLOSE_SECONDS = 5.0
+# At most 4 KiB of UTF-8: an error reply always fits in a frame (frame_bytes_max >= 64 KiB).
+ERROR_MESSAGE_CHARS_MAX = 1024
 TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
@@ -77,10 +81,19 @@ def _peer_host(stream: trio.abc.Stream) -> str:
         return "?"
 
 
+# A call id not in _pending (answered at once, or a late result after its deadline).
+_ABSENT: Final = trio.CancelScope()
+# Before the handshake names the tenant: a bound no session reaches.
+_UNBOUNDED: Final = InFlight(None)
+
+
 def error_reply(call_id: int | None, error: FacetrtError) -> ErrorReply:
-    return ErrorReply(
-        id=call_id, code=error.code.value, message=error.message, retryable=error.retryable
-    )
+    message = error.message
+    if len(message) > ERROR_MESSAGE_CHARS_MAX:
+        # Messages echo what the caller sent (an id, a method name): one as long as a whole
+        # frame made a reply that did not fit, and the call went unanswered.
+        message = message[:ERROR_MESSAGE_CHARS_MAX] + "... (cut)"
+    return ErrorReply(id=call_id, code=error.code.value, message=message, retryable=error.retryable)
 
 
 @final
@@ -153,8 +166,17 @@ class TcpServer:
     async def _handle(self, stream: trio.abc.Stream) -> None:
         surface = "tcp"
         if len(self._sessions) >= self.config.connections_max or self.draining:
-            reason = "draining" if self.draining else "at its connection limit"
-            refusal = error_reply(None, UnavailableError(f"server is {reason}; retry later"))
+            # Full is `overloaded` (SPEC §4: the node is full), draining `unavailable`.
+            refused: FacetrtError = (
+                UnavailableError("server is draining; retry later")
+                if self.draining
+                else OverloadedError(
+                    f"server has {self.config.connections_max} connections open, its limit; "
+                    "retry later"
+                )
+            )
+            self.metrics.connections_refused.labels(surface).inc()
+            refusal = error_reply(None, refused)
             with trio.move_on_after(CLOSE_SECONDS), contextlib.suppress(trio.BrokenResourceError):
                 await stream.send_all(Connection(Role.SERVER).send(refusal))
             await trio.aclose_forcefully(stream)
@@ -214,6 +236,7 @@ class _Session:
         self._read_scope = trio.CancelScope()
         self._principal: Principal | None = None
         self._tenant = ""
+        self._flight = _UNBOUNDED  # the tenant's calls in flight, node-wide (after the hello)
         self._peer = _peer_host(stream)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -273,6 +296,7 @@ class _Session:
                     server.throttle.succeeded(self._peer)
                     self._principal = principal
                     self._tenant = principal.tenant
+                    self._flight = self._core.quotas.in_flight(principal.tenant)
         if error is not None:
             await self._stream.send_all(self._conn.send(error_reply(None, error)))
             return False
@@ -338,11 +362,18 @@ class _Session:
         # sends but never reads can make us hold at most calls_in_flight_max replies.
         outbox_max = self._config.frame_bytes_max * 2
         conn = self._conn
+        flight = self._flight
         while True:
             while len(self._pending) + self._unwritten >= bound or self._outbox_bytes > outbox_max:
                 await self._wait_for_room()
+            if flight.count >= flight.bound:
+                # The tenant's bound, across its connections: read nothing more until one of
+                # its calls is answered (backpressure; see runtime/_quotas.py).
+                await flight.wait_for_room()
+                continue
             # Every complete frame of what was read, as one batch (up to the free slots).
-            events = conn.next_events(bound - len(self._pending) - self._unwritten)
+            room = bound - len(self._pending) - self._unwritten
+            events = conn.next_events(min(room, flight.bound - flight.count))
             if not events:
                 await self._receive()
                 continue
@@ -397,6 +428,7 @@ class _Session:
             self._answer(call.id, started, outcome.Error(exc))
             return
         assert not reply.is_set, "replies never arrive synchronously"
+        self._flight.count += 1  # given back when the call leaves _pending (in _answer)
         if call.deadline_ms is None:
             self._pending[call.id] = None
             return
@@ -417,9 +449,14 @@ class _Session:
 
     def _answer(self, call_id: int, started: float, result: outcome.Outcome[Value]) -> None:
         """Encode the reply of ``call_id`` now and queue it (runs as the runtime's callback)."""
-        scope = self._pending.pop(call_id, None)
-        if scope is not None:
-            scope.cancel()
+        scope = self._pending.pop(call_id, _ABSENT)
+        if scope is not _ABSENT:
+            flight = self._flight
+            flight.count -= 1  # InFlight.give, inlined: once per call
+            if flight.waiting:
+                flight.give_waiters()
+            if scope is not None:
+                scope.cancel()
         self._wake_for_room()
         if type(result) is outcome.Value:
             code = "ok"

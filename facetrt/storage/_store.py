@@ -40,6 +40,9 @@ TIMERS_DB: Final = b"timers"
 SYSTEM_DBS: Final = (META_DB, IDEM_DB, TIMERS_DB)
 KEY_BYTES_MAX: Final = 511
 DATA_FILE: Final = "data.mdb"
+LOCK_FILE: Final = "lock.mdb"
+LOCK_HEADER_BYTES: Final = 128
+READER_SLOT_BYTES: Final = 64
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -101,34 +104,31 @@ class FacetStore:
 
     def _open(self, path: Path, map_size_bytes: int) -> None:
         created = _make_dirs(path)
+        existing = _file_size(path / DATA_FILE)
+        is_new = existing == 0  # no data file, or one LMDB never initialised
+        env: lmdb.Environment | None = None
         try:
-            existing = _file_size(path / DATA_FILE)
             self.map_size_bytes = max(map_size_bytes, _pow2_at_least(existing))
-            self._env = open_environment(
+            env = open_environment(
                 path, map_size_bytes=self.map_size_bytes, max_dbs=len(SYSTEM_DBS) + 2
             )
             # One write transaction for all named dbs: one commit, not one per db.
-            with self._env.begin(write=True) as txn:
-                self._data = self._env.open_db(DATA_DB, txn=txn)
+            with env.begin(write=True) as txn:
+                self._data = env.open_db(DATA_DB, txn=txn)
                 self._dbs = {DATA_DB: self._data}
                 for name in SYSTEM_DBS:
-                    self._dbs[name] = self._env.open_db(name, txn=txn)
-        except lmdb.Error as exc:
+                    self._dbs[name] = env.open_db(name, txn=txn)
+            if is_new:
+                _sync_new_store(path, created)
+        except (lmdb.Error, OSError) as exc:
+            if env is not None:
+                env.close()
+            if is_new:
+                # Take back what this open made: a half-made store left in place would be
+                # opened next time as an existing one, and its directories never fsynced.
+                _remove_new_store(path, created)
             raise StorageError(f"cannot open store {str(path)!r}: {exc}") from exc
-        try:
-            self._sync_new_dirs(path, created)
-        except OSError:
-            self._env.close()
-            raise
-
-    @staticmethod
-    def _sync_new_dirs(path: Path, created: list[Path]) -> None:
-        # A new directory entry is durable only once its parent directory is fsynced; do it
-        # now so that the first acknowledged commit cannot vanish with its directory.
-        for directory in created:
-            fsync_dir(directory.parent)
-        if created:
-            fsync_dir(path)
+        self._env = env
 
     # -- reads (event-loop thread) -------------------------------------------------------
 
@@ -276,9 +276,11 @@ def open_environment(
     Durable by default: a commit returns after fsync of data and meta (``sync``,
     ``metasync``), through ``write()`` rather than a writable map (``writemap=False``: a stray
     pointer cannot scribble on the file). ``durable=False`` only for scratch stores that are
-    synced once by their owner before use (imports). Files are private (0600). Raises
-    ``lmdb.Error``.
+    synced once by their owner before use (imports). Files are private (0600). The lock file
+    gets its disk space first (:func:`reserve_lock_file`). Raises ``lmdb.Error``.
     """
+    if path.is_dir():
+        reserve_lock_file(path, max_readers)
     return lmdb.open(
         str(path),
         map_size=map_size_bytes,
@@ -297,6 +299,36 @@ def open_environment(
         max_spare_txns=max_spare_txns,
         lock=True,
     )
+
+
+def lock_file_bytes(max_readers: int) -> int:
+    """The size LMDB gives ``lock.mdb`` (0.9, 64-bit Linux): a 128-byte header, then one
+    64-byte slot per reader."""
+    return LOCK_HEADER_BYTES + READER_SLOT_BYTES * max_readers
+
+
+def reserve_lock_file(path: Path, max_readers: int) -> None:
+    """Allocate the disk space of the environment's lock file before LMDB maps it.
+
+    LMDB writes its lock file through a shared memory map. Where the file has no blocks yet (a
+    new file that LMDB extends with ``ftruncate``), the first write to a page must allocate
+    one, and on a full file system that page fault is ``SIGBUS``: the whole node would die
+    creating one facet's store. Allocated here first, the same full disk is an ``ENOSPC``
+    for that facet alone. Costs one ``fallocate`` per open (nothing to do once allocated).
+
+    Raises:
+        lmdb.Error: the space cannot be allocated (``ENOSPC``, ``EFBIG``, ...).
+    """
+    lock_path = path / LOCK_FILE
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            size = max(os.fstat(fd).st_size, lock_file_bytes(max_readers))
+            os.posix_fallocate(fd, 0, size)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise lmdb.Error(f"cannot allocate the lock file {str(lock_path)!r}: {exc}") from exc
 
 
 def _apply(txn: lmdb.Transaction[bytes], db: object, ops: dict[bytes, bytes | None]) -> None:
@@ -348,6 +380,29 @@ def _make_dirs(path: Path) -> list[Path]:
     for directory in reversed(missing):
         directory.mkdir(mode=0o700, exist_ok=True)
     return list(reversed(missing))
+
+
+def _sync_new_store(path: Path, created: list[Path]) -> None:
+    """Make a new store's directory entries durable: each created directory's entry in its
+    parent, and the store's files in its own directory (so that the first acknowledged commit
+    cannot vanish with its directory)."""
+    for directory in created:
+        fsync_dir(directory.parent)
+    fsync_dir(path)
+
+
+def _remove_new_store(path: Path, created: list[Path]) -> None:
+    """Undo a store creation that failed before it was durable (nothing was acknowledged
+    from it): its files, then the directories this open created, innermost first, each only
+    if empty (another facet's creation may be using a parent meanwhile). Best effort: what
+    is left is opened as a new store again next time (an empty or missing data file)."""
+    try:
+        for name in (DATA_FILE, LOCK_FILE):
+            (path / name).unlink(missing_ok=True)
+        for directory in reversed(created):
+            directory.rmdir()
+    except OSError:
+        pass  # not empty, or the disk refuses: stop here
 
 
 def fsync_dir(path: Path) -> None:

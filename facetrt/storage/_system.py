@@ -3,7 +3,11 @@
 Layout (``<data dir>/system/``, one LMDB environment)::
 
     db tenants   tenant id (UTF-8)  -> JSON {"created": unix seconds,
-                                             "quotas": {name: number} (overrides; optional)}
+                                             "quotas": {name: number} (overrides; optional),
+                                             "egress": {policy} (optional; policy/_model.py)}
+    db secrets   tenant id, NUL, secret name -> JSON {"hosts": [...], "allow_http": bool,
+                                             "nonce": b64, "ciphertext": b64, "created": float}
+                 (AES-GCM under the node key; encrypted and decrypted in ``policy/``, never here)
     db keys      key id (ASCII hex) -> JSON {"tenant": str | null (admin), "hash": hex str,
                                              "created": float, "revoked": float | null}
 
@@ -13,17 +17,33 @@ URL-safe characters (32 random bytes). Only SHA-256 of the secret is stored; the
 constant-time. Revocation is recorded (not deleted) so that it is auditable.
 
 All methods are synchronous and short; writes commit durably (``sync=True``).
+
+Threads: reads run on the event loop; the daemon's writes and backup copies on its writer
+threads (an fsync must not stop the loop); LMDB serialises the write transactions.
+
+Storage failures raise :class:`StorageError` (``internal``, retryable): nothing of a failed
+write is kept, in LMDB or in memory. After a failed transaction the environment is probed and,
+if LMDB has marked it fatal (a failed meta page write makes it refuse every later transaction,
+reads included), closed and opened again, so one failed write does not leave the node unable
+to read or create tenants and keys until a restart. A reopen must not close the environment
+under another thread's transaction or copy: every use holds the store's gate shared, a reopen
+holds it exclusively. Writers wait for the gate (they run on writer threads); a read on the
+event loop never waits: it reopens only if the gate is free at once, and otherwise fails and
+leaves the reopen to the next call.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -35,11 +55,15 @@ from .._ids import validate_tenant_id
 from ._store import DATA_FILE, fsync_dir, open_environment
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from pathlib import Path
 
 KEY_PATTERN: Final = re.compile(r"frt_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
 _TENANTS: Final = b"tenants"
 _KEYS: Final = b"keys"
+_SECRETS: Final = b"secrets"
+
+logger = logging.getLogger(__name__)
 
 
 def _dump(value: object) -> bytes:
@@ -48,6 +72,10 @@ def _dump(value: object) -> bytes:
 
 def _load(raw: bytes) -> Any:
     return json.loads(raw)
+
+
+def _secret_key(tenant: str, name: str) -> bytes:
+    return tenant.encode() + b"\0" + name.encode()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,38 +102,151 @@ class Principal:
         return self.tenant is None
 
 
+def _new_key(tenant: str | None) -> tuple[str, str, bytes, bytes]:
+    """A fresh key for ``tenant``: (key id, secret, SHA-256 of the secret, stored record)."""
+    key_id = secrets.token_hex(8)
+    secret = base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
+    digest = hashlib.sha256(secret.encode()).digest()
+    record = {"tenant": tenant, "hash": digest.hex(), "created": time.time(), "revoked": None}
+    return key_id, secret, digest, _dump(record)
+
+
+class _Gate:
+    """Shared use of an environment (transactions, copies) against its exclusive reopen."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._users = 0
+        self._exclusive = False
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._condition:
+            while self._exclusive:
+                self._condition.wait()
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._users -= 1
+                if not self._users:
+                    self._condition.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self, *, blocking: bool) -> Iterator[bool]:
+        """Yield True while held alone; False (not held) if ``blocking`` is off and it is
+        in use. Blocking waits for the current users, which hold it only briefly."""
+        with self._condition:
+            while blocking and (self._exclusive or self._users):
+                self._condition.wait()
+            acquired = not (self._exclusive or self._users)
+            self._exclusive = self._exclusive or acquired
+        if not acquired:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            with self._condition:
+                self._exclusive = False
+                self._condition.notify_all()
+
+
 class SystemStore:
-    """Tenants and keys of one data directory. Open one per process (the daemon's)."""
+    """Tenants and keys of one data directory. Open one per process (the daemon's).
+
+    Raises:
+        StorageError: LMDB could not open it.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._gate = _Gate()
+        self._broken = False  # a transaction failed: probe (and maybe reopen) before the next
         self._open()
 
     def _open(self) -> None:
+        """Open the environment and load the active keys; on failure nothing is replaced."""
         path = self.path
         try:
-            self._env = open_environment(
+            env = open_environment(
                 path, map_size_bytes=256 * 1024 * 1024, max_dbs=4, max_readers=64
             )
-            self._tenants = self._env.open_db(_TENANTS)
-            self._keys = self._env.open_db(_KEYS)
         except lmdb.Error as exc:
             raise StorageError(f"cannot open the system store at {str(path)!r}: {exc}") from exc
-        # key id -> (hash, tenant) of every active key: authentication is a dict lookup, and a
-        # revocation (which goes through this object) takes effect on the very next call.
-        self._active: dict[str, tuple[bytes, str | None]] = {}
-        with self._env.begin() as txn:
-            for key_id, raw in txn.cursor(self._keys):
-                record = _load(raw)
-                if record["revoked"] is None:
-                    self._active[key_id.decode()] = (
-                        bytes.fromhex(record["hash"]),
-                        record["tenant"],
-                    )
+        try:
+            tenants = env.open_db(_TENANTS)
+            keys = env.open_db(_KEYS)
+            secrets_db = env.open_db(_SECRETS)
+            # key id -> (hash, tenant) of every active key: authentication is a dict lookup,
+            # and a revocation (which goes through this object) takes effect on the very next
+            # call.
+            active: dict[str, tuple[bytes, str | None]] = {}
+            with env.begin() as txn:
+                for key_id, raw in txn.cursor(keys):
+                    record = _load(raw)
+                    if record["revoked"] is None:
+                        active[key_id.decode()] = (bytes.fromhex(record["hash"]), record["tenant"])
+        except lmdb.Error as exc:
+            env.close()
+            raise StorageError(f"cannot open the system store at {str(path)!r}: {exc}") from exc
+        self._env, self._tenants, self._keys, self._active = env, tenants, keys, active
+        self._secrets = secrets_db
 
     def close(self) -> None:
         self._env.close()
+
+    @contextlib.contextmanager
+    def _txn(self, *, write: bool = False) -> Iterator[lmdb.Transaction[bytes]]:
+        """A transaction of the store's environment, committed when the block ends.
+
+        Raises:
+            StorageError: LMDB failed (the block's writes are not kept), or the store is
+                unavailable after an earlier failure.
+        """
+        if self._broken and write:
+            self._recover(blocking=True)
+        failure: lmdb.Error | None = None
+        with self._gate.shared():
+            try:
+                with self._env.begin(write=write) as txn:
+                    yield txn
+            except lmdb.Error as exc:
+                failure = exc
+        if failure is None:
+            return
+        if write or self._broken or isinstance(failure, lmdb.PanicError):
+            self._broken = True
+            with contextlib.suppress(StorageError):
+                self._recover(blocking=write)  # if possible now; otherwise the next call
+        action = "write" if write else "read"
+        raise StorageError(
+            f"system store {action} failed in {str(self.path)!r}: {failure}"
+        ) from failure
+
+    def _recover(self, *, blocking: bool) -> None:
+        """After a failed transaction: reopen the environment if LMDB no longer serves it.
+
+        Raises:
+            StorageError: it cannot be opened (the next call tries again).
+        """
+        with self._gate.exclusive(blocking=blocking) as alone:
+            if not alone or not self._broken:
+                return  # in use (a reader does not wait), or another thread reopened it
+            try:
+                with self._env.begin():
+                    pass
+            except lmdb.Error:
+                pass  # fatal (MDB_PANIC), or closed by a failed reopen: open it again
+            else:
+                self._broken = False
+                return
+            self._env.close()
+            self._open()
+            self._broken = False
+            logger.warning("reopened the system store at %s after a failed write", self.path)
 
     def replace_data(self, staged: Path) -> None:
         """Make the LMDB file ``staged`` this store's data, then reopen (blocking).
@@ -134,27 +275,47 @@ class SystemStore:
         Raises:
             StorageError: the copy failed.
         """
-        try:
-            self._env.copy(str(directory), compact=True)
-        except lmdb.Error as exc:
-            raise StorageError(f"cannot copy the system store: {exc}") from exc
+        with self._gate.shared():
+            try:
+                self._env.copy(str(directory), compact=True)
+            except lmdb.Error as exc:
+                raise StorageError(f"cannot copy the system store: {exc}") from exc
 
     # -- tenants ---------------------------------------------------------------------------
 
     def create_tenant(self, tenant: str) -> None:
         """Raises: AddressError (bad id), ConflictError (exists)."""
         validate_tenant_id(tenant)
-        with self._write() as txn:
-            if txn.get(tenant.encode(), db=self._tenants) is not None:
-                raise ConflictError(f"tenant {tenant!r} already exists")
-            txn.put(tenant.encode(), _dump({"created": time.time()}), db=self._tenants)
+        with self._txn(write=True) as txn:
+            self._put_new_tenant(txn, tenant)
+
+    def create_tenant_with_key(self, tenant: str) -> tuple[str, str]:
+        """Create ``tenant`` and its first key in one transaction; return (key id, the key).
+
+        One commit, so a failure leaves neither (a retry is then a clean second attempt,
+        not a ``conflict`` over a tenant created without its key).
+
+        Raises: AddressError (bad id), ConflictError (exists), StorageError.
+        """
+        validate_tenant_id(tenant)
+        key_id, secret, digest, record = _new_key(tenant)
+        with self._txn(write=True) as txn:
+            self._put_new_tenant(txn, tenant)
+            txn.put(key_id.encode(), record, db=self._keys)
+        self._active[key_id] = (digest, tenant)
+        return key_id, f"frt_{key_id}_{secret}"
+
+    def _put_new_tenant(self, txn: lmdb.Transaction[bytes], tenant: str) -> None:
+        if txn.get(tenant.encode(), db=self._tenants) is not None:
+            raise ConflictError(f"tenant {tenant!r} already exists")
+        txn.put(tenant.encode(), _dump({"created": time.time()}), db=self._tenants)
 
     def tenant_exists(self, tenant: str) -> bool:
-        with self._env.begin(db=self._tenants) as txn:
-            return txn.get(tenant.encode()) is not None
+        with self._txn() as txn:
+            return txn.get(tenant.encode(), db=self._tenants) is not None
 
     def list_tenants(self) -> list[str]:
-        with self._env.begin() as txn:
+        with self._txn() as txn:
             return [key.decode() for key, _ in txn.cursor(self._tenants)]
 
     def tenant_quotas(self, tenant: str) -> dict[str, object]:
@@ -162,8 +323,8 @@ class SystemStore:
 
         Raises: NotFoundError.
         """
-        with self._env.begin(db=self._tenants) as txn:
-            raw = txn.get(tenant.encode())
+        with self._txn() as txn:
+            raw = txn.get(tenant.encode(), db=self._tenants)
         if raw is None:
             raise NotFoundError(f"tenant {tenant!r} does not exist")
         quotas = _load(raw).get("quotas", {})
@@ -172,7 +333,7 @@ class SystemStore:
     def all_tenant_quotas(self) -> dict[str, dict[str, object]]:
         """Every tenant's stored quota overrides (tenants without any are left out)."""
         found: dict[str, dict[str, object]] = {}
-        with self._env.begin() as txn:
+        with self._txn() as txn:
             for key, raw in txn.cursor(self._tenants):
                 quotas = _load(raw).get("quotas")
                 if isinstance(quotas, dict) and quotas:
@@ -184,7 +345,7 @@ class SystemStore:
 
         Raises: NotFoundError.
         """
-        with self._write() as txn:
+        with self._txn(write=True) as txn:
             raw = txn.get(tenant.encode(), db=self._tenants)
             if raw is None:
                 raise NotFoundError(f"tenant {tenant!r} does not exist")
@@ -195,6 +356,77 @@ class SystemStore:
                 record.pop("quotas", None)
             txn.put(tenant.encode(), _dump(record), db=self._tenants)
 
+    def tenant_egress(self, tenant: str) -> dict[str, object] | None:
+        """The egress policy stored for ``tenant`` (unvalidated), or None (node default).
+
+        Raises: NotFoundError.
+        """
+        with self._txn() as txn:
+            raw = txn.get(tenant.encode(), db=self._tenants)
+        if raw is None:
+            raise NotFoundError(f"tenant {tenant!r} does not exist")
+        policy = _load(raw).get("egress")
+        return dict(policy) if isinstance(policy, dict) else None
+
+    def all_tenant_egress(self) -> dict[str, dict[str, object]]:
+        """Every tenant's stored egress policy (tenants on the node default are left out)."""
+        found: dict[str, dict[str, object]] = {}
+        with self._txn() as txn:
+            for key, raw in txn.cursor(self._tenants):
+                policy = _load(raw).get("egress")
+                if isinstance(policy, dict):
+                    found[key.decode()] = policy
+        return found
+
+    def set_tenant_egress(self, tenant: str, policy: dict[str, object] | None) -> None:
+        """Replace ``tenant``'s egress policy (None: back to the node default), durably.
+
+        Raises: NotFoundError.
+        """
+        with self._txn(write=True) as txn:
+            raw = txn.get(tenant.encode(), db=self._tenants)
+            if raw is None:
+                raise NotFoundError(f"tenant {tenant!r} does not exist")
+            record = _load(raw)
+            if policy is None:
+                record.pop("egress", None)
+            else:
+                record["egress"] = policy
+            txn.put(tenant.encode(), _dump(record), db=self._tenants)
+
+    # -- secrets (sealed records; see policy/_secrets.py) ------------------------------------
+
+    def put_secret(self, tenant: str, name: str, record: dict[str, object]) -> None:
+        """Store (or replace) a sealed secret record of ``tenant``, durably.
+
+        Raises: NotFoundError (no such tenant).
+        """
+        with self._txn(write=True) as txn:
+            if txn.get(tenant.encode(), db=self._tenants) is None:
+                raise NotFoundError(f"tenant {tenant!r} does not exist")
+            txn.put(_secret_key(tenant, name), _dump(record), db=self._secrets)
+
+    def delete_secret(self, tenant: str, name: str) -> None:
+        """Raises: NotFoundError (no such secret)."""
+        with self._txn(write=True) as txn:
+            if not txn.delete(_secret_key(tenant, name), db=self._secrets):
+                raise NotFoundError(f"tenant {tenant!r} has no secret {name!r}")
+
+    def secrets(self, tenant: str | None = None) -> dict[tuple[str, str], dict[str, Any]]:
+        """Sealed secret records by (tenant, name): one tenant's, or every tenant's."""
+        prefix = b"" if tenant is None else tenant.encode() + b"\0"
+        found: dict[tuple[str, str], dict[str, Any]] = {}
+        with self._txn() as txn:
+            cursor = txn.cursor(self._secrets)
+            if not cursor.set_range(prefix):
+                return found
+            for key, raw in cursor:
+                if not key.startswith(prefix):
+                    break
+                owner, _, name = key.decode().partition("\0")
+                found[(owner, name)] = _load(raw)
+        return found
+
     def delete_tenant(self, tenant: str) -> int:
         """Remove the tenant and revoke its keys; return how many keys were revoked.
 
@@ -202,9 +434,16 @@ class SystemStore:
         """
         revoked = 0
         now = time.time()
-        with self._write() as txn:
+        with self._txn(write=True) as txn:
             if not txn.delete(tenant.encode(), db=self._tenants):
                 raise NotFoundError(f"tenant {tenant!r} does not exist")
+            # Its secrets go with it: a tenant created later under the name must not get them.
+            prefix = tenant.encode() + b"\0"
+            cursor = txn.cursor(self._secrets)
+            if cursor.set_range(prefix):
+                while cursor.key().startswith(prefix):
+                    if not cursor.delete():
+                        break
             for key_id, raw in list(txn.cursor(self._keys)):
                 record = _load(raw)
                 if record["tenant"] == tenant and record["revoked"] is None:
@@ -225,32 +464,45 @@ class SystemStore:
 
         Raises: NotFoundError (no such tenant).
         """
-        key_id = secrets.token_hex(8)
-        secret = base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
-        digest = hashlib.sha256(secret.encode()).digest()
-        record = {"tenant": tenant, "hash": digest.hex(), "created": time.time(), "revoked": None}
-        with self._write() as txn:
+        key_id, secret, digest, record = _new_key(tenant)
+        with self._txn(write=True) as txn:
             if tenant is not None and txn.get(tenant.encode(), db=self._tenants) is None:
                 raise NotFoundError(f"tenant {tenant!r} does not exist")
-            txn.put(key_id.encode(), _dump(record), db=self._keys)
+            txn.put(key_id.encode(), record, db=self._keys)
         self._active[key_id] = (digest, tenant)
         return key_id, f"frt_{key_id}_{secret}"
 
-    def revoke_key(self, key_id: str) -> None:
-        """Raises: NotFoundError (unknown or already revoked key id)."""
-        with self._write() as txn:
+    def revoke_key(self, key_id: str, *, keep_an_admin_key: bool = False) -> None:
+        """Revoke ``key_id``; with ``keep_an_admin_key``, never the last active admin key
+        (checked in the same write transaction, so two revocations cannot both pass).
+
+        Raises: NotFoundError (unknown or already revoked key id), ConflictError (the last
+        admin key, with ``keep_an_admin_key``).
+        """
+        with self._txn(write=True) as txn:
             raw = txn.get(key_id.encode(), db=self._keys)
             if raw is None:
                 raise NotFoundError(f"no key with id {key_id!r}")
             record = _load(raw)
             if record["revoked"] is not None:
                 raise NotFoundError(f"key {key_id!r} is already revoked")
+            if keep_an_admin_key and record["tenant"] is None:
+                others = (
+                    other
+                    for other_id, other_raw in txn.cursor(self._keys)
+                    if other_id != key_id.encode()
+                    for other in (_load(other_raw),)
+                )
+                if not any(o["tenant"] is None and o["revoked"] is None for o in others):
+                    raise ConflictError(
+                        "refusing to revoke the last admin key; create another first"
+                    )
             record["revoked"] = time.time()
             txn.put(key_id.encode(), _dump(record), db=self._keys)
         self._active.pop(key_id, None)
 
     def list_keys(self, tenant: str | None = None) -> list[KeyRecord]:
-        with self._env.begin() as txn:
+        with self._txn() as txn:
             records = [(key_id.decode(), _load(raw)) for key_id, raw in txn.cursor(self._keys)]
         return [
             KeyRecord(
@@ -282,6 +534,3 @@ class SystemStore:
     def is_active(self, principal: Principal) -> bool:
         """Whether the key is still valid (checked on every call: revocation is immediate)."""
         return principal.key_id in self._active
-
-    def _write(self) -> lmdb.Transaction[bytes]:
-        return self._env.begin(write=True)

@@ -24,10 +24,20 @@ Writes come from the writer threads, one facet commit each; they are group-commi
 (one thread commits the operations every other thread queued meanwhile, with one fsync), so
 the index costs one fsync per batch, not per timer. The queue is bounded by the number of
 writer threads, each of which waits for its own operation. Reads run on the event loop.
+
+Storage failures. A failed commit fails every operation of its batch (:class:`StorageError`)
+and the environment is then closed and opened again, as a facet's store is reset: LMDB marks
+an environment whose meta page write failed as fatal, refusing every later transaction, reads
+included, so without a reopen one failed write would stop every timer of the node for good.
+The reopen runs in the committing thread (no other writer runs meanwhile) under
+``_env_lock``, which readers hold for their few microseconds, so no transaction of the old
+environment is open when it closes. Should the reopen itself fail, the index is *broken*:
+reads fail with :class:`StorageError`, and the next write (or :meth:`repair`) tries again.
 """
 
 from __future__ import annotations
 
+import logging
 import struct
 import threading
 from dataclasses import dataclass, field
@@ -46,6 +56,8 @@ if TYPE_CHECKING:
 _DUE: Final = b"due"
 _FACETS: Final = b"facets"
 _MS: Final = struct.Struct(">Q")
+
+logger = logging.getLogger(__name__)
 
 
 def facet_key(address: FacetAddress) -> bytes:
@@ -76,6 +88,7 @@ def _keys_between(
 @dataclass(slots=True)
 class _Operation:
     apply: Callable[[lmdb.Transaction[bytes]], object]
+    reopen: bool = False  # open the environment again first (a repair)
     done: bool = False
     result: object = None
     error: BaseException | None = None
@@ -99,20 +112,46 @@ class TimerIndex:
 
     def __init__(self, path: Path, *, map_size_bytes: int, readers_max: int) -> None:
         self.path = path
+        self._map_size_bytes = map_size_bytes
+        self._readers_max = readers_max
+        self._env_lock = threading.Lock()
+        self._broken = False
         try:
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot open the timer index at {str(path)!r}: {exc}") from exc
+        self._open()
+        self._group = _GroupCommit()
+
+    def _open(self) -> None:
+        """Open the environment and its dbs. Raises StorageError."""
+        try:
             self._env = open_environment(
-                path, map_size_bytes=map_size_bytes, max_dbs=2, max_readers=readers_max
+                self.path,
+                map_size_bytes=self._map_size_bytes,
+                max_dbs=2,
+                max_readers=self._readers_max,
             )
             with self._env.begin(write=True) as txn:
                 self._due = self._env.open_db(_DUE, txn=txn)
                 self._facets = self._env.open_db(_FACETS, txn=txn)
         except (lmdb.Error, OSError) as exc:
-            raise StorageError(f"cannot open the timer index at {str(path)!r}: {exc}") from exc
-        self._group = _GroupCommit()
+            raise StorageError(f"cannot open the timer index at {str(self.path)!r}: {exc}") from exc
 
     def close(self) -> None:
         self._env.close()
+
+    def _reopen(self) -> None:
+        """Close and open the environment again (after a failed commit).
+
+        Only from the committing thread, so that no write transaction is open; readers are
+        kept out by ``_env_lock``. Raises StorageError (the index stays broken).
+        """
+        with self._env_lock:
+            self._broken = True
+            self._env.close()
+            self._open()
+            self._broken = False
 
     # -- writes (writer threads; blocking) --------------------------------------------------
 
@@ -174,6 +213,15 @@ class TimerIndex:
 
         return bool(self._run(apply))
 
+    def repair(self) -> None:
+        """Close and open the environment again, between two group commits: after reads
+        failed (it was left broken, or LMDB refuses it). Blocking: for a writer thread.
+
+        Raises:
+            StorageError: it could not be reopened.
+        """
+        self._run(lambda txn: None, reopen=True)
+
     def _hint_in(self, txn: lmdb.Transaction[bytes], key: bytes) -> int | None:
         raw = txn.get(key, db=self._facets)
         return None if raw is None else int(_MS.unpack(raw)[0])
@@ -189,8 +237,10 @@ class TimerIndex:
             txn.put(_MS.pack(due_ms) + key, b"", db=self._due)
             txn.put(key, _MS.pack(due_ms), db=self._facets)
 
-    def _run(self, apply: Callable[[lmdb.Transaction[bytes]], object]) -> object:
-        operation = _Operation(apply)
+    def _run(
+        self, apply: Callable[[lmdb.Transaction[bytes]], object], *, reopen: bool = False
+    ) -> object:
+        operation = _Operation(apply, reopen=reopen)
         group = self._group
         with group.condition:
             group.queue.append(operation)
@@ -216,11 +266,16 @@ class TimerIndex:
         error: StorageError | None = None
         results: list[object] = []
         try:
+            if self._broken or any(operation.reopen for operation in batch):
+                self._reopen()
             with self._env.begin(write=True) as txn:
                 results = [operation.apply(txn) for operation in batch]
+        except StorageError as exc:
+            error = exc  # broken, and the reopen failed again
         except (lmdb.Error, OSError) as exc:
             error = StorageError(f"timer index commit failed in {str(self.path)!r}: {exc}")
             error.__cause__ = exc
+            self._reset()
         finally:
             # Also on a bug (an exception we do not expect): every waiter must learn the end
             # of its operation, or its writer thread would wait forever.
@@ -231,7 +286,22 @@ class TimerIndex:
                     operation.error = error or StorageError("timer index commit did not finish")
                 operation.done = True
 
+    def _reset(self) -> None:
+        """After a failed commit: reopen, since LMDB may now refuse every transaction."""
+        try:
+            self._reopen()
+        except StorageError as exc:
+            logger.error("the timer index stays unavailable until it can be reopened: %s", exc)
+
     # -- reads (event loop) -----------------------------------------------------------------
+
+    def _check_readable(self) -> None:
+        """Raise StorageError while broken (call with ``_env_lock`` held)."""
+        if self._broken:
+            raise StorageError(
+                f"timer index {str(self.path)!r} is unavailable: a failed commit left it "
+                "closed and it could not be reopened yet"
+            )
 
     def due(
         self, now_ms: int, *, skip: Container[FacetAddress], limit: int
@@ -261,19 +331,21 @@ class TimerIndex:
         next_ms: int | None = None
         segments = [(after, None)] if after is None else [(after, None), (None, after)]
         try:
-            with self._env.begin(db=self._due) as txn, txn.cursor() as cursor:
-                for start, stop in segments:
-                    for key in _keys_between(cursor, start, stop):
-                        due_ms = int(_MS.unpack_from(key)[0])
-                        if due_ms > now_ms:
-                            next_ms = due_ms if next_ms is None else min(next_ms, due_ms)
-                            break
-                        address = _address_of(key[_MS.size :])
-                        if address in skip:
-                            continue
-                        found.append(address)
-                        if len(found) >= limit:
-                            return found, key, None
+            with self._env_lock:
+                self._check_readable()
+                with self._env.begin(db=self._due) as txn, txn.cursor() as cursor:
+                    for start, stop in segments:
+                        for key in _keys_between(cursor, start, stop):
+                            due_ms = int(_MS.unpack_from(key)[0])
+                            if due_ms > now_ms:
+                                next_ms = due_ms if next_ms is None else min(next_ms, due_ms)
+                                break
+                            address = _address_of(key[_MS.size :])
+                            if address in skip:
+                                continue
+                            found.append(address)
+                            if len(found) >= limit:
+                                return found, key, None
         except lmdb.Error as exc:
             raise StorageError(f"timer index read failed in {str(self.path)!r}: {exc}") from exc
         return found, None, next_ms
@@ -281,13 +353,24 @@ class TimerIndex:
     def hint_of(self, address: FacetAddress) -> int | None:
         """The hint of ``address`` (ms since the epoch), or None."""
         try:
-            with self._env.begin(db=self._facets) as txn:
-                raw = txn.get(facet_key(address))
+            with self._env_lock:
+                self._check_readable()
+                with self._env.begin(db=self._facets) as txn:
+                    raw = txn.get(facet_key(address))
         except lmdb.Error as exc:
             raise StorageError(f"timer index read failed in {str(self.path)!r}: {exc}") from exc
         return None if raw is None else int(_MS.unpack(raw)[0])
 
     def count(self) -> int:
-        """How many facets have a hint."""
-        with self._env.begin() as txn:
-            return int(txn.stat(self._facets)["entries"])
+        """How many facets have a hint.
+
+        Raises:
+            StorageError: the index cannot be read.
+        """
+        try:
+            with self._env_lock:
+                self._check_readable()
+                with self._env.begin() as txn:
+                    return int(txn.stat(self._facets)["entries"])
+        except lmdb.Error as exc:
+            raise StorageError(f"timer index read failed in {str(self.path)!r}: {exc}") from exc

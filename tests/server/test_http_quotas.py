@@ -9,11 +9,13 @@ from typing import TYPE_CHECKING
 import trio
 
 from facetrt import cli
-from tests.server.test_http import Served, error_of, result_of, serve, served
+from tests.facets import Gate
+from tests.server.test_http import CLASSES, Served, error_of, result_of, serve, served
 
 if TYPE_CHECKING:
     from pathlib import Path
 
+    import httpx
     import pytest
 
 __all__ = ["served"]  # the fixture, shared with test_http
@@ -175,3 +177,30 @@ async def test_cli_sets_quotas_on_the_data_directory_for_the_next_start(
         result_of(await served.call(key, "acme/a/increment", {"class": "Counter"}))
         refused = await served.call(key, "acme/b/increment", {"class": "Counter"})
         assert error_of(refused) == (429, "quota_exceeded")
+
+
+async def test_calls_in_flight_bound_makes_http_requests_wait_not_fail(tmp_path: Path) -> None:
+    Gate.events["hg"] = trio.Event()
+    classes = {**CLASSES, "Gate": "tests.facets:Gate"}
+    overrides = {"runtime.tenant_calls_in_flight_max": 2, "classes": classes}
+    async with serve(tmp_path, **overrides) as served:
+        runtime = served.daemon.runtime
+        assert runtime is not None
+        key = await served.create_tenant("acme")
+        result_of(await served.call(key, "acme/hg/put", {"class": "Gate", "args": ["k", 0]}))
+        responses: list[httpx.Response] = []
+
+        async def gated(index: int) -> None:
+            body = {"args": ["k", index]}
+            responses.append(await served.call(key, "acme/hg/wait_and_put", body))
+
+        async with trio.open_nursery() as nursery:
+            for index in range(5):
+                nursery.start_soon(gated, index)
+            for _ in range(50):
+                await trio.sleep(0.01)
+            assert runtime.statistics().queued_envelopes == 1  # one running, one queued
+            assert runtime.core.quotas.in_flight("acme").count == 2
+            Gate.events["hg"].set()
+        assert [result_of(response) for response in responses] == [None] * 5
+        assert runtime.core.quotas.in_flight("acme").count == 0

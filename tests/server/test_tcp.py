@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from facetrt.config import load_daemon_config
+from facetrt.config import TenantQuotaSettings, load_daemon_config
 from facetrt.protocol import (
     Bye,
     Call,
@@ -253,7 +253,10 @@ async def test_deadline_answers_timeout(data_dir: Path, tenant_keys: dict[str, s
     async with trio.open_nursery() as nursery:
         daemon, info = await _start(nursery, data_dir)
         client, _ = await RawClient.connect(info, tenant_keys["acme"])
-        reply = await client.call_once("d", "wait_and_put", "k", 1, cls="Gate", deadline_ms=50)
+        # The facet exists first: on a loaded machine the deadline may pass before the gated
+        # call starts (then it is skipped and would not have created the facet).
+        assert isinstance(await client.call_once("d", "put", "k", 0, cls="Gate"), Result)
+        reply = await client.call_once("d", "wait_and_put", "k", 1, deadline_ms=50)
         assert isinstance(reply, ErrorReply)
         assert (reply.code, reply.retryable) == ("timeout", True)
         Gate.events["d"].set()
@@ -466,3 +469,46 @@ async def test_a_reset_connection_ends_only_its_session(
     again, _ = await RawClient.connect(info, keys["acme"])
     with trio.fail_after(5):
         assert await again.call_once("rst", "get", "k") == Result(id=1, value=7)
+
+
+async def test_a_tenants_calls_in_flight_are_bounded_across_its_connections(
+    data_dir: Path, tenant_keys: dict[str, str]
+) -> None:
+    Gate.events["g"] = trio.Event()
+    async with trio.open_nursery() as nursery:
+        daemon, info = await _start(nursery, data_dir, **{"runtime.tenant_calls_in_flight_max": 4})
+        runtime = daemon.runtime
+        assert runtime is not None
+        first, _ = await RawClient.connect(info, tenant_keys["acme"])
+        second, _ = await RawClient.connect(info, tenant_keys["acme"])
+        other, _ = await RawClient.connect(info, tenant_keys["globex"])
+        assert isinstance(await first.call_once("g", "put", "k", 0, cls="Gate"), Result)
+        calls = {
+            client: [client.call("g", "wait_and_put", "k", index) for index in range(5)]
+            for client in (first, second)
+        }
+        for client, sent in calls.items():
+            await client.send(*sent)
+
+        async def settle() -> None:
+            for _ in range(50):
+                await trio.sleep(0.01)
+
+        await settle()
+        # Four of acme's ten calls were read (one running, three queued); the rest wait in
+        # the sockets, refused nothing. Another tenant is not held up by acme's bound.
+        assert runtime.statistics().queued_envelopes == 3
+        assert isinstance(await other.call_once("c", "increment", cls="Counter"), Result)
+        runtime.core.quotas.set_overrides(
+            "acme", TenantQuotaSettings.parse({"calls_in_flight_max": 6})
+        )
+        await settle()
+        assert runtime.statistics().queued_envelopes == 5  # raised live: two more were read
+        Gate.events["g"].set()
+        for client, sent in calls.items():
+            events = [await client.receive() for _ in sent]
+            assert {event.id for event in events if isinstance(event, Result)} == {
+                call.id for call in sent
+            }
+        assert runtime.core.quotas.in_flight("acme").count == 0
+        daemon.stop()
