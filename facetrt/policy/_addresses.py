@@ -53,6 +53,9 @@ _SPECIAL: Final[tuple[tuple[str, str], ...]] = (
     ("fc00::/7", "private"),  # unique local addresses
     ("ff00::/8", "multicast"),
     ("100::/64", "reserved"),  # discard-only
+    # Local-use NAT64 (RFC 8215): a site's translator reaches the IPv4 address inside, at a
+    # position the prefix length decides, so no IPv4 range could be checked: all reserved.
+    ("64:ff9b:1::/48", "reserved"),
     ("2001::/32", "reserved"),  # Teredo: an obfuscated IPv4 address inside
     ("2001:db8::/32", "reserved"),  # documentation
 )

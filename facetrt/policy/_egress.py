@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -43,17 +44,11 @@ from ._addresses import HostError, parse_host
 from ._audit import AuditLog, AuditRecord, AuditStatistics
 from ._credentials import Caller, ProxyCredentials
 from ._decide import DEFAULT_PORTS, Decision, canonical_ip, deny
+from ._decoding import ACCEPT_ENCODING, read_body
 from ._model import EgressConfig
 from ._policies import Policies
 from ._secrets import NodeKey, SecretDenied, Secrets
-from ._transport import (
-    ADDRESSES,
-    CuttableStream,
-    PinnedTransport,
-    StreamCut,
-    resolve,
-    ssl_context,
-)
+from ._transport import ADDRESSES, PinnedTransport, resolve, ssl_context
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -82,6 +77,8 @@ FORBIDDEN_HEADERS: Final = frozenset(
 )
 # Dropped when a redirect leaves the origin (as browsers and httpx do).
 CREDENTIAL_HEADERS: Final = frozenset({"authorization", "cookie", "proxy-authorization"})
+# What h11 accepts as a field value, narrowed to ASCII (httpx encodes header values as ASCII).
+HEADER_VALUE: Final = re.compile(r"([\x21-\x7e]+([ \t]+[\x21-\x7e]+)*)?")
 HEADERS_MAX: Final = 100
 HEADER_BYTES_MAX: Final = 16 * 1024
 USER_AGENT: Final = "facetrt-egress"
@@ -214,7 +211,8 @@ class Egress:
             status=response.status,
             headers=tuple((name, redactor.header(value)) for name, value in response.headers),
             body=redactor.data(response.body),
-            url=response.url,
+            # A redirect's Location is the server's text: it may carry a secret it reflects.
+            url=redactor.header(response.url),
         )
 
     async def request(
@@ -315,9 +313,11 @@ class Egress:
         if not decision.allowed:
             raise await self._denied(caller, target, method, decision)
         try:
-            sent = self.secrets.for_tenant(caller.tenant).substitute(
-                headers, target.scheme, target.host
-            )
+            secrets = self.secrets.for_tenant(caller.tenant)
+            # Facet code never holds a value, so one in the URL came from a server (a
+            # redirect reflecting it): it may go on only to a host the secret is bound to.
+            secrets.check_url(str(target.url), target.scheme, target.host)
+            sent = secrets.substitute(headers, target.scheme, target.host)
         except SecretDenied as denied:
             raise await self._denied(caller, target, method, denied.decision) from None
         addresses = await self._addresses(caller, target, method)
@@ -328,16 +328,17 @@ class Egress:
         try:
             await self.audit.attempt(record)  # durable before anything leaves
         except trio.Cancelled:
-            record.error = "cancelled"  # nothing was sent
-            self.audit.complete_nowait(record)
+            if record.key:  # queued (it is written anyway): complete it; else never queued
+                record.error = "cancelled"  # nothing was sent
+                self.audit.complete_nowait(record)
             raise
         started = time.perf_counter()
+        failure: FetchError | None = None
         try:
             response = await self._send(target, method, sent, body, addresses, policy.policy)
         except FetchError as exc:
             self._failed(record, exc.kind, started)
-            redactor = self.secrets.for_tenant(caller.tenant).redactor
-            raise FetchError(redactor.text(exc.message), kind=exc.kind) from None
+            failure = FetchError(secrets.redactor.text(exc.message), kind=exc.kind)
         except BaseException as exc:
             record.error = _error_class(exc)
             if record.error == "cancelled" and limit.cancel_called:
@@ -347,6 +348,10 @@ class Egress:
                 self.counters.failed(record.error)
             self.audit.complete_nowait(record)
             raise
+        if failure is not None:
+            # Raised outside the handler: as its __context__, the unredacted error (and the
+            # httpx one under it, which may quote request headers) would reach facet code.
+            raise failure
         record.address = response.address
         record.status = response.raw.status
         record.bytes_in = response.bytes_in
@@ -455,6 +460,10 @@ class Egress:
         policy: EgressPolicy,
     ) -> _HopResponse:
         limit = self._response_limit(policy)
+        # Egress owns Accept-Encoding: it decodes the body itself (bounded, so it can redact
+        # it), and a coding it cannot decode would hand back a body it could not redact.
+        headers = [(k, v) for k, v in headers if k.lower() != "accept-encoding"]
+        headers.append(("accept-encoding", ACCEPT_ENCODING))
         request = self._client.build_request(
             method,
             target.url,
@@ -462,28 +471,15 @@ class Egress:
             content=body,
             extensions={ADDRESSES: addresses},
         )
-        chunks: list[bytes] = []
         try:
             response = await self._client.send(request, stream=True)
-            over = False
-            size = 0
             try:
-                async for chunk in response.aiter_bytes():
-                    size += len(chunk)
-                    if size > limit and not over:
-                        over = True
-                        chunks.clear()
-                        if isinstance(response.stream, CuttableStream):
-                            response.stream.cut()
-                    if not over:
-                        chunks.append(chunk)
-            except StreamCut:
-                pass
+                body_read = await read_body(response, limit)
             finally:
                 await response.aclose()
         except (httpx.TransportError, httpcore.ProtocolError, httpcore.NetworkError) as exc:
             raise _fetch_error(target, exc) from None
-        if over:
+        if body_read is None:
             raise PolicyViolationError(
                 f"egress response from {target.host.text} is over {limit} bytes "
                 "(rule limit:response_bytes_max); the rest was not read"
@@ -494,7 +490,7 @@ class Egress:
             headers=[
                 (k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in response.headers.raw
             ],
-            body=b"".join(chunks),
+            body=body_read,
             url=str(target.url),
         )
         return _HopResponse(
@@ -653,8 +649,14 @@ def _check_headers(headers: tuple[tuple[str, str], ...]) -> list[tuple[str, str]
             raise BadRequestError(f"bad header name {name!r}")
         if lowered in FORBIDDEN_HEADERS:
             raise BadRequestError(f"header {name!r} is set by the egress layer, not facet code")
-        if any(c in value for c in "\r\n\0"):
-            raise BadRequestError(f"header {name!r} has a line break or NUL in its value")
+        if not HEADER_VALUE.fullmatch(value):
+            # Checked here, before secrets are substituted: a value h11 or httpx refuses later
+            # fails with an error that quotes it, with the secret in it (escaped beyond what
+            # redaction recognises).
+            raise BadRequestError(
+                f"header {name!r} must be visible ASCII with spaces or tabs only between words "
+                "(no line break, control character or non-ASCII character)"
+            )
         total += len(name) + len(value)
         checked.append((name, value))
     if total > HEADER_BYTES_MAX:

@@ -19,7 +19,8 @@ HTTP is parsed by h11; nothing here parses HTTP by hand.
 Answers: 407 (no or wrong credential), 403 (policy: JSON body with the rule), 502 (the
 destination failed), 400 (malformed, or an origin-form request), 413 (body too large).
 Bounds: ``proxy_connections_max`` connections (more are refused at once), request heads of
-16 KiB, bodies of ``request_bytes_max``, idle connections closed after ``IDLE_SECONDS``.
+16 KiB, bodies of ``request_bytes_max``, idle connections closed after ``IDLE_SECONDS``, and
+a request head must be complete within ``IDLE_SECONDS`` of the last request.
 """
 
 from __future__ import annotations
@@ -131,7 +132,11 @@ class EgressProxy:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=HEAD_BYTES_MAX)
         while True:
             try:
-                event = await self._next(stream, conn)
+                # The whole head within IDLE_SECONDS, not only each read: the credential is
+                # checked once the head is in, so a trickling peer must not hold a slot longer.
+                event = None
+                with trio.move_on_after(IDLE_SECONDS):
+                    event = await self._next(stream, conn)
             except h11.RemoteProtocolError as exc:
                 await self._refuse(stream, conn, _Refused(400, "bad_request", str(exc), close=True))
                 return

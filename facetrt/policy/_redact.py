@@ -79,6 +79,12 @@ class Redactor:
             return value
         return self._bytes.sub(lambda m: b"[REDACTED:" + self._names[m[0]].encode() + b"]", value)
 
+    def names_in(self, value: bytes) -> set[str]:
+        """The names of the secrets whose values (any form) occur in ``value``."""
+        if self._bytes is None:
+            return set()
+        return {self._names[match[0]] for match in self._bytes.finditer(value)}
+
     def header(self, value: str) -> str:
         """A header value with known secret forms replaced (header values are latin-1)."""
         if self._text is None:

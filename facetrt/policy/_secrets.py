@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 NODE_KEY_FILE: Final = "node.key"
 PLACEHOLDER: Final = re.compile(r"\{\{secret:([A-Za-z0-9_.-]{1,64})\}\}")
 SECRET_NAME: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+SECRET_VALUE: Final = re.compile(r"[\x21-\x7e]+( +[\x21-\x7e]+)*")
 VALUE_BYTES_MIN: Final = 8  # shorter values would redact common text
 VALUE_BYTES_MAX: Final = 8192
 HOSTS_MAX: Final = 64
@@ -105,6 +106,23 @@ class TenantSecrets:
             out.append((name, value))
         return out
 
+    def check_url(self, url: str, scheme: str, host: Host) -> None:
+        """Deny a URL that carries a secret's value (any form) to a host it is not bound to.
+
+        Raises:
+            SecretDenied: a value of a secret not bound to ``scheme://host`` is in ``url``.
+        """
+        for name in self.redactor.names_in(url.encode()):
+            if not self._secrets[name].is_bound_to(scheme, host):
+                raise SecretDenied(
+                    deny(
+                        f"secret:{name}",
+                        "secret",
+                        f"the URL carries secret {name!r}, which is not bound to "
+                        f"{scheme}://{host.text}",
+                    )
+                )
+
     def _value(self, name: str, scheme: str, host: Host) -> str:
         secret = self._secrets.get(name)
         if secret is None:
@@ -117,6 +135,15 @@ class TenantSecrets:
                     f"secret:{name}",
                     "secret",
                     f"secret {name!r} is not bound to {scheme}://{host.text}",
+                )
+            )
+        if not SECRET_VALUE.fullmatch(secret.value):
+            # Sealed before values were checked: sending it would fail with an error quoting it.
+            raise SecretDenied(
+                deny(
+                    f"secret:{name}",
+                    "secret",
+                    f"secret {name!r} has a value that cannot go in a header; set it again",
                 )
             )
         return secret.value
@@ -225,8 +252,13 @@ class NodeKey:
             raise BadRequestError(
                 f"a secret value is {VALUE_BYTES_MIN} to {VALUE_BYTES_MAX} bytes long"
             )
-        if any(ord(char) < 32 or ord(char) == 127 for char in value):
-            raise BadRequestError("a secret value must not hold control characters (CR, LF, ...)")
+        if not SECRET_VALUE.fullmatch(value):
+            # It goes into a header value: anything h11 or httpx refuses there would fail the
+            # request with an error quoting the value.
+            raise BadRequestError(
+                "a secret value must be visible ASCII (spaces only between words; no control "
+                "characters such as CR or LF)"
+            )
         nonce = random.token_bytes(12)
         ciphertext = self._aead.encrypt(nonce, encoded, _associated(tenant, name))
         return {

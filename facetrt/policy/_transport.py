@@ -134,7 +134,7 @@ class PinnedTransport(httpx.AsyncBaseTransport):
             return httpx.Response(
                 status_code=response.status,
                 headers=response.headers,
-                stream=CuttableStream(response, partial(self._done, address)),
+                stream=ReleasingStream(response, partial(self._done, address)),
                 extensions={**response.extensions, ADDRESSES: address},
             )
         raise FetchError(f"cannot connect to {request.url.host}: {last}", kind="connect")
@@ -178,32 +178,17 @@ class PinnedTransport(httpx.AsyncBaseTransport):
             await pool.aclose()
 
 
-class StreamCut(Exception):
-    """Raised inside a response stream that the reader cut (the response-size limit)."""
-
-
 @final
-class CuttableStream(httpx.AsyncByteStream):
+class ReleasingStream(httpx.AsyncByteStream):
     """The response body; releases the address's in-flight count when closed."""
 
     def __init__(self, response: httpcore.Response, release: Callable[[], None]) -> None:
         self._response = response
         self._release: Callable[[], None] | None = release
-        self._cut = False
-
-    def cut(self) -> None:
-        """Stop reading: the next pull raises :class:`StreamCut` from inside this stream, so
-        it unwinds every generator stacked on it (httpx's decoders) rather than leaving them
-        suspended."""
-        self._cut = True
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         async for part in self._response.aiter_stream():
-            if self._cut:
-                raise StreamCut
             yield part
-            if self._cut:
-                raise StreamCut
 
     async def aclose(self) -> None:
         try:

@@ -16,11 +16,14 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from facetrt import UnavailableError, cli
+from facetrt._fetch import FetchRequest
 from facetrt.client import connect
-from facetrt.policy import EgressConfig
+from facetrt.policy import Egress, EgressConfig
 from facetrt.policy._audit import AuditLog, AuditRecord, read_offline
+from facetrt.policy._policies import Policies
 from facetrt.storage import SystemStore
 from tests.policy.test_fetch import TENANT, local_policy, setup
 from tests.policy.upstream import serve_upstream
@@ -45,6 +48,35 @@ def _record(when: float, path: str) -> AuditRecord:
         rule="allow[0]",
         reason="allowed",
     )
+
+
+async def test_a_fetch_cancelled_while_the_audit_queue_is_full_leaves_nothing_behind(
+    tmp_path: Path,
+) -> None:
+    """Goal: cancelling a fetch that waits for room in the audit queue (backpressure) just
+    cancels it: its record was never queued, so there is nothing to complete. Method: an
+    egress whose audit writer is not running and a queue of one; the first fetch fills it."""
+    policy = local_policy(9)
+    egress = Egress(
+        EgressConfig(audit_pending_max=1),
+        data_dir=tmp_path,
+        policies=Policies(None, {TENANT: policy}),
+    )
+    request = FetchRequest(url="http://127.0.0.1:9/", method="GET", headers=(), body=None)
+
+    async def fetch(task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+        with trio.CancelScope() as scope:
+            task_status.started(scope)
+            await egress.fetch(request, tenant=TENANT, agent="a", run_id="r")
+
+    async with trio.open_nursery() as nursery:
+        first = await nursery.start(fetch)
+        await trio.testing.wait_all_tasks_blocked()
+        second = await nursery.start(fetch)
+        await trio.testing.wait_all_tasks_blocked()
+        second.cancel()  # waiting for room: raised AssertionError from complete_nowait
+        await trio.testing.wait_all_tasks_blocked()
+        first.cancel()
 
 
 async def test_concurrent_attempts_share_commits_and_retention_bounds_the_log(

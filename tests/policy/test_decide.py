@@ -102,6 +102,7 @@ SPECIAL = {
     "100.100.100.200": "metadata",
     "255.255.255.255": "reserved",
     "2001:db8::1": "reserved",
+    "64:ff9b:1::a9fe:a9fe": "reserved",  # local-use NAT64: 169.254.169.254 inside
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import tracemalloc
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -229,6 +230,52 @@ async def test_oversized_and_slow_responses_are_cut(data_dir: Path) -> None:
     assert [r["error"] for r in records] == [None, "policy_violation", "timeout"]
 
 
+@pytest.mark.slow
+async def test_a_compressed_body_is_decoded_in_bounded_pieces(data_dir: Path) -> None:
+    """Goal: a compression bomb cannot make egress hold much more than the response limit.
+    Method: 64 MiB of zeros, gzip-encoded (64 KiB on the wire), against a 1 MiB limit; the
+    peak of traced memory during the fetch stays far below the decoded size (httpx decodes
+    a whole network read at once, and stacks decoders for ``gzip, gzip``)."""
+    config = EgressConfig(response_bytes_max=1 << 20)
+    async with setup(data_dir, config=config) as s:
+        tracemalloc.start()
+        try:
+            with pytest.raises(PolicyViolationError, match="rule limit:response_bytes_max"):
+                await s.fetch(f"/bomb?bytes={64 << 20}")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 16 << 20
+        assert (await s.fetch("/bomb?bytes=1000"))["text"] == "\0" * 1000  # decoded
+
+
+async def test_a_response_over_the_limit_is_not_read_further(data_dir: Path) -> None:
+    """Goal: the response limit stops reading, rather than draining (and discarding) the rest
+    until the body ends or the time limit passes. Method: a body that passes the limit and
+    then never ends; the fetch fails on the size limit, not the time limit."""
+    config = EgressConfig(response_bytes_max=100_000, request_seconds_max=5)
+    async with setup(data_dir, config=config) as s:
+        with pytest.raises(PolicyViolationError, match="rule limit:response_bytes_max"):
+            await s.fetch("/big-then-hang?bytes=200000")
+
+
+async def test_only_one_gzip_or_deflate_coding_is_decoded_and_egress_asks_for_them(
+    data_dir: Path,
+) -> None:
+    """Stacked codings (a bomb amplifier) and bodies that are not what their coding says are
+    FetchErrors; egress sets Accept-Encoding itself, so a server never picks a coding whose
+    body egress could not decode and redact."""
+    async with setup(data_dir) as s:
+        with pytest.raises(HandlerError, match="FetchError: stacked content codings"):
+            await s.fetch("/bomb?bytes=1000&layers=2")
+        with pytest.raises(HandlerError, match="FetchError: undecodable gzip body"):
+            await s.fetch("/bad-gzip")
+        echoed = json.loads((await s.fetch("/echo", headers={"Accept-Encoding": "br"}))["text"])
+        assert echoed["headers"]["accept-encoding"] == "gzip, deflate"
+        records = await s.audit()
+    assert [r["error"] for r in records] == ["protocol", "protocol", None]
+
+
 async def test_the_connection_goes_to_the_address_that_was_checked(data_dir: Path) -> None:
     """Goal: a rebinding DNS server cannot move the connection after the check. Method: a
     resolver that answers loopback (allowed) once and a private address afterwards; the fetch
@@ -314,8 +361,10 @@ async def test_bad_requests_are_refused_before_any_decision(data_dir: Path) -> N
     async with setup(data_dir) as s:
         with pytest.raises(BadRequestError, match="set by the egress layer"):
             await s.fetch("/echo", headers={"Host": "internal"})
-        with pytest.raises(BadRequestError, match="line break"):
-            await s.fetch("/echo", headers={"X-A": "a\r\nX-B: b"})
+        for value in ("a\r\nX-B: b", "a\x0b", "trailing ", "caf\u00e9"):
+            # h11 or httpx would refuse these later, with an error quoting the value.
+            with pytest.raises(BadRequestError, match="line break, control character"):
+                await s.fetch("/echo", headers={"X-A": value})
         with pytest.raises(BadRequestError, match="not both"):
             await s.fetch("/echo", body="a", json={"b": 1})
         assert s.upstream.requests == []

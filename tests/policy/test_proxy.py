@@ -25,6 +25,7 @@ from facetrt.policy import (
     Secrets,
     open_egress,
 )
+from facetrt.policy._proxy import IDLE_SECONDS
 from tests.policy.test_fetch import TENANT, local_policy
 from tests.policy.upstream import Upstream, make_certificate, serve_upstream
 
@@ -251,3 +252,25 @@ async def test_the_daemon_serves_the_proxy_when_configured(tmp_path: Path) -> No
         credential = egress.proxy_credentials.issue(TENANT, "a", "r")
         async with httpx.AsyncClient(proxy=credential.url(*address), trust_env=False) as client:
             assert (await client.get(f"{upstream.base}/echo")).status_code == 200
+
+
+async def test_a_request_head_trickled_in_is_cut_off_by_one_deadline(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with proxied(tmp_path) as p:
+        stream = await trio.open_tcp_stream(*p.address)
+        async with stream:
+            started = trio.current_time()
+            await stream.send_all(b"GET http://127.0.0.1/echo HTTP/1.1\r\n")
+            closed = False
+            with trio.fail_after(10 * IDLE_SECONDS):
+                while not closed:
+                    await trio.sleep(IDLE_SECONDS / 3)  # each read well inside its own timer
+                    try:
+                        await stream.send_all(b"X-Slow: 1\r\n")
+                        with trio.move_on_after(0.1):
+                            closed = await stream.receive_some(1024) == b""
+                    except trio.BrokenResourceError:
+                        closed = True
+            assert trio.current_time() - started <= IDLE_SECONDS + IDLE_SECONDS / 3 + 1
+        assert p.upstream.requests == []

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import pytest
 import trio
 
-from facetrt import ConfigError, PolicyViolationError, cli
+from facetrt import BadRequestError, ConfigError, PolicyViolationError, cli
 from facetrt.policy import NodeKey, Redactor, Secret, Secrets
 from facetrt.policy._redact import RedactingFilter
 from facetrt.storage import SystemStore
@@ -103,6 +103,53 @@ async def test_a_secret_reaches_its_bound_host_only_and_never_comes_back(
         records = await s.audit()
     assert VALUE not in json.dumps(records)
     assert [r["rule"] for r in records[-3:]] == ["secret:API_KEY", "secret:OTHER", "secret:API_KEY"]
+
+
+async def test_a_secret_a_server_reflects_into_a_redirect_goes_nowhere_else(
+    data_dir: Path,
+) -> None:
+    """Goal: a bound server that reflects the secret into a redirect's Location neither
+    hands it to facet code (the final URL) nor makes egress carry it to an unbound host.
+    Method: /redirect-auth redirects to /echo?auth=<the Authorization it got>, on the same
+    host (bound) and on localhost (allowed by policy, not bound)."""
+    async with setup(data_dir) as s:
+        port = s.upstream.port
+        s.egress.secrets.set_tenant(TENANT, [loopback_secret(port)])
+        headers = {"Authorization": "{{secret:API_KEY}}"}
+        result = await s.fetch("/redirect-auth", headers=headers)
+        assert VALUE not in json.dumps(result)
+        assert result["url"].endswith("/echo?auth=[REDACTED:API_KEY]")
+        sent = len(s.upstream.requests)
+        with pytest.raises(PolicyViolationError, match="rule secret:API_KEY") as denied:
+            await s.fetch(f"/redirect-auth?base=http://localhost:{port}", headers=headers)
+        assert "carries secret 'API_KEY'" in str(denied.value)
+        assert VALUE not in str(denied.value)
+        assert len(s.upstream.requests) == sent + 1  # the redirect only: not the next hop
+        records = await s.audit()
+    assert VALUE not in json.dumps(records)
+
+
+async def test_no_error_quotes_a_substituted_secret(data_dir: Path) -> None:
+    """Goal: a header value HTTP refuses is refused before a secret is put in it; else h11
+    fails the request quoting the value (a backslash escaped past redaction) and httpx fails
+    a non-ASCII one with a UnicodeEncodeError holding it. Secret values are header-safe."""
+    escaped = "abc\\def-0123456789xyz"  # one backslash: escaped twice in bytes' repr
+    secret = Secret(name="K", value=escaped, hosts=("127.0.0.1",), allow_http=True)
+    legacy = Secret(name="OLD", value="caf\u00e9-0123456789", hosts=("127.0.0.1",), allow_http=True)
+    async with setup(data_dir) as s:
+        s.egress.secrets.set_tenant(TENANT, [secret, legacy])
+        for value in ("{{secret:K}} ", "{{secret:K}}\x0b", "{{secret:K}}\u00e9"):
+            with pytest.raises(BadRequestError) as refused:
+                await s.fetch("/echo", headers={"X-A": value})
+            assert "def-0123456789" not in str(refused.value)
+        with pytest.raises(PolicyViolationError, match="cannot go in a header") as denied:
+            await s.fetch("/echo", headers={"X-A": "{{secret:OLD}}"})
+        assert "0123456789" not in str(denied.value)
+        assert s.upstream.requests == []
+    key = NodeKey.load_or_create(data_dir)
+    for bad in ("caf\u00e9-0123456789", " leading-0123456789", "tab\tinside-0123456789"):
+        with pytest.raises(BadRequestError, match="secret value must be visible ASCII"):
+            key.seal(TENANT, "A", bad, ["a.com"], allow_http=False)
 
 
 def test_the_logging_filter_redacts_secrets_and_token_shapes(

@@ -5,9 +5,13 @@ Routes::
     /echo            200 JSON {"method", "path", "query", "headers": {name: value}, "body"};
                      headers x-echo-authorization (as received) and x-echo-base64 (of it)
     /redirect        302 (or ?status=) to ?to=
+    /redirect-auth   302 to [?base]/echo?auth=<the Authorization received> (a reflecting API)
     /big?bytes=N     200 with N bytes, streamed in 64 KiB chunks
     /gzip            200, gzip-encoded "hello " * 1000
+    /bomb?bytes=N&layers=L  200, N zero bytes gzip-encoded L times (a few KiB on the wire)
+    /bad-gzip        200, "content-encoding: gzip" over bytes that are not gzip
     /hang            never answers (until the server stops)
+    /big-then-hang?bytes=N  200 with N bytes, then the body never ends
     /status/N        status N, empty body
     anything else    200 "ok"
 
@@ -24,6 +28,7 @@ import gzip
 import ipaddress
 import json
 import urllib.parse
+import zlib
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
@@ -111,14 +116,45 @@ class Upstream:
                 size -= chunk
                 await send({"type": "http.response.body", "body": b"x" * chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
+        elif path == "/redirect-auth":
+            auth = urllib.parse.urlencode({"auth": received.get("authorization", "")})
+            target = query.get("base", "") + "/echo?" + auth
+            await answer(302, b"", [(b"location", target.encode())])
+        elif path == "/bomb":
+            layers = int(query.get("layers", "1"))
+            encoding = ", ".join(["gzip"] * layers).encode()
+            await answer(
+                200, gzip_bomb(int(query["bytes"]), layers), [(b"content-encoding", encoding)]
+            )
+        elif path == "/bad-gzip":
+            await answer(200, b"not gzip at all", [(b"content-encoding", b"gzip")])
         elif path == "/gzip":
             await answer(200, gzip.compress(b"hello " * 1000), [(b"content-encoding", b"gzip")])
+        elif path == "/big-then-hang":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            payload = b"x" * int(query["bytes"])
+            await send({"type": "http.response.body", "body": payload, "more_body": True})
+            await trio.sleep_forever()
         elif path == "/hang":
             await trio.sleep_forever()
         elif path.startswith("/status/"):
             await answer(int(path.rsplit("/", 1)[1]), b"", [])
         else:
             await answer(200, b"ok", [(b"content-type", b"text/plain")])
+
+
+def gzip_bomb(size: int, layers: int) -> bytes:
+    """``size`` zero bytes gzip-compressed ``layers`` times, built without holding them."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    block = bytes(1 << 20)
+    parts = [
+        compressor.compress(block[: min(len(block), size - done)])
+        for done in range(0, size, len(block))
+    ]
+    data = b"".join(parts) + compressor.flush()
+    for _ in range(layers - 1):
+        data = gzip.compress(data, compresslevel=9)
+    return data
 
 
 def make_certificate(directory: Path) -> tuple[Path, Path]:
