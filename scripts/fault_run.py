@@ -42,9 +42,9 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from facetrt.client import connect  # noqa: E402
+from tests.crash import verify_environments  # noqa: E402
 from tests.faults.daemon import FaultDaemon, fiu_available  # noqa: E402
 from tests.faults.disk import SmallDisk, small_disk  # noqa: E402
-from tests.faults.verify import verify_all  # noqa: E402
 from tests.faults.workload import (  # noqa: E402
     Ledger,
     LoadShape,
@@ -162,7 +162,7 @@ class Campaign:
                 problems.append(f"the daemon exited with {code}: {daemon.stderr_text()[-2000:]}")
             if "Traceback" in daemon.stderr_text():
                 problems.append(f"a traceback in the daemon's log {daemon.stderr_path}")
-            self.verified, verify_problems = verify_all(data_dir)
+            self.verified, verify_problems = verify_environments(data_dir)
             problems += verify_problems
             daemon.fiu = False
             await _blocking(daemon.start)

@@ -125,6 +125,38 @@ def verify_store(directory: Path) -> list[str]:
         return [f"cannot verify: {exc}"]
 
 
+def environment_paths(data_dir: Path) -> list[Path]:
+    """The data file of every LMDB environment under a data directory: the facets' stores,
+    the timer index and the daemon's system store (those that exist)."""
+    paths = sorted(data_dir.glob(STORE_GLOB))
+    paths += [
+        path
+        for path in (data_dir / "timers" / DATA_FILE, data_dir / "system" / DATA_FILE)
+        if path.exists()
+    ]
+    return paths
+
+
+def verify_environments(data_dir: Path) -> tuple[int, list[str]]:
+    """Walk every environment under ``data_dir`` with ``lmdb.verify``; return (environments
+    walked, problems).
+
+    Run it only while no process has the directory open (after a kill, before a restart): the
+    files are then exactly what the crash left. An empty data file (a kill between creating it
+    and LMDB writing its meta pages; LMDB initialises it on the next open) is not walked.
+    """
+    walked = 0
+    problems: list[str] = []
+    for path in environment_paths(data_dir):
+        if path.stat().st_size == 0:
+            continue
+        walked += 1
+        problems += [
+            f"{path.parent}: lmdb.verify: {problem}" for problem in verify_store(path.parent)
+        ]
+    return walked, problems
+
+
 def read_counters(data_dir: Path, agents: Sequence[str]) -> dict[str, int | None]:
     """Open the data directory with the runtime and read every counter (None: no such facet).
 
@@ -247,13 +279,7 @@ class CrashHarness:
 
     def verify_all(self) -> tuple[int, list[str]]:
         """Verify every store under the data directory; return (stores, problems)."""
-        paths = sorted(self.data_dir.glob(STORE_GLOB))
-        problems = [
-            f"{path.parent}: lmdb.verify: {problem}"
-            for path in paths
-            for problem in verify_store(path.parent)
-        ]
-        return len(paths), problems
+        return verify_environments(self.data_dir)
 
     def _run_child(self, report: CycleReport, log_path: Path, fresh_prefix: str) -> None:
         config = self.config
@@ -349,7 +375,7 @@ def run_and_kill(
         ) as child,
     ):
         try:
-            if _wait_ready(child, ready_timeout_seconds):
+            if wait_line(child, READY_LINE, ready_timeout_seconds):
                 time.sleep(kill_after_seconds)
             else:
                 problems.append(f"child did not report running within {ready_timeout_seconds} s")
@@ -365,8 +391,10 @@ def run_and_kill(
     return problems
 
 
-def _wait_ready(child: subprocess.Popen[bytes], timeout: float) -> bool:
-    """Wait for the child's ready line; False if it exits or stays silent until ``timeout``."""
+def wait_line(child: subprocess.Popen[bytes], line: bytes, timeout: float) -> bool:
+    """Wait for the child to write ``line`` (with its newline) on stdout; False if it writes
+    something else, exits, or stays silent until ``timeout``. The child must write nothing
+    more before it is answered: a second line would sit in the pipe's reader buffer."""
     assert child.stdout is not None
     ready, _, _ = select.select([child.stdout], [], [], timeout)
-    return bool(ready) and child.stdout.readline() == READY_LINE
+    return bool(ready) and child.stdout.readline() == line

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from facetrt import FacetrtError, RuntimeConfig, open_runtime
-from tests.crash import STORE_GLOB, TENANT, run_and_kill, verify_store
+from tests.crash import TENANT, run_and_kill, verify_environments
 from tests.facets import Alarm
 
 if TYPE_CHECKING:
@@ -135,12 +135,7 @@ class TimerCrashHarness:
         self._run_child(report, log_path, prefix)
         started, acknowledged = read_timer_log(log_path)
         report.started, report.acknowledged = len(started), len(acknowledged)
-        for path in [
-            *sorted(self.data_dir.glob(STORE_GLOB)),
-            self.data_dir / "timers" / "data.mdb",
-        ]:
-            if path.exists() and path.stat().st_size > 0:
-                report.problems.extend(f"{path.parent}: {p}" for p in verify_store(path.parent))
+        report.problems += verify_environments(self.data_dir)[1]
         try:
             fired, pending = trio.run(_drain, self.data_dir, self.agents, config.drain_seconds)
         except FacetrtError as exc:

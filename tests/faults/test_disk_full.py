@@ -22,8 +22,8 @@ import trio
 
 from facetrt import FacetrtError, InternalError
 from facetrt.client import connect
+from tests.crash import verify_environments
 from tests.faults.disk import small_disk
-from tests.faults.verify import verify_all
 from tests.faults.workload import Ledger, read_counters, record_failure
 
 if TYPE_CHECKING:
@@ -102,7 +102,7 @@ async def test_full_disk_fails_writes_clearly_and_serves_again_when_space_return
                 ledger.facet(agent).acks.append(value)
         assert await _run(daemon.stop) == 0
         assert "Traceback" not in daemon.stderr_text()
-        verified, problems = verify_all(disk.data_dir)
+        verified, problems = verify_environments(disk.data_dir)
         assert problems == []
         assert verified == len(COUNTERS) + 2 + 2  # counters, big, new, system, timers
 

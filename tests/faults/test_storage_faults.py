@@ -22,8 +22,8 @@ import trio
 
 from facetrt import InternalError
 from facetrt.client import connect
+from tests.crash import verify_environments
 from tests.faults.daemon import FaultDaemon, fiu_available
-from tests.faults.verify import verify_all
 from tests.faults.workload import (
     Ledger,
     LoadShape,
@@ -136,7 +136,7 @@ async def test_one_failed_call_at_a_time_resets_only_what_it_hit(tmp_path: Path)
     finally:
         assert await trio.to_thread.run_sync(daemon.stop) == 0, daemon.stderr_text()[-3000:]
     assert "Traceback" not in daemon.stderr_text()
-    verified, problems = verify_all(daemon.data_dir)
+    verified, problems = verify_environments(daemon.data_dir)
     assert problems == []
     assert verified >= 2 + 1 + len(COMMIT_FAULTS) * 2 + 2  # facets, fresh, system, timers
 
@@ -176,7 +176,7 @@ async def test_random_faults_under_load_lose_no_acknowledged_write(tmp_path: Pat
     finally:
         assert await trio.to_thread.run_sync(daemon.stop) == 0, daemon.stderr_text()[-3000:]
     assert "Traceback" not in daemon.stderr_text()
-    _, problems = verify_all(daemon.data_dir)
+    _, problems = verify_environments(daemon.data_dir)
     assert problems == []
 
     daemon.fiu = False

@@ -4,12 +4,15 @@ A history is a list of client operations, each with the process that issued it, 
 it touched, what it asked, what it was told, and two client-side timestamps: when it was invoked
 and when its reply arrived. An operation whose reply never came (a timeout, a dropped connection,
 a crash) has ``complete_seconds=None``: its outcome is unknown, so it may have taken effect at any
-moment after its invocation, or never.
+moment after its invocation, or never. If the recorder knows a time after which it can no longer
+take effect (the daemon process that could run it was killed and reaped), that time is its
+``no_effect_after_seconds``: it took effect before then, or never.
 
 The history is linearizable if there is one total order of (a subset of) its operations that
 
 * contains every operation with a known outcome, and may contain any with an unknown outcome,
-* respects real time: if A's reply arrived before B was invoked, A comes before B,
+* respects real time: if A's reply arrived (or A's no-effect-after time passed) before B was
+  invoked, A comes before B,
 * is a legal run of the sequential specification (the model) with every known result matching.
 
 Rules the checker relies on, and why:
@@ -27,23 +30,55 @@ Rules the checker relies on, and why:
   unknown outcome it issues nothing more (Jepsen's convention: the recorder gives a client that
   reconnects a fresh process id). A history that breaks this is a recorder bug: ``ValueError``.
 
-The search (Lowe, "Testing for linearizability", 2017, after Wing & Gong 1993) walks the call and
-return events in time order in a doubly linked list. At a call event it tries to linearize that
-operation next: if the model accepts it and the pair (set of linearized operations, model state)
-has not been seen before, it is lifted out of the list and the walk restarts from the head. At the
-return event of an operation not yet linearized, the current prefix cannot be extended, so the
-search backtracks. The cache of (bitmask, state) pairs is what makes the search practical: two
-prefixes with the same operations and the same state have the same futures. The number of cached
-pairs is bounded by ``states_max``; past it the partition's verdict is ``UNKNOWN``.
+The search (Lowe, "Testing for linearizability", 2017, after Wing & Gong 1993) keeps the call and
+return events in time order in a doubly linked list. From each prefix, the candidates for the next
+operation are those whose call events come before the first return event left in the list (the
+*barrier*); placing one lifts its events out of the list. When every candidate fails: if the
+barrier is the return of a known operation, the prefix is a dead end and the search backtracks;
+if it is the no-effect-after time of an unknown outcome, that operation is dropped (it never
+took effect) and the search goes on past it. A cache of (set of operations placed or dropped,
+model state) pairs prunes every prefix whose futures were already explored: two prefixes with
+the same operations decided and the same state have the same futures. The number of cached pairs
+is bounded by ``states_max``; past it the partition's verdict is ``UNKNOWN``.
+
+Unknown outcomes are what makes the search explode: one that never took effect stays a candidate
+to the end of its partition (or to its no-effect-after time), and a naive search tries every
+subset of them at every step. Three pruning rules, each exact (a history is accepted iff some
+order exists), keep that linear in practice:
+
+* **Known operations first.** Candidates with a known outcome are tried before unknown ones, so
+  an unknown outcome is placed only where no known operation fits: a history whose unknown
+  outcomes never took effect is checked in one pass.
+* **No traceless placements.** An unknown outcome that would leave the state unchanged is not
+  placed (leaving it out keeps more choices open), nor is an operation that overwrites the state
+  whatever it was (``Model.overwrites``: a register write) placed right after one: the unknown
+  outcome would leave no trace, so the order without it is as good.
+* **Dead ends by model** (``Model.never_accepts``): for a counter whose amounts are never
+  negative, a known operation that saw a smaller total than the current one can never be placed
+  any more, so the prefix is abandoned at once.
 """
 
 from __future__ import annotations
 
 import enum
 import itertools
-from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar, final
+from typing import TYPE_CHECKING, Generic, final
+
+from tests.lin.models import (
+    COUNTER,
+    REGISTER,
+    CounterModel,
+    Model,
+    Operation,
+    OpKind,
+    RegisterModel,
+    StateT,
+    Value,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 __all__ = [
     "COUNTER",
@@ -64,159 +99,10 @@ __all__ = [
     "partition_history",
 ]
 
-# A register holds one of these; None means "absent" (a key never written).
-Value = None | bool | int | str | bytes
 
 # One million cached (bitmask, state) pairs is a few hundred MB in CPython at worst and a few
 # seconds of search: enough for partitions of hundreds of operations with a handful of processes.
 STATES_MAX_DEFAULT = 1_000_000
-
-
-class OpKind(enum.Enum):
-    """What an operation asked for; each model accepts a subset."""
-
-    READ = "read"
-    WRITE = "write"
-    CAS = "cas"
-    INCREMENT = "increment"
-
-
-@final
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Operation:
-    """One client operation as the recorder saw it.
-
-    Attributes:
-        process_id: The client process (one operation at a time) that issued it.
-        facet: The facet touched, e.g. ``"tenant/agent"``; with ``key``, the partition.
-        key: The key (register or counter) within the facet.
-        kind: What was asked.
-        argument: WRITE: the value written; CAS: the new value; INCREMENT: the amount.
-        expected: CAS only: the value the register must hold for the swap to happen.
-        result: READ: the value seen; CAS: whether it swapped; INCREMENT: the new total;
-            WRITE: None. Ignored when the outcome is unknown.
-        invoke_seconds: Client clock when the request was sent.
-        complete_seconds: Client clock when the reply arrived; None if it never did.
-    """
-
-    process_id: int
-    facet: str
-    key: str
-    kind: OpKind
-    argument: Value = None
-    expected: Value = None
-    result: Value = None
-    invoke_seconds: float
-    complete_seconds: float | None
-
-    @property
-    def is_known(self) -> bool:
-        """Whether the reply arrived, so the operation certainly happened with ``result``."""
-        return self.complete_seconds is not None
-
-    def describe(self) -> str:
-        """A one-line human description, for failure explanations."""
-        if self.kind is OpKind.READ:
-            what = f"read -> {self.result!r}"
-        elif self.kind is OpKind.WRITE:
-            what = f"write {self.argument!r}"
-        elif self.kind is OpKind.CAS:
-            what = f"cas {self.expected!r}->{self.argument!r}"
-            what += f" = {self.result!r}" if self.is_known else ""
-        else:
-            what = f"increment {self.argument!r}"
-            what += f" -> {self.result!r}" if self.is_known else ""
-        end = "unknown" if self.complete_seconds is None else f"{self.complete_seconds:g}"
-        return f"p{self.process_id} {what} [{self.invoke_seconds:g}, {end}]"
-
-
-StateT = TypeVar("StateT", bound=Hashable)
-
-
-class Model(Protocol[StateT]):
-    """A sequential specification: an initial state and a transition per operation.
-
-    States must be hashable and compare by value: the search caches them.
-    """
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def kinds(self) -> frozenset[OpKind]: ...
-
-    def initial(self) -> StateT: ...
-
-    def step(self, state: StateT, op: Operation) -> tuple[bool, StateT]:
-        """Apply ``op`` to ``state``.
-
-        Returns ``(False, state)`` if ``op`` cannot happen in ``state`` with its recorded
-        result; otherwise ``(True, next_state)``. For an operation with an unknown outcome the
-        result is not checked: only the effect is applied.
-        """
-        ...
-
-
-def _same(a: Value, b: Value) -> bool:
-    # 1 == True in Python; a register that held True must not satisfy a read of 1.
-    return type(a) is type(b) and a == b
-
-
-@final
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RegisterModel:
-    """A register: READ returns the last value written; WRITE sets it; CAS swaps if equal."""
-
-    initial_value: Value = None
-    name: str = "register"
-    kinds: frozenset[OpKind] = frozenset({OpKind.READ, OpKind.WRITE, OpKind.CAS})
-
-    def initial(self) -> tuple[str, Value]:
-        return _tagged(self.initial_value)
-
-    def step(self, state: tuple[str, Value], op: Operation) -> tuple[bool, tuple[str, Value]]:
-        current = state[1]
-        if op.kind is OpKind.READ:
-            return _same(op.result, current), state
-        if op.kind is OpKind.WRITE:
-            return True, _tagged(op.argument)
-        assert op.kind is OpKind.CAS, op
-        swaps = _same(op.expected, current)
-        if op.is_known and op.result is not swaps:
-            return False, state
-        return True, _tagged(op.argument) if swaps else state
-
-
-def _tagged(value: Value) -> tuple[str, Value]:
-    # The type name keeps 1 and True apart in the search cache, where they hash and compare equal.
-    return type(value).__name__, value
-
-
-@final
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CounterModel:
-    """A counter: INCREMENT by n returns the new total; READ returns the total."""
-
-    initial_value: int = 0
-    name: str = "counter"
-    kinds: frozenset[OpKind] = frozenset({OpKind.READ, OpKind.INCREMENT})
-
-    def initial(self) -> int:
-        return self.initial_value
-
-    def step(self, state: int, op: Operation) -> tuple[bool, int]:
-        if op.kind is OpKind.READ:
-            return _same(op.result, state), state
-        assert op.kind is OpKind.INCREMENT, op
-        assert isinstance(op.argument, int), op
-        total = state + op.argument
-        if op.is_known and not _same(op.result, total):
-            return False, state
-        return True, total
-
-
-REGISTER = RegisterModel()
-COUNTER = CounterModel()
 
 
 class Verdict(enum.Enum):
@@ -363,6 +249,11 @@ def _validate_operation(op: Operation, model: Model[StateT]) -> None:
         raise ValueError(f"the {model.name} model has no {op.kind.value!r}: {op!r}")
     if op.complete_seconds is not None and op.complete_seconds < op.invoke_seconds:
         raise ValueError(f"operation completes before it was invoked: {op!r}")
+    if op.no_effect_after_seconds is not None:
+        if op.complete_seconds is not None:
+            raise ValueError(f"only an unknown outcome has a no-effect-after time: {op!r}")
+        if op.no_effect_after_seconds < op.invoke_seconds:
+            raise ValueError(f"no effect after a time before its invocation: {op!r}")
     if op.kind is OpKind.INCREMENT and (
         isinstance(op.argument, bool) or not isinstance(op.argument, int)
     ):
@@ -413,8 +304,11 @@ class _Events:
         events: list[tuple[float, int, int]] = []
         for i, op in enumerate(ops):
             events.append((op.invoke_seconds, _CALL, i))
-            if op.complete_seconds is not None:
-                events.append((op.complete_seconds, _RETURN, i))
+            # An unknown outcome with a no-effect-after time gets a return node there too: the
+            # search places it before that node or drops it at the node.
+            end = op.complete_seconds if op.is_known else op.no_effect_after_seconds
+            if end is not None:
+                events.append((end, _RETURN, i))
         events.sort()
         count = len(events)
         head = count
@@ -456,79 +350,186 @@ class _Events:
             self._relink(self.return_node[i])
         self._relink(self.call_node[i])
 
-    def calls_before(self, stop: int) -> list[int]:
-        """The operations whose call nodes lie between the head and node ``stop``."""
-        found: list[int] = []
-        node = self.first()
-        while node != stop:
-            if self.kind[node] == _CALL:
-                found.append(self.op_index[node])
-            node = self.next[node]
-        return found
+
+@dataclass(slots=True)
+class _Frame(Generic[StateT]):
+    """One configuration of the search: a prefix, the state after it, and what to try next.
+
+    ``candidates`` are the operations that may come next: those whose call nodes precede the
+    first return node left in the list (``barrier``), operations with a known outcome first.
+    """
+
+    state: StateT
+    decided: int  # bit i set: ops[i] is in the prefix, or was dropped
+    entry: int  # the operation placed or dropped to get here; -1 at the root
+    dropped: bool  # entry was dropped (an unknown outcome past its deadline), not placed
+    # The last operation placed has an unknown outcome: the next must not overwrite it.
+    after_unknown: bool
+    candidates: list[int]
+    barrier: int
+    tried: int = 0  # candidates tried so far
+    # The known operation that can no longer be placed: what the explanation names.
+    blocking: int = -1
+    # Whether the barrier's own step (dropping an unknown outcome) remains to be tried.
+    may_drop: bool = False
 
 
 @final
 class _Search(Generic[StateT]):
-    """One partition's search; its fields are the state Lowe's algorithm mutates."""
+    """One partition's search: a depth-first walk over frames, with Lowe's cache."""
 
     def __init__(self, ops: Sequence[Operation], model: Model[StateT], states_max: int) -> None:
         self.ops = ops
         self.model = model
         self.states_max = states_max
         self.events = _Events.build(ops)
-        self.cache: set[tuple[int, StateT]] = set()
+        self.never = model.never_accepts(ops)
+        # Lowe's cache: the (decided, state) pairs visited. Two prefixes with the same
+        # operations decided and the same state have the same futures. The value says whether
+        # the visit was restricted (after an unknown outcome, see ``_Frame.after_unknown``): a
+        # restricted visit explored fewer futures, so it does not stand for a free one.
+        self.cache: dict[tuple[int, StateT], bool] = {}
         self.deepest: Explanation | None = None
 
     def run(self) -> Verdict:
         ops, model, events = self.ops, self.model, self.events
-        state = model.initial()
-        linearized = 0  # bit i set: ops[i] is in the current prefix
         # Unknown-outcome operations may stay unplaced: done when every known one is placed.
         pending_known = sum(op.is_known for op in ops)
-        stack: list[tuple[int, StateT]] = []  # (operation, state before it)
-        node = events.first()
-        while pending_known:
-            # A known operation is pending, so its return node is still ahead in the list.
-            assert node != -1
-            i = events.op_index[node]
-            if events.kind[node] == _CALL:
-                accepted, after = model.step(state, ops[i])
-                candidate = (linearized | (1 << i), after)
-                if accepted and candidate not in self.cache:
-                    if len(self.cache) >= self.states_max:
-                        return Verdict.UNKNOWN
-                    self.cache.add(candidate)
-                    stack.append((i, state))
-                    linearized, state = candidate
-                    pending_known -= ops[i].is_known
-                    events.lift(i)
-                    node = events.first()
-                else:
-                    node = events.next[node]
-                continue
-            # ops[i] has returned yet cannot be placed after this prefix: backtrack.
-            self._remember(stack, state, i, node)
-            if not stack:
-                return Verdict.NOT_LINEARIZABLE
-            j, state = stack.pop()
-            linearized &= ~(1 << j)
-            pending_known += ops[j].is_known
-            events.unlift(j)
-            node = events.next[events.call_node[j]]
-        return Verdict.LINEARIZABLE
+        if not pending_known:
+            return Verdict.LINEARIZABLE
+        root = self._frame(
+            model.initial(), 0, -1, dropped=False, after_unknown=False, start=events.first()
+        )
+        stack = [root]
+        while True:
+            frame = stack[-1]
+            if frame.tried < len(frame.candidates):
+                i = frame.candidates[frame.tried]
+                frame.tried += 1
+                op = ops[i]
+                if frame.after_unknown and model.overwrites(op):
+                    continue
+                accepted, after = model.step(frame.state, op)
+                if not accepted or (not op.is_known and after == frame.state):
+                    # An unknown outcome that changes nothing might as well not have happened;
+                    # leaving it unplaced keeps more choices open.
+                    continue
+                decided = frame.decided | (1 << i)
+                visit = self._visit(decided, after, restricted=not op.is_known)
+                if visit is None:
+                    return Verdict.UNKNOWN
+                if not visit:
+                    continue
+                events.lift(i)
+                pending_known -= ops[i].is_known
+                if not pending_known:
+                    return Verdict.LINEARIZABLE
+                stack.append(
+                    self._frame(
+                        after,
+                        decided,
+                        i,
+                        dropped=False,
+                        after_unknown=not op.is_known,
+                        start=events.first(),
+                    )
+                )
+            elif frame.may_drop:
+                # The barrier is the deadline of an unknown outcome still unplaced: past it the
+                # operation can no longer take effect, so it is dropped. Every candidate before
+                # it was tried from this frame, which had one more choice, and failed; so the
+                # walk goes on after the barrier rather than from the head.
+                frame.may_drop = False
+                j = events.op_index[frame.barrier]
+                decided = frame.decided | (1 << j)
+                visit = self._visit(decided, frame.state, restricted=frame.after_unknown)
+                if visit is None:
+                    return Verdict.UNKNOWN
+                if not visit:
+                    continue
+                events.lift(j)
+                start = events.next[frame.barrier]
+                stack.append(
+                    self._frame(
+                        frame.state,
+                        decided,
+                        j,
+                        dropped=True,
+                        after_unknown=frame.after_unknown,
+                        start=start,
+                    )
+                )
+            else:
+                if frame.blocking != -1:
+                    self._remember(stack, frame)
+                stack.pop()
+                if not stack:
+                    return Verdict.NOT_LINEARIZABLE
+                events.unlift(frame.entry)
+                pending_known += ops[frame.entry].is_known
 
-    def _remember(
-        self, stack: list[tuple[int, StateT]], state: StateT, blocking: int, node: int
-    ) -> None:
+    def _visit(self, decided: int, state: StateT, *, restricted: bool) -> bool | None:
+        """Cache a configuration: True if new, False if seen, None if the cache is full."""
+        key = (decided, state)
+        seen_restricted = self.cache.get(key)
+        if seen_restricted is not None and (restricted or not seen_restricted):
+            return False
+        if seen_restricted is None and len(self.cache) >= self.states_max:
+            return None
+        self.cache[key] = restricted
+        return True
+
+    def _frame(
+        self,
+        state: StateT,
+        decided: int,
+        entry: int,
+        *,
+        dropped: bool,
+        after_unknown: bool,
+        start: int,
+    ) -> _Frame[StateT]:
+        """The frame after a step, with its candidates from node ``start`` to the barrier."""
+        events, ops = self.events, self.ops
+        known: list[int] = []
+        unknown: list[int] = []
+        node = start
+        while node != -1 and events.kind[node] == _CALL:
+            i = events.op_index[node]
+            (known if ops[i].is_known else unknown).append(i)
+            node = events.next[node]
+        # A known operation is still pending, so its return node lies ahead.
+        assert node != -1
+        # Known candidates first: an unknown outcome is placed only when no known operation
+        # fits, so an unknown operation that never took effect costs one failed try per step
+        # instead of doubling the search.
+        frame = _Frame(state, decided, entry, dropped, after_unknown, known + unknown, node)
+        j = events.op_index[node]
+        if ops[j].is_known:
+            frame.blocking = j
+        else:
+            frame.may_drop = True
+        if self.never is not None:
+            # A known operation that must still come, yet that no state reachable from here
+            # accepts (for a counter that only grows: a total already passed), makes this
+            # prefix a dead end at once.
+            for i in [*known, j]:
+                if ops[i].is_known and self.never(state, ops[i]):
+                    frame.tried, frame.blocking, frame.may_drop = len(frame.candidates), i, False
+                    break
+        return frame
+
+    def _remember(self, stack: list[_Frame[StateT]], frame: _Frame[StateT]) -> None:
         # Keep the first dead end at the greatest depth: the longest prefix is the shortest
         # story of what went wrong (Porcupine reports the same).
-        if self.deepest is not None and len(self.deepest.linearized) >= len(stack):
+        placed = [f.entry for f in stack[1:] if not f.dropped]
+        if self.deepest is not None and len(self.deepest.linearized) >= len(placed):
             return
         self.deepest = Explanation(
-            linearized=tuple(self.ops[j] for j, _ in stack),
-            state=repr(state),
-            blocking=self.ops[blocking],
-            unplaced=tuple(self.ops[j] for j in self.events.calls_before(node)),
+            linearized=tuple(self.ops[i] for i in placed),
+            state=repr(frame.state),
+            blocking=self.ops[frame.blocking],
+            unplaced=tuple(self.ops[i] for i in frame.candidates),
         )
 
 

@@ -22,7 +22,9 @@ times); the schedule itself, being real, does not replay.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import dataclasses
 import os
 import random
 import re
@@ -44,7 +46,7 @@ from tests.lin.checker import (
     Verdict,
     check_history,
 )
-from tests.lin.worker import REGISTER_PREFIX, WorkerSpec, operation_from_json
+from tests.lin.worker import REGISTER_PREFIX, WorkerSpec, operation_from_json, operation_to_json
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -52,13 +54,18 @@ if TYPE_CHECKING:
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 TENANT: Final = "lin"
 HOST: Final = "127.0.0.1"
+HISTORY_FILE: Final = "history.jsonl"
 START_SECONDS: Final = 30.0
 STOP_SECONDS: Final = 30.0
-SERVING: Final = re.compile(r"protocol tcp://127\.0\.0\.1:(\d+)")
+SERVING: Final = re.compile(
+    r"protocol tcp://127\.0\.0\.1:(\d+), HTTP (?:http://127\.0\.0\.1:(\d+)|off)"
+)
 CLASSES_TOML: Final = """
 [classes]
 Register = "tests.facets:Register"
 Counter = "facetrt.examples:Counter"
+AgentMemory = "facetrt.examples:AgentMemory"
+Alarm = "tests.facets:Alarm"
 """
 
 
@@ -140,7 +147,7 @@ def check_recorded(history: Sequence[Operation]) -> Report:
     )
 
 
-def _child_environment() -> dict[str, str]:
+def child_environment() -> dict[str, str]:
     # FACETRT_* variables would be read as daemon settings; the repository root on the path
     # lets the daemon import tests.facets.
     env = {name: value for name, value in os.environ.items() if not name.startswith("FACETRT_")}
@@ -150,9 +157,13 @@ def _child_environment() -> dict[str, str]:
 
 
 class DaemonProcess:
-    """``facetrt serve`` on a data directory, which can be SIGKILLed and started again."""
+    """``facetrt serve`` on a data directory, which can be SIGKILLed and started again.
 
-    def __init__(self, root: Path) -> None:
+    With ``http`` it also serves the HTTP gateway (admin routes included, with the admin key
+    the daemon writes on its first start), on a port the kernel picks and restarts reuse.
+    """
+
+    def __init__(self, root: Path, *, http: bool = False) -> None:
         self.root = root
         self.data_dir = root / "data"
         system = SystemStore(self.data_dir / "system")
@@ -164,8 +175,12 @@ class DaemonProcess:
         self.config = root / "daemon.toml"
         self.config.write_text(f"data_dir = {str(self.data_dir)!r}\n{CLASSES_TOML}")
         self.port = 0  # the kernel picks the first; restarts reuse it, so clients find it
+        self.http_port: int | None = 0 if http else None
         self.starts = 0
         self.process: subprocess.Popen[bytes] | None = None
+        # time.monotonic() once each daemon process so far had exited and been reaped: no call
+        # sent to it can take effect later (see no_effect_after).
+        self.ends: list[float] = []
 
     @property
     def url(self) -> str:
@@ -176,10 +191,11 @@ class DaemonProcess:
         self.starts += 1
         out = self.root / f"daemon-{self.starts}.out"
         command = [sys.executable, "-m", "facetrt", "--log-level", "WARNING", "serve"]
-        command += ["--config", str(self.config), "--listen", f"{HOST}:{self.port}", "--http", ""]
+        http = "" if self.http_port is None else f"{HOST}:{self.http_port}"
+        command += ["--config", str(self.config), "--listen", f"{HOST}:{self.port}", "--http", http]
         with out.open("wb") as stdout, (self.root / f"daemon-{self.starts}.err").open("wb") as err:
             self.process = subprocess.Popen(
-                command, stdout=stdout, stderr=err, env=_child_environment(), cwd=REPO_ROOT
+                command, stdout=stdout, stderr=err, env=child_environment(), cwd=REPO_ROOT
             )
         deadline = time.monotonic() + START_SECONDS
         while (match := SERVING.search(out.read_text())) is None:
@@ -188,12 +204,25 @@ class DaemonProcess:
                 raise RuntimeError(f"the daemon did not start; see {out} and its .err")
             time.sleep(0.02)
         self.port = int(match[1])
+        if self.http_port is not None:
+            self.http_port = int(match[2])
+
+    @property
+    def http_url(self) -> str:
+        assert self.http_port, "no HTTP gateway, or not started yet"
+        return f"http://{HOST}:{self.http_port}"
+
+    @property
+    def admin_key(self) -> str:
+        """The admin key the daemon wrote on its first start."""
+        return (self.data_dir / "admin.key").read_text().strip()
 
     def kill(self) -> None:
         """SIGKILL: no drain, no close; what was acknowledged must already be durable."""
         assert self.process is not None
         self.process.kill()
         self.process.wait()
+        self.ends.append(time.monotonic())
         self.process = None
 
     def stop(self) -> int:
@@ -208,6 +237,7 @@ class DaemonProcess:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        self.ends.append(time.monotonic())
         return process.returncode
 
 
@@ -236,9 +266,9 @@ def record(root: Path, options: RecordOptions) -> Recording:
                     sys.executable,
                     "-m",
                     "tests.lin.worker",
-                    _spec(options, daemon, index, rng, epoch),
+                    worker_spec(options, daemon, index, rng, epoch).to_json(),
                 ],
-                env=_child_environment(),
+                env=child_environment(),
                 cwd=REPO_ROOT,
             )
             for index in range(len(outputs))
@@ -261,12 +291,17 @@ def record(root: Path, options: RecordOptions) -> Recording:
         failed = [w.args for w in workers if w.returncode != 0]
         if failed:
             raise RuntimeError(f"worker processes failed: {failed}")
-    history = [
-        operation_from_json(line)
-        for path in outputs
-        for line in path.read_text().splitlines()
-        if line
-    ]
+    history = no_effect_after(
+        [
+            operation_from_json(line)
+            for path in outputs
+            for line in path.read_text().splitlines()
+            if line
+        ],
+        daemon.ends,
+    )
+    # The merged history, no-effect-after times included: what was checked, for inspection.
+    (root / HISTORY_FILE).write_text("".join(operation_to_json(op) + "\n" for op in history))
     return Recording(
         history=history,
         processes=options.processes,
@@ -275,13 +310,35 @@ def record(root: Path, options: RecordOptions) -> Recording:
     )
 
 
+def no_effect_after(history: Sequence[Operation], ends: Sequence[float]) -> list[Operation]:
+    """Give each unknown outcome the end of the daemon process that could have run it.
+
+    ``ends`` are the times, in order, at which each daemon process had exited and been reaped
+    (processes never overlap: a restart follows the reaping). A call invoked at ``t`` went to
+    the process running at ``t``, or to one already dead (then it had no effect at all): either
+    way it took effect by the first end at or after ``t``, or never. Without this an unknown
+    outcome stays a candidate to the end of its partition, across every later restart.
+    """
+    assert list(ends) == sorted(ends), ends
+    bounded: list[Operation] = []
+    for op in history:
+        if not op.is_known and op.no_effect_after_seconds is None:
+            index = bisect.bisect_left(ends, op.invoke_seconds)
+            if index < len(ends):
+                op = dataclasses.replace(op, no_effect_after_seconds=ends[index])
+        bounded.append(op)
+    return bounded
+
+
 def _running(workers: Sequence[subprocess.Popen[bytes]]) -> bool:
     return any(worker.poll() is None for worker in workers)
 
 
-def _spec(
+def worker_spec(
     options: RecordOptions, daemon: DaemonProcess, index: int, rng: random.Random, epoch: float
-) -> str:
+) -> WorkerSpec:
+    """What worker ``index`` does (its seed drawn from ``rng``); it writes its operations to
+    ``worker-<index>.jsonl`` next to the daemon's data directory."""
     return WorkerSpec(
         index=index,
         url=daemon.url,
@@ -299,4 +356,4 @@ def _spec(
         drop_after_seconds=options.drop_after_seconds,
         round_seconds=options.round_seconds,
         epoch=epoch,
-    ).to_json()
+    )

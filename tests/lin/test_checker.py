@@ -7,7 +7,9 @@ and compares the checker with a brute-force oracle on small histories.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import random
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -28,6 +30,7 @@ from tests.lin.checker import (
     check_history,
     partition_history,
 )
+from tests.lin.history import FACET, cas, inc, operation, read, write
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -35,52 +38,6 @@ if TYPE_CHECKING:
     from tests.lin.checker import CheckResult, Model
 
 StateT = TypeVar("StateT", bound=Hashable)
-
-FACET = "acme/agent"
-
-
-def _op(
-    process_id: int,
-    kind: OpKind,
-    invoke: float,
-    complete: float | None,
-    *,
-    argument: Value = None,
-    expected: Value = None,
-    result: Value = None,
-    key: str = "k",
-    facet: str = FACET,
-) -> Operation:
-    return Operation(
-        process_id=process_id,
-        facet=facet,
-        key=key,
-        kind=kind,
-        argument=argument,
-        expected=expected,
-        result=result,
-        invoke_seconds=invoke,
-        complete_seconds=complete,
-    )
-
-
-def write(p: int, value: Value, t0: float, t1: float | None, *, key: str = "k") -> Operation:
-    return _op(p, OpKind.WRITE, t0, t1, argument=value, key=key)
-
-
-def read(p: int, result: Value, t0: float, t1: float | None, *, key: str = "k") -> Operation:
-    return _op(p, OpKind.READ, t0, t1, result=result, key=key)
-
-
-def cas(
-    p: int, expected: Value, new: Value, ok: bool | None, t0: float, t1: float | None
-) -> Operation:
-    return _op(p, OpKind.CAS, t0, t1, argument=new, expected=expected, result=ok)
-
-
-def inc(p: int, n: int, total: int | None, t0: float, t1: float | None) -> Operation:
-    return _op(p, OpKind.INCREMENT, t0, t1, argument=n, result=total)
-
 
 # -- register ------------------------------------------------------------------------------
 
@@ -145,6 +102,32 @@ def test_unknown_write_that_was_seen_cannot_be_unseen() -> None:
 def test_unknown_write_cannot_take_effect_before_its_invocation() -> None:
     history = [read(0, 2, 0, 1), write(1, 2, 5, None)]
     assert check_history(history, REGISTER).verdict is Verdict.NOT_LINEARIZABLE
+
+
+def test_unknown_write_takes_effect_before_its_no_effect_time_or_never() -> None:
+    """The daemon that could run the write died at 3: after that it no longer exists."""
+    base = [write(0, 1, 0, 1), write(1, 2, 2, None, no_effect_after=3)]
+    assert check_history([*base, read(2, 2, 2.5, 6)], REGISTER).verdict is Verdict.LINEARIZABLE
+    assert check_history([*base, read(2, 1, 4, 5)], REGISTER).verdict is Verdict.LINEARIZABLE
+    # Seen before 3, gone after: no, since a write that happened stays.
+    gone = [*base, read(2, 2, 2.5, 2.8), read(2, 1, 4, 5)]
+    assert check_history(gone, REGISTER).verdict is Verdict.NOT_LINEARIZABLE
+    # Invoked at 4, after the write's no-effect time: the read cannot see it.
+    late = [*base, write(3, 3, 4, 5), read(2, 2, 6, 7)]
+    assert check_history(late, REGISTER).verdict is Verdict.NOT_LINEARIZABLE
+    # At the same instant as the no-effect time: ties are overlap.
+    tie = [*base, write(3, 3, 3, 5), read(2, 2, 6, 7)]
+    assert check_history(tie, REGISTER).verdict is Verdict.LINEARIZABLE
+
+
+def test_unknown_increment_counts_before_its_no_effect_time_or_never() -> None:
+    base = [inc(0, 1, 1, 0, 1), inc(1, 10, None, 2, None, no_effect_after=3)]
+    for total in (1, 11):
+        history = [*base, read(2, total, 4, 5)]
+        assert check_history(history, COUNTER).verdict is Verdict.LINEARIZABLE
+    # Not counted by 4, so never: a later total cannot include it.
+    history = [*base, read(2, 1, 4, 5), read(2, 11, 6, 7)]
+    assert check_history(history, COUNTER).verdict is Verdict.NOT_LINEARIZABLE
 
 
 def test_unknown_read_is_ignored_whatever_it_claims() -> None:
@@ -230,6 +213,88 @@ def test_counter_initial_value_is_configurable() -> None:
     assert check_history(history, COUNTER).verdict is Verdict.NOT_LINEARIZABLE
 
 
+# -- unknown outcomes at scale: what the search prunes --------------------------------------
+
+UNKNOWN_OUTCOMES = 30
+
+
+def _unknown_increments(applied_every: int) -> tuple[list[Operation], int]:
+    """Thirty increments with unknown outcomes invoked at 0, then 200 known sequential ones;
+    every ``applied_every``-th known one (0: none) is preceded by one of the thirty taking
+    effect. Amounts are random up to a million, as the recorder draws them."""
+    rng = random.Random(5)
+    unknown = [
+        inc(1000 + u, rng.randint(1, 1_000_000), None, 0, None) for u in range(UNKNOWN_OUTCOMES)
+    ]
+    pending = [op.argument for op in unknown]
+    history, total = list(unknown), 0
+    for n in range(200):
+        if applied_every and n % applied_every == 0 and pending:
+            amount = pending.pop()
+            assert isinstance(amount, int)
+            total += amount
+        amount = rng.randint(1, 1_000_000)
+        total += amount
+        history.append(inc(0, amount, total, 1 + n, 1.5 + n))
+    return history, total
+
+
+@pytest.mark.parametrize("applied_every", [0, 10])
+def test_unknown_increments_cost_a_few_states_each(applied_every: int) -> None:
+    """Each unknown increment stays a candidate to the end. Tried first, every subset of them
+    would be cached before every known increment: 2^30 per step. Known operations are tried
+    first, and a total already passed is a dead end (counters only grow), so each costs a
+    few failed tries per step."""
+    history, total = _unknown_increments(applied_every)
+    result = check_history(history, COUNTER)
+    assert result.verdict is Verdict.LINEARIZABLE, str(result)
+    assert result.partitions[0].states_explored < 50_000
+
+    corrupted = [*history, read(2, total + 1, 1000, 1001)]
+    result = check_history(corrupted, COUNTER)
+    assert result.verdict is Verdict.NOT_LINEARIZABLE, str(result)
+    assert result.partitions[0].states_explored < 50_000
+
+
+def test_unknown_writes_never_read_cost_a_few_states_each() -> None:
+    """Unknown writes nobody read, then a stale read: to reject it every order of the writes
+    must be ruled out. A write just before another write leaves no trace, so the search never
+    places one there, and it is rejected without trying every subset."""
+    history = [write(1000 + u, f"u{u}", 0, None) for u in range(UNKNOWN_OUTCOMES)]
+    for n in range(100):
+        history += [write(0, n, 1 + 3 * n, 1.5 + 3 * n), read(0, n, 2 + 3 * n, 2.5 + 3 * n)]
+    assert check_history(history, REGISTER).verdict is Verdict.LINEARIZABLE
+    stale = [*history, read(1, 98, 1000, 1001)]
+    result = check_history(stale, REGISTER)
+    assert result.verdict is Verdict.NOT_LINEARIZABLE, str(result)
+    assert result.partitions[0].states_explored < 50_000
+
+
+def test_unknown_outcomes_past_their_no_effect_time_are_dropped() -> None:
+    """Unknown increments of a daemon that was killed are dropped at the kill, so they cost
+    nothing after it: a stale read at the end is rejected at once, although nothing else
+    prunes here (amounts are negative, so a counter may go down)."""
+    history: list[Operation] = []
+    total = 0
+    for kill in range(20):
+        start = 100.0 * kill
+        history += [
+            inc(1000 * (kill + 1) + u, -(2**u), None, start, None, no_effect_after=start + 50)
+            for u in range(1, 6)
+        ]
+        for n in range(20):
+            total += 1
+            history.append(inc(0, 1, total, start + 60 + n, start + 60.5 + n))
+    history.append(read(1, total - 1, 5000, 5001))
+    result = check_history(history, COUNTER)
+    assert result.verdict is Verdict.NOT_LINEARIZABLE, str(result)
+    assert result.partitions[0].states_explored < 5_000  # about 2^5 per kill
+    # Without the kill times all 100 stay candidates to the end: the search gives up.
+    unbounded = [dataclasses.replace(op, no_effect_after_seconds=None) for op in history]
+    result = check_history(unbounded, COUNTER, states_max=5_000)
+    assert result.verdict is Verdict.UNKNOWN
+
+
 # -- partitions, limits, malformed histories -----------------------------------------------
 
 
@@ -250,8 +315,8 @@ def test_partitions_are_checked_independently() -> None:
 
 def test_same_key_in_two_facets_is_two_partitions() -> None:
     history = [
-        _op(0, OpKind.WRITE, 0, 1, argument=1, facet="t/x"),
-        _op(1, OpKind.READ, 2, 3, result=None, facet="t/y"),
+        operation(0, OpKind.WRITE, 0, 1, argument=1, facet="t/x"),
+        operation(1, OpKind.READ, 2, 3, result=None, facet="t/y"),
     ]
     assert len(partition_history(history)) == 2
     assert check_history(history, REGISTER).verdict is Verdict.LINEARIZABLE
@@ -299,6 +364,8 @@ def test_not_linearizable_wins_over_unknown() -> None:
         ([write(0, 1, 0, None), write(0, 2, 4, 6)], "after an unknown outcome"),
         ([inc(0, 1, 1, 0, 1)], "no 'increment'"),
         ([cas(0, 1, 2, None, 0, 1)], "boolean result"),
+        ([write(0, 1, 0, 1, no_effect_after=2)], "only an unknown outcome"),
+        ([write(0, 1, 5, None, no_effect_after=4)], "before its invocation"),
     ],
 )
 def test_malformed_register_history_is_refused(history: list[Operation], message: str) -> None:
@@ -308,7 +375,7 @@ def test_malformed_register_history_is_refused(history: list[Operation], message
 
 def test_malformed_counter_history_is_refused() -> None:
     with pytest.raises(ValueError, match="integer amount"):
-        check_history([_op(0, OpKind.INCREMENT, 0, 1, argument="1", result=1)], COUNTER)
+        check_history([operation(0, OpKind.INCREMENT, 0, 1, argument="1", result=1)], COUNTER)
     with pytest.raises(ValueError, match="no 'write'"):
         check_history([write(0, 1, 0, 1)], COUNTER)
 
@@ -348,8 +415,13 @@ def executions(draw: st.DrawFn, kind: str, steps_max: int = 24) -> list[Operatio
             op = _counter_step(draw, key, state, applied=applied)
         invoke = when - draw(st.integers(0, SPACING // 2 if k else 0))
         complete = None if unknown else when + draw(st.integers(0, SPACING // 2))
+        # An unknown outcome may have a no-effect-after time: after its effect if it had one,
+        # anywhere after its invocation if not.
+        no_effect_after = None
+        if unknown and draw(st.booleans()):
+            no_effect_after = (when if applied else invoke) + draw(st.integers(0, 3 * SPACING))
         ops.append(
-            _op(
+            operation(
                 p,
                 op.kind,
                 invoke,
@@ -358,6 +430,7 @@ def executions(draw: st.DrawFn, kind: str, steps_max: int = 24) -> list[Operatio
                 expected=op.expected,
                 result=op.result,
                 key=key,
+                no_effect_after=no_effect_after,
             )
         )
     return _stretch(draw, ops)
@@ -369,17 +442,17 @@ def _register_step(
     current = state.get(key)
     kind = draw(st.sampled_from([OpKind.READ, OpKind.WRITE, OpKind.CAS]))
     if kind is OpKind.READ:
-        return _op(0, kind, 0, 0, result=current)
+        return operation(0, kind, 0, 0, result=current)
     # Written values are unique (the step number), so a corrupted read is always observable.
     if kind is OpKind.WRITE:
         if applied:
             state[key] = k
-        return _op(0, kind, 0, 0, argument=k)
+        return operation(0, kind, 0, 0, argument=k)
     expected = current if draw(st.booleans()) else -1
     swaps = expected == current
     if applied and swaps:
         state[key] = k
-    return _op(0, kind, 0, 0, argument=k, expected=expected, result=swaps)
+    return operation(0, kind, 0, 0, argument=k, expected=expected, result=swaps)
 
 
 def _counter_step(
@@ -388,11 +461,11 @@ def _counter_step(
     current = state.get(key, 0)
     assert isinstance(current, int)
     if draw(st.booleans()):
-        return _op(0, OpKind.READ, 0, 0, result=current)
+        return operation(0, OpKind.READ, 0, 0, result=current)
     n = draw(st.integers(1, 3))
     if applied:
         state[key] = current + n
-    return _op(0, OpKind.INCREMENT, 0, 0, argument=n, result=current + n)
+    return operation(0, OpKind.INCREMENT, 0, 0, argument=n, result=current + n)
 
 
 def _stretch(draw: st.DrawFn, ops: list[Operation]) -> list[Operation]:
@@ -418,31 +491,11 @@ def _stretch(draw: st.DrawFn, ops: list[Operation]) -> list[Operation]:
 
 
 def _with_times(op: Operation, invoke: float) -> Operation:
-    return _op(
-        op.process_id,
-        op.kind,
-        invoke,
-        op.complete_seconds,
-        argument=op.argument,
-        expected=op.expected,
-        result=op.result,
-        key=op.key,
-        facet=op.facet,
-    )
+    return dataclasses.replace(op, invoke_seconds=invoke)
 
 
 def _with_result(op: Operation, result: Value) -> Operation:
-    return Operation(
-        process_id=op.process_id,
-        facet=op.facet,
-        key=op.key,
-        kind=op.kind,
-        argument=op.argument,
-        expected=op.expected,
-        result=result,
-        invoke_seconds=op.invoke_seconds,
-        complete_seconds=op.complete_seconds,
-    )
+    return dataclasses.replace(op, result=result)
 
 
 def _check(history: Sequence[Operation], kind: str) -> CheckResult:
@@ -510,13 +563,40 @@ def _results(kind: OpKind) -> st.SearchStrategy[Value]:
     return st.one_of(st.none(), st.integers(0, 8))
 
 
+# Interval length, or for an unknown outcome: None, or ("by", its no-effect-after offset).
+_lengths = st.one_of(st.integers(0, 6), st.none(), st.tuples(st.just("by"), st.integers(0, 6)))
+
+
+def _row(
+    p: int,
+    invoke: int,
+    length: int | tuple[str, int] | None,
+    kind: OpKind,
+    argument: Value,
+    expected: Value,
+    result: Value,
+) -> Operation:
+    complete = length if isinstance(length, int) else None
+    no_effect_after = length[1] if isinstance(length, tuple) else None
+    return operation(
+        p,
+        kind,
+        invoke,
+        None if complete is None else invoke + complete,
+        argument=argument,
+        expected=expected,
+        result=result,
+        no_effect_after=None if no_effect_after is None else invoke + no_effect_after,
+    )
+
+
 @pytest.mark.slow  # a few hundred generated histories: about half a second
 @settings(max_examples=300, deadline=None)
 @given(
     st.lists(
         st.tuples(
             st.integers(0, 6),
-            st.one_of(st.none(), st.integers(0, 6)),
+            _lengths,
             st.sampled_from([OpKind.READ, OpKind.WRITE, OpKind.CAS]),
             st.sampled_from([None, 1, 2]),
             st.sampled_from([None, 1, 2]),
@@ -526,20 +606,43 @@ def _results(kind: OpKind) -> st.SearchStrategy[Value]:
     )
 )
 def test_random_register_history_matches_brute_force(
-    rows: list[tuple[int, int | None, OpKind, Value, Value, Value]],
+    rows: list[tuple[int, int | tuple[str, int] | None, OpKind, Value, Value, Value]],
 ) -> None:
     """Arbitrary small histories, mostly nonsense: the verdict must equal the oracle's."""
     history: list[Operation] = []
     for p, (invoke, length, kind, argument, expected, result) in enumerate(rows):
-        complete = None if length is None else invoke + length
-        if kind is OpKind.CAS and complete is not None and not isinstance(result, bool):
+        if kind is OpKind.CAS and isinstance(length, int) and not isinstance(result, bool):
             result = False
         if kind is OpKind.WRITE:
             result = None
-        history.append(
-            _op(p, kind, invoke, complete, argument=argument, expected=expected, result=result)
-        )
+        history.append(_row(p, invoke, length, kind, argument, expected, result))
     assert _check(history, "register").verdict is _oracle(history, "register")
+
+
+@pytest.mark.slow  # a few hundred generated histories: about half a second
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 6),
+            _lengths,
+            st.sampled_from([OpKind.READ, OpKind.INCREMENT]),
+            st.sampled_from([-1, 1, 2]),
+            st.integers(-1, 4),
+        ),
+        max_size=6,
+    )
+)
+def test_random_counter_history_matches_brute_force(
+    rows: list[tuple[int, int | tuple[str, int] | None, OpKind, int, int]],
+) -> None:
+    """As for registers; amounts are sometimes negative, which turns the growing-total prune
+    off, so both searches are compared with the oracle."""
+    history = [
+        _row(p, invoke, length, kind, amount if kind is OpKind.INCREMENT else None, None, result)
+        for p, (invoke, length, kind, amount, result) in enumerate(rows)
+    ]
+    assert _check(history, "counter").verdict is _oracle(history, "counter")
 
 
 def _brute_force(history: Sequence[Operation], model: Model[StateT]) -> bool:
@@ -557,7 +660,9 @@ def _brute_force(history: Sequence[Operation], model: Model[StateT]) -> bool:
 def _respects_real_time(order: Sequence[Operation]) -> bool:
     for i, first in enumerate(order):
         for later in order[i + 1 :]:
-            if later.complete_seconds is not None and later.complete_seconds < first.invoke_seconds:
+            # An unknown outcome that took effect did so by its no-effect-after time.
+            end = later.complete_seconds if later.is_known else later.no_effect_after_seconds
+            if end is not None and end < first.invoke_seconds:
                 return False
     return True
 

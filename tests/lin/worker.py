@@ -39,6 +39,8 @@ from tests.lin.checker import Operation, OpKind
 from tests.lin.checker import Value as ModelValue
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from facetrt import Value
     from facetrt.client import AsyncClient
 
@@ -99,6 +101,7 @@ def operation_to_json(op: Operation) -> str:
             "result": op.result,
             "invoke_seconds": op.invoke_seconds,
             "complete_seconds": op.complete_seconds,
+            "no_effect_after_seconds": op.no_effect_after_seconds,
         }
     )
 
@@ -110,7 +113,7 @@ def operation_from_json(text: str) -> Operation:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class _Plan:
+class Plan:
     """One call to make, and the operation it records."""
 
     facet: str
@@ -122,7 +125,25 @@ class _Plan:
     expected: ModelValue = None
 
 
-class _Worker:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Outcome:
+    """What became of one call: a result, an unknown outcome, or a refusal."""
+
+    result: Value
+    invoke_seconds: float
+    complete_seconds: float | None  # None: no reply, the outcome is unknown
+    refused: bool  # ``overloaded``: refused before the handler ran, so it did not happen
+    dropped: bool  # the connection was closed on purpose during the call
+
+    @property
+    def connection_usable(self) -> bool:
+        """Whether the same connection and process id may make the next call."""
+        return (self.complete_seconds is not None or self.refused) and not self.dropped
+
+
+class Worker:
+    """Random register and counter calls, each recorded as one JSON line on ``out``."""
+
     def __init__(self, spec: WorkerSpec, out: TextIO) -> None:
         self.spec = spec
         self.out = out
@@ -136,19 +157,19 @@ class _Worker:
     def process_id(self) -> int:
         return self.spec.index * PROCESS_STRIDE + self.generation
 
-    def plan(self) -> _Plan:
+    def plan(self) -> Plan:
         rng, spec = self.rng, self.spec
         # Half counters, half registers, however many facets and keys each has.
         if spec.counter_facets and (not spec.register_facets or rng.random() < 0.5):
             facet = self._rotated(rng.choice(spec.counter_facets))
             if rng.random() < 0.4:
-                return _Plan(facet=facet, key=COUNTER_KEY, kind=OpKind.READ, method="get", args=())
+                return Plan(facet=facet, key=COUNTER_KEY, kind=OpKind.READ, method="get", args=())
             # Large random amounts play the part of unique values: a total then names the set of
             # increments it contains, so unknown outcomes (1 + 2 or 3?) are resolved at the next
             # known total instead of staying ambiguous, and a wrong total cannot be explained
             # by a swapped order.
             amount = rng.randint(1, AMOUNT_MAX)
-            return _Plan(
+            return Plan(
                 facet=facet,
                 key=COUNTER_KEY,
                 kind=OpKind.INCREMENT,
@@ -160,12 +181,12 @@ class _Worker:
         key = rng.choice(spec.register_keys)
         choice = rng.random()
         if choice < 0.4:
-            return _Plan(facet=facet, key=key, kind=OpKind.READ, method="get", args=(key,))
+            return Plan(facet=facet, key=key, kind=OpKind.READ, method="get", args=(key,))
         # Unique values: a read names the one write it saw, which keeps the search small.
         self.sequence += 1
         value = f"p{self.process_id}.{self.sequence}"
         if choice < 0.75:
-            return _Plan(
+            return Plan(
                 facet=facet,
                 key=key,
                 kind=OpKind.WRITE,
@@ -174,7 +195,7 @@ class _Worker:
                 argument=value,
             )
         expected = self.seen.get((facet, key))
-        return _Plan(
+        return Plan(
             facet=facet,
             key=key,
             kind=OpKind.CAS,
@@ -185,10 +206,8 @@ class _Worker:
         )
 
     def _rotated(self, facet: str) -> str:
-        # An unknown outcome that never took effect (a call cut off by a daemon kill before it
-        # committed) stays a candidate for the rest of its partition, and the checker then
-        # tries every subset of such calls at every later point: 2^k. Fresh facets every round
-        # keep k small; each round still spans kills, so acknowledged writes must survive them.
+        # Optional: fresh facets every round keep partitions short. An unknown outcome whose
+        # no-effect-after time is not known stays a candidate to the end of its partition.
         if self.spec.round_seconds is None:
             return facet
         return f"{facet}.{int((time.monotonic() - self.spec.epoch) // self.spec.round_seconds)}"
@@ -197,17 +216,24 @@ class _Worker:
         done = 0
         while done < self.spec.operations:
             async with contextlib.AsyncExitStack() as stack:
-                client = await self._connect(stack)
+                client = await self.connect(stack)
+                assert client is not None
                 while done < self.spec.operations:
                     done += 1
-                    if not await self._one(client):
+                    if not await self.make(client, self.plan()):
                         break
             self.generation += 1
 
-    async def _connect(self, stack: contextlib.AsyncExitStack) -> AsyncClient:
-        # While the daemon restarts, connecting fails for a moment: try again, for a while.
+    async def connect(
+        self, stack: contextlib.AsyncExitStack, *, stop: Callable[[], bool] = lambda: False
+    ) -> AsyncClient | None:
+        """Connect (``retries=0``), trying again while the daemon restarts; None once ``stop()``.
+
+        Raises:
+            FacetrtError, OSError: still no connection after ``RECONNECT_SECONDS``.
+        """
         give_up = time.monotonic() + RECONNECT_SECONDS
-        while True:
+        while not stop():
             try:
                 return await stack.enter_async_context(
                     connect(self.spec.url, key=self.spec.key, retries=0)
@@ -216,11 +242,42 @@ class _Worker:
                 if time.monotonic() >= give_up:
                     raise
             await trio.sleep(RECONNECT_PAUSE_SECONDS)
+        return None
 
-    async def _one(self, client: AsyncClient) -> bool:
-        """Make one call and record it; False when this connection and process id are done."""
+    async def make(self, client: AsyncClient, plan: Plan) -> bool:
+        """Make one planned call and record it; False when this connection and process id are
+        done."""
+        cls = "Register" if plan.facet.startswith(REGISTER_PREFIX) else "Counter"
+        outcome = await self.attempt(client, plan.facet, plan.method, plan.args, cls)
+        if outcome.refused:
+            return outcome.connection_usable
+        op = Operation(
+            process_id=self.process_id,
+            facet=plan.facet,
+            key=plan.key,
+            kind=plan.kind,
+            argument=plan.argument,
+            expected=plan.expected,
+            result=_model_value(outcome.result) if outcome.complete_seconds is not None else None,
+            invoke_seconds=outcome.invoke_seconds,
+            complete_seconds=outcome.complete_seconds,
+        )
+        self.out.write(operation_to_json(op) + "\n")
+        self.out.flush()
+        if outcome.complete_seconds is not None:
+            self._remember(plan, outcome.result)
+        return outcome.connection_usable
+
+    async def attempt(
+        self, client: AsyncClient, facet: str, method: str, args: tuple[Value, ...], cls: str
+    ) -> Outcome:
+        """Call with the deadline and the faults the spec asks for; say what became of it.
+
+        Raises:
+            FacetrtError: a failure that is not retryable (handler_error, bad_request...): not
+                a fault this run injects but a bug, so it is not hidden as an unknown outcome.
+        """
         spec, rng = self.spec, self.rng
-        plan = self.plan()
         deadline = spec.deadline_seconds
         if rng.random() < spec.short_deadline_fraction:
             deadline = rng.uniform(*spec.short_deadline_seconds)
@@ -229,51 +286,33 @@ class _Worker:
             drop_after = rng.uniform(*spec.drop_after_seconds)
         result: Value = None
         complete: float | None = None
+        refused = False
         async with trio.open_nursery() as nursery:
             if drop_after is not None:
                 nursery.start_soon(_drop_after, client, drop_after)
             invoke = time.monotonic()
             try:
-                result = await client.call(
-                    plan.facet,
-                    plan.method,
-                    *plan.args,
-                    cls="Register" if plan.facet.startswith(REGISTER_PREFIX) else "Counter",
-                    deadline_seconds=deadline,
-                )
+                result = await client.call(facet, method, *args, cls=cls, deadline_seconds=deadline)
                 complete = time.monotonic()
             except OverloadedError:
-                # Refused before the handler ran: the call did not happen (see the docs).
-                nursery.cancel_scope.cancel()
-                return drop_after is None
+                refused = True  # refused before the handler ran: the call did not happen
             except FacetrtError as exc:
                 # Retryable: timeout, unavailable (connection dropped, daemon killed), internal:
-                # it may or may not have run. Anything else (handler_error, bad_request...) is
-                # not a fault this run injects but a bug: stop, do not hide it as unknown.
+                # it may or may not have run.
                 if not exc.retryable:
                     raise
             except (anyio.ClosedResourceError, anyio.BrokenResourceError, OSError):
                 pass  # the client closed by the drop task, or the socket broke: unknown too
             nursery.cancel_scope.cancel()
-        op = Operation(
-            process_id=self.process_id,
-            facet=plan.facet,
-            key=plan.key,
-            kind=plan.kind,
-            argument=plan.argument,
-            expected=plan.expected,
-            result=_model_value(result) if complete is not None else None,
+        return Outcome(
+            result=result,
             invoke_seconds=invoke,
             complete_seconds=complete,
+            refused=refused,
+            dropped=drop_after is not None,
         )
-        self.out.write(operation_to_json(op) + "\n")
-        self.out.flush()
-        if complete is not None:
-            self._remember(plan, result)
-        # A dropped connection cannot be used again, whether or not the reply beat the drop.
-        return complete is not None and drop_after is None
 
-    def _remember(self, plan: _Plan, result: Value) -> None:
+    def _remember(self, plan: Plan, result: Value) -> None:
         where = (plan.facet, plan.key)
         if plan.kind is OpKind.READ and plan.facet.startswith(REGISTER_PREFIX):
             self.seen[where] = _model_value(result)
@@ -301,7 +340,7 @@ def main(argv: list[str]) -> int:
         return 2
     spec = WorkerSpec.from_json(argv[0])
     with Path(spec.output).open("w") as out:
-        trio.run(_Worker(spec, out).run)
+        trio.run(Worker(spec, out).run)
     return 0
 
 
