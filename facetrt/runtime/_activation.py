@@ -148,11 +148,6 @@ class Activation:
         self._evicted = self._evicted or evicted
         self.mailbox.wake()
 
-    @property
-    def committing(self) -> bool:
-        """A commit is in flight (the idle timeout counts from its end)."""
-        return self._commit_running
-
     def _is_stop_requested(self) -> bool:
         return self._stop_requested
 
@@ -299,17 +294,13 @@ class Activation:
             handled = 0
             if self._stop_requested:
                 return
-            # Idle even with a commit in flight: eviction waits for it before closing.
-            self._supervisor.mark_idle(self)
+            # Idle even with a commit in flight (eviction waits for it before closing), but the
+            # idle timeout counts only once the last commit is done: its completion wakes this
+            # wait, and the next round marks the activation idle again, timed. The supervisor's
+            # sweeper asks for a stop once idle_timeout_seconds have passed.
+            self._supervisor.mark_idle(self, committing=self._commit_running)
             if self._is_stop_requested():  # mark_idle may have evicted this activation
                 continue  # passivate instead of parking
-            if self._commit_running:
-                # Not idle yet: the idle timer starts once the last commit is done (its
-                # completion wakes this wait).
-                await self.mailbox.wait_nonempty()
-                self._supervisor.mark_busy(self)
-                continue
-            # The supervisor's sweeper asks for a stop once idle_timeout_seconds have passed.
             await self.mailbox.wait_nonempty()
             self._supervisor.mark_busy(self)
 

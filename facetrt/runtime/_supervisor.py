@@ -8,10 +8,12 @@ otherwise wait forever).
 
 Idle passivation is the supervisor's too: one sweeper task asks activations idle for
 ``idle_timeout_seconds`` to passivate. The idle set is ordered by the time each activation
-became idle, and the timeout is the same for all, so the sweeper only ever looks at the
-oldest entry and sleeps until it is due. An activation going idle therefore costs an ordered
-dict insert and no timer of its own: a cancel scope with a deadline per idle transition cost
-~6 us, paid on every call of a facet called one call at a time.
+became idle, and the timeout is the same for all, so the sweeper looks at the oldest timed
+entries only and sleeps until the first is due. An activation going idle therefore costs an
+ordered dict insert and no timer of its own: a cancel scope with a deadline per idle
+transition cost ~6 us, paid on every call of a facet called one call at a time. An activation
+idle with a commit in flight is in the set untimed (evictable, never timed out): its idle time
+starts when it marks itself idle again after the commit.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ class Supervisor:
         self._idle_timeout = idle_timeout_seconds
         self._open = 0
         self._stopping = 0
-        # Activation -> trio time it became idle, oldest first (see the module docstring).
-        self._idle: OrderedDict[FacetAddress, tuple[Activation, float]] = OrderedDict()
+        # Activation -> trio time it became idle (None: a commit is in flight), oldest first.
+        self._idle: OrderedDict[FacetAddress, tuple[Activation, float | None]] = OrderedDict()
         self._lot = trio.lowlevel.ParkingLot()
         self._sweeper_lot = trio.lowlevel.ParkingLot()
         self._sweeper_parked = False
@@ -83,7 +85,7 @@ class Supervisor:
             self._stopping -= 1
         self._lot.unpark()
 
-    def mark_idle(self, activation: Activation) -> None:
+    def mark_idle(self, activation: Activation, *, committing: bool = False) -> None:
         if len(self._lot) > self._stopping:
             # More waiters than evictions under way: this one is now the cheapest to evict.
             self._idle.pop(activation.address, None)
@@ -92,9 +94,9 @@ class Supervisor:
             return
         idle = self._idle
         address = activation.address
-        idle[address] = (activation, trio.current_time())
+        idle[address] = (activation, None if committing else trio.current_time())
         idle.move_to_end(address)
-        if self._sweeper_parked:
+        if self._sweeper_parked and not committing:
             self._sweeper_lot.unpark_all()
 
     def mark_busy(self, activation: Activation) -> None:
@@ -112,32 +114,32 @@ class Supervisor:
     ) -> None:
         """Ask activations idle for ``idle_timeout_seconds`` to passivate, until :meth:`stop`."""
         idle = self._idle
+        timeout = self._idle_timeout
         with self._sweeper_scope:
             task_status.started()
             while True:
-                if not idle:
-                    self._sweeper_parked = True
-                    try:
-                        await self._sweeper_lot.park()
-                    finally:
-                        self._sweeper_parked = False
-                    continue
                 now = trio.current_time()
-                while idle:
-                    address, (activation, since) = next(iter(idle.items()))
-                    if since + self._idle_timeout > now:
+                expired: list[Activation] = []
+                due: float | None = None
+                for activation, since in idle.values():
+                    if since is None:
+                        continue  # a commit in flight: not timed yet
+                    if since + timeout > now:
+                        due = since + timeout  # the oldest timed entry not due: wait for it
                         break
-                    if activation.committing:
-                        # Idle for eviction, but its idle time starts once the commit is done.
-                        idle[address] = (activation, now)
-                        idle.move_to_end(address)
-                        continue
-                    idle.popitem(last=False)
+                    expired.append(activation)
+                for activation in expired:
+                    idle.pop(activation.address, None)
                     activation.request_stop()
-                if idle:
-                    _, since = next(iter(idle.values()))
+                if due is not None:
                     # An entry refreshed meanwhile moved to the end: waking early only loops.
-                    await trio.sleep_until(since + self._idle_timeout)
+                    await trio.sleep_until(due)
+                    continue
+                self._sweeper_parked = True  # until an activation becomes idle, timed
+                try:
+                    await self._sweeper_lot.park()
+                finally:
+                    self._sweeper_parked = False
 
     def stop(self) -> None:
         """End :meth:`sweep_idle` (the runtime is closing; every activation is being stopped)."""

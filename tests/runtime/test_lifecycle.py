@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import pytest
@@ -16,6 +17,7 @@ from facetrt import (
     open_runtime,
     rpc,
 )
+from facetrt.storage import StoreHooks
 from tests.facets import CLASSES, Gate
 from tests.util import clock_held_during_store_jobs, wait_until
 
@@ -298,3 +300,25 @@ async def test_a_runtime_cancelled_from_outside_answers_queued_messages_at_once(
     async with open_runtime(data_dir, classes=CLASSES) as rt:
         assert await rt.call(TENANT, "q", "get", "w") is None
         assert await rt.call(TENANT, "q", "get", "k0") is None
+
+
+async def test_an_activation_idle_with_a_commit_in_flight_is_not_timed_out(
+    data_dir: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # A commit that takes real time on its writer thread: every task looks blocked meanwhile,
+    # so the autojump clock jumps to the next deadline. The idle timeout must not be one of
+    # them (it starts when the commit is done), or the facet would be timed out mid-commit:
+    # virtual time would race ahead while the commit runs, and a commit finishing in the
+    # same round as the timeout's wake-up was taken for idleness.
+    def slow_commit(_: object) -> None:
+        time.sleep(0.05)
+
+    config = RuntimeConfig(idle_timeout_seconds=5, commit_threads=2)
+    hooks = StoreHooks(before_commit=slow_commit)
+    async with open_runtime(data_dir, classes=CLASSES, config=config, store_hooks=hooks) as rt:
+        for index in range(20):
+            assert await rt.call(TENANT, "c", "increment", cls="Counter") == index + 1
+        assert (rt.statistics().activations, rt.statistics().passivations) == (1, 0)
+        async with clock_held_during_store_jobs(rt):  # the close runs in real time
+            await trio.sleep(5.5)  # idle (no commit) for longer than the timeout: passivated
+            await wait_until(lambda: rt.statistics().passivations == 1, seconds=10)
