@@ -32,6 +32,7 @@ import argparse
 import bisect
 import contextlib
 import datetime
+import os
 import struct
 import sys
 import threading
@@ -292,10 +293,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=4.0, help="one phase (default 4)")
     parser.add_argument("--connections", type=int, default=16, help="open-loop connections")
     parser.add_argument("--factor", type=float, default=10.0, help="burst / sustainable rate")
+    parser.add_argument(
+        "--handler-ms",
+        type=float,
+        default=None,
+        help="serve a Counter whose increment first awaits this long (a slow agent handler), "
+        "so that 10x its sustainable rate is within one generator's reach",
+    )
     parser.add_argument("--no-json", action="store_true", help="do not write the JSON file")
     options = parser.parse_args(argv)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
-    with scratch_dir(None, "overload") as root, running_daemon(root) as daemon:
+    with contextlib.ExitStack() as stack:
+        root = stack.enter_context(scratch_dir(None, "overload"))
+        extra: tuple[str, ...] = ()
+        if options.handler_ms is not None:
+            os.environ["BENCH_HANDLER_MS"] = str(options.handler_ms)  # the daemon inherits it
+            config = root / "facetrt.toml"
+            config.write_text('[classes]\nCounter = "benchmarks._slow_facets:SlowCounter"\n')
+            extra = ("--config", str(config))
+        daemon = stack.enter_context(running_daemon(root, extra))
         machine = machine_info(root)
         load_start = load_snapshot()
         print(f"overload over loopback; {describe_load(load_start)}", flush=True)
@@ -408,6 +424,7 @@ def _report(
             "seconds": options.seconds,
             "connections": options.connections,
             "factor": options.factor,
+            "handler_ms": options.handler_ms,
             "http_clients": HTTP_CLIENTS,
         },
         "sustainable_calls_per_second": rate,
