@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import subprocess
 import sys
 import time
@@ -45,6 +44,7 @@ from ._util import (
     machine_info,
     render_table,
     scratch_dir,
+    write_result,
 )
 
 if TYPE_CHECKING:
@@ -54,7 +54,6 @@ if TYPE_CHECKING:
 
     from ._util import JsonValue
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TENANT = "bench"
 CONCURRENCY = (1, 16)
 
@@ -249,9 +248,7 @@ def main() -> None:
     if busy:
         print("WARNING: the machine was busy with other work; these figures are unreliable")
     if not options.no_json:
-        RESULTS_DIR.mkdir(exist_ok=True)
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
-        path = RESULTS_DIR / f"egress-{stamp}.json"
         report: dict[str, JsonValue] = {
             "machine": machine,
             "options": {"calls": calls, "repeats": options.repeats},
@@ -259,8 +256,7 @@ def main() -> None:
             "machine_busy": busy,
             "cases": {result.key: result.to_json() for result in results},
         }
-        path.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {path}")
+        write_result("egress", stamp, report)
 
 
 if __name__ == "__main__":
