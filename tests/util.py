@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import signal
+import subprocess
 from typing import TYPE_CHECKING
 
 import trio
@@ -58,3 +60,16 @@ async def clock_held_during_store_jobs(rt: Runtime) -> AsyncIterator[None]:
         nursery.start_soon(_hold_clock_while_store_jobs_run, rt)
         yield
         nursery.cancel_scope.cancel()
+
+
+def terminate(process: subprocess.Popen[bytes], seconds: float) -> int:
+    """SIGTERM (a daemon drains, flushes and closes), SIGKILL if that takes longer than
+    ``seconds``; the exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(seconds)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode

@@ -28,7 +28,6 @@ import os
 import re
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -39,6 +38,7 @@ from typing import IO, Final
 import httpx
 
 from facetrt.storage import SystemStore
+from tests.util import terminate
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 TENANT: Final = "faults"
@@ -189,13 +189,7 @@ class FaultDaemon:
         process, self.process = self.process, None
         if process is None:
             return 0
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(STOP_SECONDS)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        terminate(process, STOP_SECONDS)
         self._log_copier.join(STOP_SECONDS)  # the pipe ends with the process
         return process.returncode
 

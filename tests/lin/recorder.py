@@ -28,7 +28,6 @@ import dataclasses
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -47,6 +46,7 @@ from tests.lin.checker import (
     check_history,
 )
 from tests.lin.worker import REGISTER_PREFIX, WorkerSpec, operation_from_json, operation_to_json
+from tests.util import terminate
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -230,13 +230,7 @@ class DaemonProcess:
         process, self.process = self.process, None
         if process is None:
             return 0
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(STOP_SECONDS)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        terminate(process, STOP_SECONDS)
         self.ends.append(time.monotonic())
         return process.returncode
 
