@@ -92,6 +92,12 @@ class Gate(Facet):
         await Gate.events[self.agent_id].wait()
 
     @rpc
+    async def wait_and_fail(self, key: str) -> None:
+        self.storage.put(key, "never committed")
+        await Gate.events[self.agent_id].wait()
+        raise ValueError("failed after waiting")
+
+    @rpc
     async def put(self, key: str, value: Value) -> None:
         self.storage.put(key, value)
 

@@ -5,12 +5,14 @@ handlers one at a time, to completion, including across the handlers' awaits. Al
 envelopes are handled per wake-up; the loop parks only when the mailbox is empty.
 
 Group commit (output gate). A finished message's write layer is absorbed into the accumulated
-layer and its outcome queued. Whenever no commit is running, the accumulated layer becomes the
-in-flight layer and is committed by a writer thread in one LMDB transaction; messages finished
-meanwhile accumulate for the next commit. Commit completion runs as a callback on the loop
-thread: it releases every reply of the batch (none before fsync returned) and starts the next
-commit. So commits overlap handlers, a handler that awaits something slow never holds back the
-replies of messages finished before it, and under load one fsync covers many messages.
+layer and its outcome queued. When the wake's last queued message finished (or a handler
+suspends, or ``batch_envelopes_max`` messages ran) and no commit is running, the accumulated
+layer becomes the in-flight layer and is committed in one LMDB transaction, by a writer thread
+or inline when the loop is idle (decisions 0009, 0018); messages finished meanwhile accumulate
+for the next commit. Commit completion runs as a callback on the loop thread: it releases every
+reply of the batch (none before fsync returned) and starts the next commit. So commits overlap
+the handlers of the next wake, a handler that awaits something slow never holds back the
+replies of messages finished before it, and under load one fsync covers a whole wake.
 
 Failure. A failed commit answers every message of its batch, and of the accumulated batch that
 read its writes, with ``internal`` (``quota_exceeded`` when the store cannot grow), cancels the
@@ -37,6 +39,7 @@ import enum
 import logging
 import secrets
 import time
+import types
 from functools import partial
 from typing import TYPE_CHECKING, final
 
@@ -69,7 +72,7 @@ from ._timer_state import HintPlan, HintResult, TimerState, commit_with_hints
 from ._timers_api import Timers
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Coroutine, Generator
 
     from .._fetch import FetchRequest, FetchResponse
     from .._ids import FacetAddress
@@ -284,11 +287,17 @@ class Activation:
                     self._current = None
                     self._completed_seq += 1
                     self._accumulated.append((envelope, result))
-                    if not self._commit_running:
+                    if not self._commit_running and not self.mailbox:
+                        # The wake's last message: commit everything it finished at once.
+                        # Not after each message (decision 0003, revised): the next queued
+                        # one would find this commit running and wait for the one after it,
+                        # one fsync for a single message. A handler that suspends starts the
+                        # commit of what finished before it (_run_handler).
                         self._start_commit()
                 handled += 1
                 if handled >= self._config.batch_envelopes_max:
                     handled = 0
+                    self._start_commit()  # no-op while one runs: its completion starts it
                     await trio.lowlevel.checkpoint()  # let other facets and callers run
                 continue
             handled = 0
@@ -372,7 +381,7 @@ class Activation:
                     coroutine = handler(*envelope.args, **envelope.kwargs)
                 except TypeError as exc:
                     raise BadRequestError(f"bad arguments for {envelope.method!r}: {exc}") from None
-                value = await coroutine
+                value = await self._run_handler(coroutine)
                 if key is None and is_small_scalar(value, self._config.value_bytes_max):
                     encoded = None  # an immutable scalar: no copy needed
                 else:
@@ -391,6 +400,20 @@ class Activation:
             )
         self._pending[-1].absorb(layer)
         return outcome.Value(value if encoded is None else decode_value(encoded))
+
+    async def _run_handler(self, coroutine: Coroutine[object, object, Value]) -> Value:
+        """Await the handler's coroutine; if it suspends while finished messages wait for
+        their commit, start that commit first, so that a handler awaiting something slow
+        never holds back the replies of messages finished before it."""
+        if not self._accumulated or self._commit_running:
+            return await coroutine
+        try:
+            trap = coroutine.send(None)  # its first step, up to its first suspension
+        except StopIteration as finished:
+            value: Value = finished.value
+            return value
+        self._start_commit()
+        return await _resume(coroutine, trap)
 
     def inspect(self) -> dict[str, Value]:
         """What an operator sees of this facet (no stored values), load signals included.
@@ -814,6 +837,32 @@ class Activation:
         if self._run is None or self._run[0] is not current:
             self._run = (current, secrets.token_hex(8))
         return self._run[1]
+
+
+@types.coroutine
+def _resume(
+    coroutine: Coroutine[object, object, Value], trap: object
+) -> Generator[object, object, Value]:
+    """Go on driving ``coroutine`` after it yielded ``trap`` to the scheduler: the
+    delegation ``await`` does (PEP 380), for a coroutine whose first step already ran."""
+    while True:
+        try:
+            sent = yield trap
+        except GeneratorExit:
+            coroutine.close()
+            raise
+        except BaseException as exc:  # noqa: BLE001 - Cancelled and the rest go to the handler
+            try:
+                trap = coroutine.throw(exc)
+            except StopIteration as finished:
+                value: Value = finished.value
+                return value
+        else:
+            try:
+                trap = coroutine.send(sent)
+            except StopIteration as finished:
+                value = finished.value
+                return value
 
 
 def _without_lower(plan: HintPlan | None) -> HintPlan | None:

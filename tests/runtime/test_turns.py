@@ -8,8 +8,10 @@ flight.
 from __future__ import annotations
 
 import threading
+from functools import partial
 from typing import TYPE_CHECKING
 
+import outcome
 import pytest
 import trio
 
@@ -23,6 +25,7 @@ from facetrt import (
 )
 from facetrt.testing import StoreHooks
 from tests.facets import CLASSES, Gate
+from tests.util import clock_held_during_store_jobs, wait_until
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -177,8 +180,119 @@ async def test_blocked_handler_keeps_its_facet_closed_while_others_proceed(rt: R
         await trio.sleep(0.05)
         assert done == ["other"]
         Gate.events["g1"].set()
-    assert done == ["other", "blocker", "second"]
-    assert await rt.call(TENANT, "g1", "get", "k") == "second"
+    # Both finish in one wake and commit together: their callers resume in either order.
+    assert done[0] == "other"
+    assert sorted(done[1:]) == ["blocker", "second"]
+    assert await rt.call(TENANT, "g1", "get", "k") == "second"  # second ran after blocker
+
+
+async def test_one_wake_commits_every_message_it_finished_at_once(rt: Runtime) -> None:
+    """Messages queued behind a blocked handler are handled in one wake after it and commit
+    together: one fsync, not one for the first message and one for the rest (decision 0018)."""
+    Gate.events["w"] = trio.Event()
+    await rt.call(TENANT, "w", "put", "k", 0, cls="Gate")
+    before = rt.statistics()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: rt.call(TENANT, "w", "wait_and_put", "blocker", 1))
+        await trio.testing.wait_all_tasks_blocked()
+        for index in range(10):
+            nursery.start_soon(partial(rt.call, TENANT, "w", "put", "k", index))
+        await trio.testing.wait_all_tasks_blocked()
+        assert rt.statistics().commits == before.commits
+        Gate.events["w"].set()
+    after = rt.statistics()
+    assert after.commits - before.commits == 1
+    assert after.committed_envelopes - before.committed_envelopes == 11
+
+
+def _submit(
+    rt: Runtime,
+    agent: str,
+    method: str,
+    args: tuple[Value, ...],
+    into: dict[str, object],
+    name: str,
+) -> None:
+    """Queue a call without a checkpoint (so that several land in one wake, in order)."""
+
+    def answered(result: outcome.Outcome[Value]) -> None:
+        into[name] = result
+
+    core = rt.core
+    core.submit(
+        core.address_of(TENANT, agent),
+        method,
+        args,
+        {},
+        cls="Gate",
+        idempotency_key=None,
+        chain=(),
+        callback=answered,
+    )
+
+
+async def test_a_suspending_handler_first_lets_earlier_messages_of_its_wake_commit(
+    rt: Runtime,
+) -> None:
+    """In one wake: a put, then a handler that blocks. The put is not the wake's last
+    message, but its reply must not wait for the blocked one: the commit starts when the
+    handler suspends (decision 0018)."""
+    Gate.events["s"] = trio.Event()
+    await rt.call(TENANT, "s", "put", "k0", 0, cls="Gate")
+    replies: dict[str, object] = {}
+    _submit(rt, "s", "put", ("k1", 1), replies, "k1")
+    _submit(rt, "s", "wait_and_put", ("slow", 1), replies, "slow")
+    async with clock_held_during_store_jobs(rt):
+        await wait_until(lambda: "k1" in replies)
+    assert replies == {"k1": outcome.Value(None)}
+    Gate.events["s"].set()
+    async with clock_held_during_store_jobs(rt):
+        await wait_until(lambda: "slow" in replies)
+    assert replies["slow"] == outcome.Value(None)
+    assert await rt.call(TENANT, "s", "get", "slow") == 1
+
+
+async def test_a_handler_failing_after_it_suspended_is_a_handler_error(rt: Runtime) -> None:
+    """The hand-driven handler (a put before it in the same wake) still fails cleanly: its
+    writes are dropped, the earlier message's are kept."""
+    Gate.events["f"] = trio.Event()
+    await rt.call(TENANT, "f", "put", "k0", 0, cls="Gate")
+    replies: dict[str, object] = {}
+    _submit(rt, "f", "put", ("k1", 1), replies, "k1")
+    _submit(rt, "f", "wait_and_fail", ("doomed",), replies, "doomed")
+    async with clock_held_during_store_jobs(rt):
+        await wait_until(lambda: "k1" in replies)
+    Gate.events["f"].set()
+    async with clock_held_during_store_jobs(rt):
+        await wait_until(lambda: "doomed" in replies)
+    failed = replies["doomed"]
+    assert isinstance(failed, outcome.Error)
+    assert isinstance(failed.error, HandlerError)
+    assert "failed after waiting" in failed.error.message
+    assert await rt.call(TENANT, "f", "get", "k1") == 1
+    assert await rt.call(TENANT, "f", "get", "doomed") is None
+
+
+async def test_cancelling_a_hand_driven_handler_fails_only_that_message(rt: Runtime) -> None:
+    """A deadline that passes while the hand-driven handler waits: Cancelled goes through
+    ``_resume`` into the handler; the earlier message stays committed."""
+    Gate.events["c"] = trio.Event()
+    await rt.call(TENANT, "c", "put", "k0", 0, cls="Gate")
+    replies: dict[str, object] = {}
+    _submit(rt, "c", "put", ("k1", 1), replies, "k1")
+    _submit(rt, "c", "wait_and_put", ("cut", 1), replies, "cut")
+    async with clock_held_during_store_jobs(rt):
+        await wait_until(lambda: "k1" in replies)
+    router = rt.core.router
+    assert router is not None
+    activation = router.running_activation(rt.core.address_of(TENANT, "c"))
+    assert activation is not None
+    activation.cancel()  # what a reset or a shutdown past its grace does to a running handler
+    async with clock_held_during_store_jobs(rt):
+        await wait_until(lambda: "cut" in replies)
+    assert isinstance(replies["cut"], outcome.Error)
+    assert await rt.call(TENANT, "c", "get", "k1") == 1
+    assert await rt.call(TENANT, "c", "get", "cut") is None
 
 
 async def test_slow_handler_does_not_hold_back_earlier_replies(
