@@ -547,7 +547,10 @@ class Activation:
             layer.set_timer(name, None)  # delivered, unless on_timer sets it again
             try:
                 handler = facet.on_timer  # type: ignore[attr-defined]  # checked by Timers.set
-                await handler(name, decode_value(record.payload), record.attempts + 1)
+                # Suspending, it first lets earlier messages of this wake commit (0018).
+                await self._run_handler(
+                    handler(name, decode_value(record.payload), record.attempts + 1)
+                )
             finally:
                 storage.end_message()
         except StorageError:
