@@ -277,8 +277,9 @@ class Activation:
 
     async def _serve(self) -> None:
         handled = 0
+        queue = self.mailbox.items  # the hot loop pops and tests it without Python calls
         while True:
-            envelope = self.mailbox.get_nowait()
+            envelope = queue.popleft() if queue else None
             if envelope is not None:
                 # The message itself, inline rather than a method: one coroutine less each.
                 if not envelope.reply.abandoned:  # abandoned before it started: apply nothing
@@ -287,7 +288,7 @@ class Activation:
                     self._current = None
                     self._completed_seq += 1
                     self._accumulated.append((envelope, result))
-                    if not self._commit_running and not self.mailbox:
+                    if not self._commit_running and not queue:
                         # The wake's last message: commit everything it finished at once.
                         # Not after each message (decision 0003, revised): the next queued
                         # one would find this commit running and wait for the one after it,
@@ -381,7 +382,16 @@ class Activation:
                     coroutine = handler(*envelope.args, **envelope.kwargs)
                 except TypeError as exc:
                     raise BadRequestError(f"bad arguments for {envelope.method!r}: {exc}") from None
-                value = await self._run_handler(coroutine)
+                if not self._accumulated or self._commit_running:
+                    value = await coroutine
+                else:  # _run_handler, inlined: this is every message of a wake but its first
+                    try:
+                        trap = coroutine.send(None)
+                    except StopIteration as finished:
+                        value = finished.value
+                    else:
+                        self._start_commit()  # it suspends: let earlier messages commit first
+                        value = await _resume(coroutine, trap)
                 if key is None and is_small_scalar(value, self._config.value_bytes_max):
                     encoded = None  # an immutable scalar: no copy needed
                 else:

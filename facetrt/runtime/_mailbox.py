@@ -62,17 +62,20 @@ class Mailbox:
     """
 
     def __init__(self, envelopes_max: int, *, age_seconds_max: float) -> None:
-        self._items: deque[Envelope] = deque()
+        # The queue itself, oldest first. Public for the one consumer's hot loop (a popleft
+        # and a truth test cost no Python call); its identity never changes, so a consumer
+        # may keep a reference. Everything else goes through the methods below.
+        self.items: deque[Envelope] = deque()
         self.envelopes_max = envelopes_max
         self._age_seconds_max = age_seconds_max
         self._lot = trio.lowlevel.ParkingLot()
         self._consumer_parked = False  # ParkingLot.__bool__ is a Python call; put is hot
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self.items)
 
     def is_full(self) -> bool:
-        return len(self._items) >= self.envelopes_max
+        return len(self.items) >= self.envelopes_max
 
     def put_nowait(self, envelope: Envelope) -> None:
         """Queue ``envelope`` or raise :class:`OverloadedError`; never checkpoints.
@@ -80,7 +83,7 @@ class Mailbox:
         The age is measured at ``envelope.enqueued_at`` (its arrival, read once by the caller),
         so the check costs no clock read.
         """
-        items = self._items
+        items = self.items
         if items:  # both bounds need a queued envelope (envelopes_max >= 1)
             if len(items) >= self.envelopes_max:
                 raise OverloadedError(
@@ -99,23 +102,25 @@ class Mailbox:
 
     def oldest_enqueued_at(self) -> float | None:
         """When the oldest queued envelope arrived (trio time); None when empty."""
-        return self._items[0].enqueued_at if self._items else None
+        return self.items[0].enqueued_at if self.items else None
 
     def get_nowait(self) -> Envelope | None:
-        return self._items.popleft() if self._items else None
+        return self.items.popleft() if self.items else None
 
     def move_to(self, other: Mailbox) -> None:
         """Move every queued envelope, in order, to the empty mailbox ``other``."""
-        assert not other._items
-        other._items, self._items = self._items, deque()
+        assert not other.items
+        other.items.extend(self.items)  # in place: each queue keeps its identity
+        self.items.clear()
 
     def remove_if(self, predicate: Callable[[Envelope], bool]) -> list[Envelope]:
         """Take out (in order) the queued envelopes for which ``predicate`` holds."""
-        kept: deque[Envelope] = deque()
+        kept: list[Envelope] = []
         removed: list[Envelope] = []
-        for envelope in self._items:
+        for envelope in self.items:
             (removed if predicate(envelope) else kept).append(envelope)
-        self._items = kept
+        self.items.clear()  # in place: the queue keeps its identity
+        self.items.extend(kept)
         return removed
 
     def wake(self) -> None:
@@ -124,7 +129,7 @@ class Mailbox:
 
     async def wait_nonempty(self) -> None:
         """Return once an envelope is queued or :meth:`wake` was called; always checkpoints."""
-        if self._items:
+        if self.items:
             await trio.lowlevel.checkpoint()
             return
         self._consumer_parked = True
@@ -135,7 +140,7 @@ class Mailbox:
 
     def statistics(self) -> MailboxStatistics:
         return MailboxStatistics(
-            depth=len(self._items),
+            depth=len(self.items),
             depth_max=self.envelopes_max,
             oldest_enqueued_at=self.oldest_enqueued_at(),
         )
