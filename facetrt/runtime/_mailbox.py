@@ -124,8 +124,14 @@ class Mailbox:
         return removed
 
     def wake(self) -> None:
-        """Wake the consumer without an envelope (a stop request)."""
-        self._lot.unpark_all()
+        """Wake the consumer without an envelope (a stop request, a finished commit).
+
+        Only a parked consumer needs it: one that is running checks for a stop before it
+        parks again, with no checkpoint in between (and every commit's completion calls this).
+        """
+        if self._consumer_parked:
+            self._consumer_parked = False
+            self._lot.unpark_all()
 
     async def wait_nonempty(self) -> None:
         """Return once an envelope is queued or :meth:`wake` was called; always checkpoints."""

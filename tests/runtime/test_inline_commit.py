@@ -59,3 +59,25 @@ async def test_fault_hooks_keep_commits_on_the_writer_threads(data_dir: Path) ->
     async with open_runtime(data_dir, classes=CLASSES, store_hooks=hooks) as rt:
         await rt.call("t", "c", "increment", cls="Counter")
         assert rt.statistics().commits_inline == 0
+
+
+async def test_the_runnable_task_count_matches_trio_statistics() -> None:
+    """``tasks_runnable_reader`` reads trio's run queue directly (the public statistics cost
+    ~3 us per idle commit): it must count what trio's public figure counts, runnable or not."""
+    from facetrt.runtime._core import tasks_runnable_reader
+
+    runnable = tasks_runnable_reader()
+    seen: list[tuple[int, int]] = []
+
+    def compare() -> None:
+        seen.append((runnable(), trio.lowlevel.current_statistics().tasks_runnable))
+
+    async with trio.open_nursery() as nursery:
+        compare()
+        for _ in range(3):
+            nursery.start_soon(trio.sleep, 0)
+        compare()  # the three new tasks are ready to run, not yet started
+        await trio.testing.wait_all_tasks_blocked()
+        compare()
+    assert seen[1][0] >= 3
+    assert all(direct == public for direct, public in seen), seen
