@@ -654,13 +654,17 @@ class Activation:
         else:
             index = self._core.timer_index
             job = partial(commit_with_hints, index, self.address, plan, self._store, batch)
-        if plan is None and len(outcomes) <= 1 and not self.mailbox and self._core.loop_is_idle():
+        if (
+            plan is None
+            and not self.mailbox
+            and (len(outcomes) <= 1 or self._core.batch_may_commit_inline())
+            and self._core.loop_is_idle()
+        ):
             # Nothing else could run meanwhile: blocking the loop for the fsync costs nobody
-            # anything and saves two thread hops and a loop wake-up (decision 0009). Only for
-            # a message answered on its own: a batch means pipelined load, whose next calls,
-            # or another tenant's, would arrive during the fsync and wait for it (measured:
-            # the noisy neighbour's p99 3.0-3.9x alone instead of 1.6-2.1x). Commits with
-            # timer-index work stay on the threads: the index's group commit may wait.
+            # anything and saves two thread hops and a loop wake-up (decision 0009). A batch
+            # only while its tenant is alone on the node: what arrives during the fsync waits
+            # for it, and another tenant's calls must not. Commits with timer-index work stay
+            # on the threads: the index's group commit may wait.
             self._core.counters.commits_inline += 1
             self._commit_done(layer, outcomes, seq, plan, outcome.capture(job))
             return

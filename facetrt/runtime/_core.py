@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, final
@@ -58,6 +59,10 @@ class Counters:
     timer_handler_failures: int = 0
     timers_failed: int = 0
     timer_hints_removed: int = 0
+
+
+# How long one tenant must have been alone in submitting before its batches commit inline.
+INLINE_BATCH_QUIET_SECONDS = 1.0
 
 
 def tasks_runnable_reader() -> Callable[[], int]:
@@ -116,6 +121,21 @@ class RuntimeCore:
         # Fault-injection hooks may block inside a commit: keep those on the writer threads.
         self._inline_commits = config.commit_inline_when_idle and not registry.has_hooks
         self._tasks_runnable: Callable[[], int] | None = None
+        # The tenant of the last message submitted, and when the one before it differed.
+        self._last_tenant = ""
+        self._tenant_switched_at = -math.inf
+
+    def batch_may_commit_inline(self) -> bool:
+        """Whether a commit of several messages may run on the loop thread (if it is idle).
+
+        A batch means pipelined load, and whatever arrives during an inline fsync waits for it.
+        That is the batch's own tenant's business, but not another tenant's (the noisy
+        neighbour: B's p99 3.0-3.9x alone with inline batches, 1.6-2.1x without). So batches
+        commit inline only while a single tenant has submitted messages for
+        ``INLINE_BATCH_QUIET_SECONDS``: one tenant's pipelines keep inline commits, and once
+        another tenant shows up, batches go to the writer threads (decision 0009, revised).
+        """
+        return trio.current_time() - self._tenant_switched_at > INLINE_BATCH_QUIET_SECONDS
 
     def loop_is_idle(self) -> bool:
         """Whether a commit may run on the loop thread: inline commits are enabled, no
@@ -184,6 +204,9 @@ class RuntimeCore:
             self._check_idempotency_key(idempotency_key)
         call_args, call_kwargs = self._arguments(args, kwargs)
         now = trio.current_time() if enqueued_at is None else enqueued_at
+        if address.tenant_id != self._last_tenant:  # see batch_may_commit_inline
+            self._last_tenant = address.tenant_id
+            self._tenant_switched_at = now
         bucket = None
         # Only calls from outside spend the tenant's rate: a facet's own calls were admitted
         # with the call that made them, and operators' messages are not the tenant's.
