@@ -247,6 +247,20 @@ class Fetcher(Facet):
         self.storage.put(key, value)
 
 
+class SlowStart(Facet):
+    """``on_activate`` waits for ``SlowStart.gate`` when one is set (in-process only)."""
+
+    gate: trio.Event | None = None
+
+    async def on_activate(self) -> None:
+        if SlowStart.gate is not None:
+            await SlowStart.gate.wait()
+
+    @rpc
+    async def put(self, key: str, value: Value) -> None:
+        self.storage.put(key, value)
+
+
 CLASSES: dict[str, type[Facet]] = {
     "Counter": Counter,
     "AgentMemory": AgentMemory,
@@ -254,4 +268,5 @@ CLASSES: dict[str, type[Facet]] = {
     "Gate": Gate,
     "Alarm": Alarm,
     "Fetcher": Fetcher,
+    "SlowStart": SlowStart,
 }

@@ -72,7 +72,7 @@ from ._timer_state import HintPlan, HintResult, TimerState, commit_with_hints
 from ._timers_api import Timers
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Coroutine, Generator
+    from collections.abc import Callable, Coroutine, Generator
 
     from .._fetch import FetchRequest, FetchResponse
     from .._ids import FacetAddress
@@ -122,6 +122,8 @@ class Activation:
         self._accumulated: _Outcomes = []
         self._commit_running = False
         self._commit_started = 0.0
+        self._commit_soon = False  # a commit is scheduled for a suspended handler's earlier work
+        self._token = trio.lowlevel.current_trio_token()
         self._completed_seq = 0
         self._durable_seq = 0
         self._durable_lot = trio.lowlevel.ParkingLot()
@@ -302,6 +304,10 @@ class Activation:
                     await trio.lowlevel.checkpoint()  # let other facets and callers run
                 continue
             handled = 0
+            if self._accumulated and not self._commit_running:
+                # The wake's last envelope was skipped (abandoned), or finished messages are
+                # left for any other reason: commit them before parking, never strand them.
+                self._start_commit()
             if self._stop_requested:
                 return
             # Idle even with a commit in flight (eviction waits for it before closing), but the
@@ -390,7 +396,7 @@ class Activation:
                     except StopIteration as finished:
                         value = finished.value
                     else:
-                        self._start_commit()  # it suspends: let earlier messages commit first
+                        self._commit_when_suspended()  # let earlier messages commit first
                         value = await _resume(coroutine, trap)
                 if key is None and is_small_scalar(value, self._config.value_bytes_max):
                     encoded = None  # an immutable scalar: no copy needed
@@ -422,8 +428,25 @@ class Activation:
         except StopIteration as finished:
             value: Value = finished.value
             return value
-        self._start_commit()
+        self._commit_when_suspended()
         return await _resume(coroutine, trap)
+
+    def _commit_when_suspended(self) -> None:
+        """Start the commit of the messages finished before a handler that just suspended.
+
+        Not here and now: the handler has yielded its trap but trio has not received it yet,
+        and a commit may run inline and release replies (callbacks, wake-ups) in between.
+        Scheduled instead, it runs in the next scheduler pass, after the trap was handed over;
+        once per suspension episode. It may find the work done meanwhile: that is a no-op.
+        """
+        if not self._commit_soon:
+            self._commit_soon = True
+            self._token.run_sync_soon(self._commit_now)
+
+    def _commit_now(self) -> None:
+        self._commit_soon = False
+        if self._store is not None:  # still open (the activation may have stopped since)
+            self._start_commit()
 
     def inspect(self) -> dict[str, Value]:
         """What an operator sees of this facet (no stored values), load signals included.
@@ -503,13 +526,14 @@ class Activation:
             system[(META_DB, key)] = msgpack.packb(value)
         self._bound_class = cls
 
-    async def _run_hook(self, hook: Callable[[], Awaitable[None]]) -> None:
+    async def _run_hook(self, hook: Callable[[], Coroutine[object, object, None]]) -> None:
         """Run ``on_activate`` / ``on_deactivate`` as a message of its own (no reply)."""
         storage = self._storage
         assert storage is not None
         layer = storage.begin_message()
         try:
-            await hook()
+            # Suspending, it lets messages finished earlier in this wake commit first (0018).
+            await self._run_handler(hook())
         except FacetrtError:
             raise
         except Exception as exc:

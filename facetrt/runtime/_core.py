@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, final
 
 import trio
-import trio._core._run
 
 from .._errors import BadRequestError, FacetrtError, NotFoundError, UnavailableError
 from .._ids import FacetAddress
@@ -76,7 +75,8 @@ def tasks_runnable_reader() -> Callable[[], int]:
     figure by ``tests/runtime/test_inline_commit.py``), and the public call is the fallback if
     a trio release moves it.
     """
-    context = getattr(trio._core._run, "GLOBAL_RUN_CONTEXT", None)
+    run_module = getattr(getattr(trio, "_core", None), "_run", None)  # no import: may move
+    context = getattr(run_module, "GLOBAL_RUN_CONTEXT", None)
     runq = getattr(getattr(context, "runner", None), "runq", None)
     if isinstance(runq, collections.deque):
         return runq.__len__

@@ -24,7 +24,7 @@ from facetrt import (
     open_runtime,
 )
 from facetrt.testing import StoreHooks
-from tests.facets import CLASSES, Gate
+from tests.facets import CLASSES, Gate, SlowStart
 from tests.util import clock_held_during_store_jobs, wait_until
 
 if TYPE_CHECKING:
@@ -293,6 +293,84 @@ async def test_cancelling_a_hand_driven_handler_fails_only_that_message(rt: Runt
     assert isinstance(replies["cut"], outcome.Error)
     assert await rt.call(TENANT, "c", "get", "k1") == 1
     assert await rt.call(TENANT, "c", "get", "cut") is None
+
+
+async def test_an_abandoned_last_message_does_not_strand_the_replies_before_it(
+    rt: Runtime,
+) -> None:
+    """The wake's last envelope is skipped (its caller gave up before it started): the
+    messages finished before it still commit at once, not when the next message arrives or
+    the facet passivates (found in review of decision 0018)."""
+    Gate.events["ab"] = trio.Event()
+    await rt.call(TENANT, "ab", "put", "k0", 0, cls="Gate")
+    replies: dict[str, object] = {}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(rt.call, TENANT, "ab", "wait_and_put", "blocker", 1))
+        await trio.testing.wait_all_tasks_blocked()
+        _submit(rt, "ab", "put", ("k1", 1), replies, "k1")
+        gave_up = trio.CancelScope()
+
+        async def abandoned() -> None:
+            with gave_up:
+                await rt.call(TENANT, "ab", "put", "k2", 2)
+
+        nursery.start_soon(abandoned)
+        await trio.testing.wait_all_tasks_blocked()
+        gave_up.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        Gate.events["ab"].set()
+        async with clock_held_during_store_jobs(rt):
+            await wait_until(lambda: "k1" in replies, seconds=3)
+    assert replies["k1"] == outcome.Value(None)
+    assert await rt.call(TENANT, "ab", "get", "k2") is None  # skipped: applied nothing
+
+
+async def test_a_slow_on_activate_does_not_hold_back_earlier_replies_of_its_wake(
+    data_dir: Path, config: RuntimeConfig
+) -> None:
+    """An operator's inspect finishes before the next message activates the facet; a slow
+    ``on_activate`` (a hook, stepped like a handler) must not hold its reply back."""
+    async with open_runtime(data_dir, classes=CLASSES, config=config) as rt:
+        await rt.call(TENANT, "slow", "put", "k", 0, cls="SlowStart")
+        core = rt.core
+        address = core.address_of(TENANT, "slow")
+        router = core.router
+        assert router is not None
+        async with router.hold(address):  # passivate it: the next message activates it again
+            pass
+        SlowStart.gate = trio.Event()
+        try:
+            replies: dict[str, object] = {}
+            core.submit(
+                address,
+                "inspect",
+                (),
+                {},
+                cls=None,
+                idempotency_key=None,
+                chain=(),
+                internal=True,
+                callback=partial(replies.__setitem__, "inspect"),
+            )
+            core.submit(
+                address,
+                "put",
+                ("k", 1),
+                {},
+                cls="SlowStart",
+                idempotency_key=None,
+                chain=(),
+                callback=partial(replies.__setitem__, "put"),
+            )
+            async with clock_held_during_store_jobs(rt):
+                await wait_until(lambda: "inspect" in replies, seconds=3)
+            assert "put" not in replies  # still in on_activate
+            SlowStart.gate.set()
+            async with clock_held_during_store_jobs(rt):
+                await wait_until(lambda: "put" in replies, seconds=3)
+        finally:
+            SlowStart.gate = None
+    assert replies["put"] == outcome.Value(None)
 
 
 async def test_slow_handler_does_not_hold_back_earlier_replies(
