@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Final, final
 
 from .._errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from .._values import packb
 from ._events import (
     Bye,
     Call,
@@ -40,7 +41,9 @@ from ._events import (
     from_body,
     to_body,
 )
-from ._framing import FRAME_BYTES_MAX_DEFAULT, FrameDecoder, encode_frame
+from ._framing import FRAME_BYTES_MAX_DEFAULT, HEADER, FrameDecoder, encode_frame
+
+_header = HEADER.pack
 
 
 class Role(enum.Enum):
@@ -253,7 +256,8 @@ class Connection:
             raise LocalProtocolError(f"cannot send a result in state {self.state.value}")
         if call_id not in self._in_flight:
             raise LocalProtocolError(f"reply to call id {call_id}, which is not in flight")
-        data = encode_frame({"t": "result", "id": call_id, "value": value})
+        payload = packb({"t": "result", "id": call_id, "value": value})  # encode_frame, inlined
+        data = _header(len(payload)) + payload
         if len(data) - 4 > self.frame_bytes_max:
             raise LocalProtocolError(
                 f"frame of {len(data) - 4} bytes exceeds the limit of {self.frame_bytes_max}"

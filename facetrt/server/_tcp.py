@@ -50,6 +50,7 @@ from ..protocol import (
 from ..runtime import InFlight
 
 if TYPE_CHECKING:
+    from .._ids import FacetAddress
     from .._values import Value
     from ..config import ServerConfig
     from ..metrics import FacetrtMetrics
@@ -66,6 +67,7 @@ logger = logging.getLogger(__name__)
 # bytes costs 14.5 us here, recv(64 KiB) 2.4 us).
 RECEIVE_BYTES_MAX = 64 * 1024
 CLOSE_SECONDS = 5.0
+SESSION_ADDRESSES_MAX = 1024  # per connection; the runtime's cache backs it
 # At most 4 KiB of UTF-8: an error reply always fits in a frame (frame_bytes_max >= 64 KiB).
 ERROR_MESSAGE_CHARS_MAX = 1024
 TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
@@ -232,6 +234,7 @@ class _Session:
         self._room_waiters = 0
         self._clock = trio.lowlevel.current_clock().current_time  # one frame, not two
         self._pending: dict[int, trio.CancelScope | None] = {}
+        self._addresses: dict[str, FacetAddress] = {}  # agent id -> address, this tenant's
         self._reading = True
         self._read_scope = trio.CancelScope()
         self._principal: Principal | None = None
@@ -412,7 +415,13 @@ class _Session:
             self._answer(call.id, started, outcome.Error(error))
             return
         try:
-            address = self._core.address_of(self._tenant, call.agent)
+            # The session's own cache first: no method call and no (tenant, agent) key per call.
+            address = self._addresses.get(call.agent)
+            if address is None:
+                address = self._core.address_of(self._tenant, call.agent)
+                if len(self._addresses) >= SESSION_ADDRESSES_MAX:
+                    self._addresses.clear()
+                self._addresses[call.agent] = address
             reply = self._core.submit(
                 address,
                 call.method,
@@ -457,7 +466,9 @@ class _Session:
                 flight.give_waiters()
             if scope is not None:
                 scope.cancel()
-        self._wake_for_room()
+        if self._room_waiters:  # _wake_for_room, inlined: once per call
+            self._room_waiters = 0
+            self._room_lot.unpark_all()
         if type(result) is outcome.Value:
             code = "ok"
             try:
@@ -486,7 +497,10 @@ class _Session:
             except LocalProtocolError:
                 return  # the connection already failed: nobody to answer
         self._server.metrics.observe_call("tcp", code, self._clock() - started)
-        self._append(data)
+        self._outbox.append(data)  # _append, inlined: once per call
+        self._outbox_bytes += len(data)
+        self._outbox_frames += 1
+        self._unwritten += 1
         if self._core.releasing:
             # Released with a commit's batch: the after_release hook writes it (flush) and
             # wakes the writer task only if the socket did not take everything.
