@@ -290,13 +290,6 @@ class Activation:
                     self._current = None
                     self._completed_seq += 1
                     self._accumulated.append((envelope, result))
-                    if not self._commit_running and not queue:
-                        # The wake's last message: commit everything it finished at once.
-                        # Not after each message (decision 0003, revised): the next queued
-                        # one would find this commit running and wait for the one after it,
-                        # one fsync for a single message. A handler that suspends starts the
-                        # commit of what finished before it (_run_handler).
-                        self._start_commit()
                 handled += 1
                 if handled >= self._config.batch_envelopes_max:
                     handled = 0
@@ -305,8 +298,12 @@ class Activation:
                 continue
             handled = 0
             if self._accumulated and not self._commit_running:
-                # The wake's last envelope was skipped (abandoned), or finished messages are
-                # left for any other reason: commit them before parking, never strand them.
+                # The mailbox is empty: commit everything this wake finished, at once (its
+                # last envelope may have been skipped, abandoned). Not after each message
+                # (decision 0018, revising 0003): the next queued one would find that commit
+                # running and wait for the one after it, one fsync for a single message. A
+                # handler that suspends starts the commit of what finished before it
+                # (_run_handler); while a commit runs, its completion starts the next.
                 self._start_commit()
             if self._stop_requested:
                 return
