@@ -54,6 +54,28 @@ class StoreJobs(Protocol):
     async def call(self, job: Callable[[], T]) -> T: ...
 
 
+async def call_job(
+    jobs: StoreJobs, room: trio.lowlevel.ParkingLot, jobs_max: int, job: Callable[[], T]
+) -> T:
+    """``StoreJobs.call`` for any implementation: wait (cancellably) while ``jobs_max`` jobs
+    are in flight (``room`` is unparked as they finish), submit, then wait for the result
+    without abandoning the job: cancellation is deferred until it is done."""
+    while jobs.jobs_in_flight >= jobs_max:
+        await room.park()
+    task = trio.lowlevel.current_task()
+
+    def on_done(result: outcome.Outcome[T]) -> None:
+        trio.lowlevel.reschedule(task, result)
+
+    jobs.submit(job, on_done)
+
+    def abort(_: object) -> trio.lowlevel.Abort:
+        return trio.lowlevel.Abort.FAILED
+
+    value: T = await trio.lowlevel.wait_task_rescheduled(abort)
+    return value
+
+
 @final
 class StoreWorkers:
     """A pool of ``threads`` writer threads; start with :meth:`start`, stop with :meth:`stop`."""
@@ -132,20 +154,7 @@ class StoreWorkers:
         cancellation is deferred until the job finished: its result is returned and the
         caller's next checkpoint raises ``Cancelled``.
         """
-        while self.jobs_in_flight >= self._jobs_max:
-            await self._room.park()
-        task = trio.lowlevel.current_task()
-
-        def on_done(result: outcome.Outcome[T]) -> None:
-            trio.lowlevel.reschedule(task, result)
-
-        self.submit(job, on_done)
-
-        def abort(_: object) -> trio.lowlevel.Abort:
-            return trio.lowlevel.Abort.FAILED
-
-        value: T = await trio.lowlevel.wait_task_rescheduled(abort)
-        return value
+        return await call_job(self, self._room, self._jobs_max, job)
 
     def _work(self) -> None:
         token = self._token

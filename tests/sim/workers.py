@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, TypeVar, final
 import outcome
 import trio
 
+from facetrt.runtime._storage_bridge import call_job
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -101,20 +103,7 @@ class LoopStoreWorkers:
     async def call(self, job: Callable[[], T]) -> T:
         """Run ``job`` and return (or raise) its result; once submitted, cancellation waits
         for the job (as ``StoreWorkers.call``: a store job is never abandoned)."""
-        while self.jobs_in_flight >= self._jobs_max:
-            await self._room.park()
-        task = trio.lowlevel.current_task()
-
-        def on_done(result: outcome.Outcome[T]) -> None:
-            trio.lowlevel.reschedule(task, result)
-
-        self.submit(job, on_done)
-
-        def abort(_: object) -> trio.lowlevel.Abort:
-            return trio.lowlevel.Abort.FAILED
-
-        value: T = await trio.lowlevel.wait_task_rescheduled(abort)
-        return value
+        return await call_job(self, self._room, self._jobs_max, job)
 
     async def _run(self) -> None:
         try:
