@@ -18,6 +18,7 @@ import msgpack
 from .._errors import BadRequestError, StorageError
 from ..runtime._timer_record import parse_record
 from ..storage import IDEM_DB, META_DB, TIMERS_DB, open_environment
+from ..storage._store import open_readonly as open_store_readonly
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -42,18 +43,7 @@ class StoreSummary:
 
 def open_readonly(directory: Path) -> lmdb.Environment:
     """Open a copied store read-only without a lock file (nothing else uses a copy)."""
-    return lmdb.open(
-        str(directory),
-        map_size=1 << 20,  # read-only: LMDB maps the whole file whatever this says
-        subdir=True,
-        readonly=True,
-        lock=False,
-        max_dbs=DBS_MAX,
-        max_readers=1,
-        max_spare_txns=0,
-        readahead=True,  # read once, in order
-        create=False,
-    )
+    return open_store_readonly(directory, max_dbs=DBS_MAX)
 
 
 def named_dbs(env: lmdb.Environment, txn: lmdb.Transaction[bytes]) -> dict[bytes, Any]:

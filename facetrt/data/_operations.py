@@ -374,7 +374,13 @@ class DataOperations:
         self._router.close_tenant(tenant)
         try:
             while page := await self._run(
-                partial(list_facets_in, root, start_after=cursor, limit=PAGE)
+                partial(
+                    list_facets_in,
+                    root,
+                    start_after=cursor,
+                    limit=PAGE,
+                    identify=self._registry.identify,
+                )
             ):
                 for record in page:
                     address = FacetAddress(record.tenant, record.agent)
@@ -466,7 +472,13 @@ class DataOperations:
         for root in roots:
             cursor: str | None = None
             while page := await self._run(
-                partial(list_facets_in, root, start_after=cursor, limit=PAGE)
+                partial(
+                    list_facets_in,
+                    root,
+                    start_after=cursor,
+                    limit=PAGE,
+                    identify=self._registry.identify,
+                )
             ):
                 for record in page:
                     yield FacetAddress(record.tenant, record.agent)

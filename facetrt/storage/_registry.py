@@ -11,13 +11,24 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from .._errors import ConfigError, StorageError
 from .._ids import FacetAddress
-from ._store import DATA_FILE, FacetStore, StoreHooks, store_exists
+from ._store import (
+    DATA_FILE,
+    FacetStore,
+    StoreHooks,
+    StoreIdentity,
+    read_identity,
+    store_exists,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 LOCK_FILE: Final = "facetrt.lock"
 
@@ -87,7 +98,8 @@ def write_hint(path: Path, address: FacetAddress, fields: dict[str, object]) -> 
     except OSError:
         pass
     # Written in place (no temporary file and rename: one inode less per new facet); a torn
-    # hint reads as garbage, is ignored by listings and rewritten on the next open.
+    # or lost hint reads as garbage, listings then read the ids from the store's meta db
+    # (_record), and the next open rewrites it.
     hint.write_bytes(data)
 
 
@@ -101,20 +113,25 @@ def _read_hint(path: Path) -> dict[str, object] | None:
     return hint
 
 
-def _record(directory: Path, name: str) -> FacetRecord | None:
-    hint = _read_hint(directory)
-    if hint is None:
-        return None
-    try:
-        address = FacetAddress(hint.get("tenant"), hint["agent"])  # type: ignore[arg-type]  # validated by FacetAddress
-    except ValueError:
-        return None
-    if directory.parts[-4:] != address.relative_path().parts[-4:]:
-        return None  # a hint that does not belong here (copied by hand, or torn)
+def _record(
+    directory: Path, name: str, identify: Callable[[Path], StoreIdentity | None]
+) -> FacetRecord | None:
     try:
         stat = (directory / DATA_FILE).stat()
     except OSError:
         return None  # a directory without a store (being created or deleted)
+    hint = _read_hint(directory)
+    address = None if hint is None else _address_in(directory, hint)
+    if hint is None or address is None:
+        # Missing or torn (see write_hint): the store's meta db says who it belongs to. Only
+        # a store never committed has no ids, and nothing to list or back up.
+        identity = identify(directory)
+        if identity is None:
+            return None
+        hint = {"tenant": identity.tenant, "agent": identity.agent, "class": identity.class_name}
+        address = _address_in(directory, hint)
+        if address is None:
+            return None
     class_name, timers = hint.get("class"), hint.get("timers")
     return FacetRecord(
         cursor=name,
@@ -125,6 +142,17 @@ def _record(directory: Path, name: str) -> FacetRecord | None:
         last_active=stat.st_mtime,
         timers=timers if isinstance(timers, int) else None,
     )
+
+
+def _address_in(directory: Path, ids: dict[str, object]) -> FacetAddress | None:
+    """The address ``ids`` name if it is the one ``directory`` is the store of."""
+    try:
+        address = FacetAddress(ids.get("tenant"), ids["agent"])  # type: ignore[arg-type]  # validated by FacetAddress
+    except (KeyError, ValueError):
+        return None
+    if directory.parts[-4:] != address.relative_path().parts[-4:]:
+        return None  # ids that do not belong here (a hint copied by hand, or garbage)
+    return address
 
 
 class StoreRegistry:
@@ -143,6 +171,10 @@ class StoreRegistry:
         self._map_size_bytes_max = map_size_bytes_max
         self._hooks = hooks
         self._open: dict[Path, FacetStore] = {}
+        # Stores being opened or open, by path: identify() answers for them instead of
+        # opening them a second time, and no open can start while it reads one (the lock).
+        self._held: dict[Path, FacetAddress] = {}
+        self._held_lock = threading.Lock()
 
     @property
     def has_hooks(self) -> bool:
@@ -169,19 +201,41 @@ class StoreRegistry:
         path = self.path_of(address)
         assert path not in self._open, f"store {path} opened twice"
         bytes_max = self._map_size_bytes_max if map_size_bytes_max is None else map_size_bytes_max
-        store = FacetStore(
-            path,
-            map_size_bytes=min(self._map_size_bytes, bytes_max),
-            map_size_bytes_max=bytes_max,
-            hooks=self._hooks,
-        )
+        with self._held_lock:
+            self._held[path] = address
         try:
-            write_hint(path, address, store.hint_fields())
-        except OSError as exc:
-            store.close()
-            raise StorageError(f"cannot write the id hint of {str(path)!r}: {exc}") from exc
+            store = FacetStore(
+                path,
+                map_size_bytes=min(self._map_size_bytes, bytes_max),
+                map_size_bytes_max=bytes_max,
+                hooks=self._hooks,
+            )
+            try:
+                write_hint(path, address, store.hint_fields())
+            except OSError as exc:
+                store.close()
+                raise StorageError(f"cannot write the id hint of {str(path)!r}: {exc}") from exc
+        except BaseException:
+            self._release_hold(path)
+            raise
         self._open[path] = store
         return store
+
+    def identify(self, directory: Path) -> StoreIdentity | None:
+        """Who the store in ``directory`` belongs to, for a listing whose hint is missing or
+        torn: the address it was opened with if this process holds it (LMDB forbids opening
+        it again), else its meta db, read while no open of it can start. Blocking."""
+        with self._held_lock:
+            address = self._held.get(directory)
+            if address is not None:  # open: the router knows its live class
+                return StoreIdentity(
+                    tenant=address.tenant_id, agent=address.agent_id, class_name=None
+                )
+            return read_identity(directory)
+
+    def _release_hold(self, path: Path) -> None:
+        with self._held_lock:
+            self._held.pop(path, None)
 
     def tenant_path(self, tenant: str) -> Path:
         """The directory holding every facet of ``tenant`` (hashed)."""
@@ -197,7 +251,9 @@ class StoreRegistry:
         directories it spans (a few thousand entries with millions of facets) and one hint
         read and ``stat`` per facet returned.
         """
-        return list_facets_in(self.tenant_path(tenant), start_after=start_after, limit=limit)
+        return list_facets_in(
+            self.tenant_path(tenant), start_after=start_after, limit=limit, identify=self.identify
+        )
 
     def count_facets(self, tenant: str) -> int:
         """How many facets ``tenant`` has on disk (a directory scan and one ``stat`` per
@@ -222,15 +278,21 @@ class StoreRegistry:
             pass  # only a hint: the next open rewrites it
         finally:
             store.close()
+            self._release_hold(store.path)
 
     def open_count(self) -> int:
         return len(self._open)
 
 
 def list_facets_in(
-    root: Path, *, start_after: str | None = None, limit: int = 100
+    root: Path,
+    *,
+    start_after: str | None = None,
+    limit: int = 100,
+    identify: Callable[[Path], StoreIdentity | None],
 ) -> list[FacetRecord]:
-    """Facets under the tenant directory ``root``, in cursor order (see ``list_facets``)."""
+    """Facets under the tenant directory ``root``, in cursor order (see ``list_facets``);
+    ``identify`` (:meth:`StoreRegistry.identify`) names a store whose hint is unreadable."""
     found: list[FacetRecord] = []
     if not root.is_dir():
         return found
@@ -240,7 +302,7 @@ def list_facets_in(
         for name in sorted(entry.name for entry in os.scandir(root / fanout)):
             if start_after is not None and name <= start_after:
                 continue
-            record = _record(root / fanout / name, name)
+            record = _record(root / fanout / name, name, identify)
             if record is not None:
                 found.append(record)
                 if len(found) >= limit:

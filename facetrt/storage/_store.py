@@ -247,18 +247,83 @@ class FacetStore:
 
 
 def _unpack_text(raw: bytes) -> str | None:
-    """A msgpack str (fixstr or str 8, as class names are), decoded without msgpack (the
-    storage layer does not import it); None for anything else."""
+    """A msgpack str (fixstr, str 8 or str 16: class names and ids, at most 256 characters),
+    decoded without msgpack (the storage layer does not import it); None for anything else."""
     if raw and 0xA0 <= raw[0] <= 0xBF:
         length, body = raw[0] & 0x1F, raw[1:]
     elif len(raw) >= 2 and raw[0] == 0xD9:
         length, body = raw[1], raw[2:]
+    elif len(raw) >= 3 and raw[0] == 0xDA:
+        length, body = int.from_bytes(raw[1:3], "big"), raw[3:]
     else:
         return None
     try:
         return body.decode() if len(body) == length else None
     except UnicodeDecodeError:
         return None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoreIdentity:
+    """Who a store belongs to, as its meta db says (written with the facet's first commit)."""
+
+    tenant: str
+    agent: str
+    class_name: str | None
+
+
+def read_identity(path: Path) -> StoreIdentity | None:
+    """The ids in the meta db of the store at ``path``, or None if it has none (never
+    committed) or cannot be read.
+
+    For listings whose hint file is missing or torn (written in place and without fsync: a
+    listing racing its rewrite, a crash mid-write, a power failure): a facet must not vanish
+    from a backup or an operator's view for want of a hint. Opened read-only without the lock
+    file, so no lock is taken or dropped: safe while this process has the store open (closing
+    a second handle that used the lock file would drop the process's locks on it). Without a
+    reader slot a read racing two commits could see recycled pages; the caller checks the ids
+    against the directory's hashed name, so garbage cannot name a facet.
+    """
+    try:
+        env = open_readonly(path, max_dbs=len(SYSTEM_DBS) + 2, readahead=False)
+    except lmdb.Error:
+        return None
+    try:
+        with env.begin() as txn:
+            meta = env.open_db(META_DB, txn=txn, create=False)
+            tenant, agent, class_name = (
+                txn.get(key, db=meta) for key in (b"tenant", b"agent", b"class")
+            )
+    except lmdb.Error:  # no meta db (an empty store), or unreadable
+        return None
+    finally:
+        env.close()
+    tenant_id = None if tenant is None else _unpack_text(tenant)
+    agent_id = None if agent is None else _unpack_text(agent)
+    if tenant_id is None or agent_id is None:
+        return None
+    return StoreIdentity(
+        tenant=tenant_id,
+        agent=agent_id,
+        class_name=None if class_name is None else _unpack_text(class_name),
+    )
+
+
+def open_readonly(path: Path, *, max_dbs: int, readahead: bool = True) -> lmdb.Environment:
+    """Open the store at ``path`` read-only without its lock file: private copies (nothing
+    else uses them) and :func:`read_identity`. Raises ``lmdb.Error``."""
+    return lmdb.open(
+        str(path),
+        map_size=1 << 20,  # read-only: LMDB maps the whole file whatever this says
+        subdir=True,
+        readonly=True,
+        lock=False,
+        max_dbs=max_dbs,
+        max_readers=1,
+        max_spare_txns=0,
+        readahead=readahead,
+        create=False,
+    )
 
 
 def open_environment(

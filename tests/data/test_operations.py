@@ -19,6 +19,7 @@ import trio.testing
 from facetrt import (
     BadRequestError,
     ConflictError,
+    FacetAddress,
     FacetrtError,
     NotFoundError,
     Runtime,
@@ -331,6 +332,50 @@ async def test_list_shows_class_size_and_pages(rt: Runtime, ops: DataOperations)
     size = listed["f1"]["size_bytes"]
     assert isinstance(size, int)
     assert size > 0
+
+
+async def test_facets_without_a_readable_hint_are_still_listed_and_backed_up(
+    tmp_path: Path, config: RuntimeConfig
+) -> None:
+    """Goal: a facet whose listing hint is torn, lost or someone else's still shows in
+    listings and is in backups (hints are written in place without fsync: a power failure or
+    a listing racing a rewrite can leave any of these). Method: damage the hints of passive
+    facets and of an open one, list, back up, restore into a fresh node and read back."""
+    long_agent = "L" * 256  # the longest id: a msgpack str 16 in the meta db
+    agents = ["torn", "lost", "foreign", "open", long_agent]
+    async with open_runtime(tmp_path / "node", classes=CLASSES, config=config) as rt:
+        for index, agent in enumerate(agents):
+            await rt.call(T, agent, "put", "k", index, cls="Register")
+        await rt.call(T, "g", "put", "k", 1, cls="Gate")
+    async with open_runtime(tmp_path / "node", classes=CLASSES, config=config) as rt:
+        ops = DataOperations(rt, system=None)
+        await ops.start()
+        await rt.call(T, "open", "get", "k")  # activated: its hint was just rewritten
+        path_of = rt.core.registry.path_of
+        hint = "facet.id"
+        (path_of(FacetAddress(T, "torn")) / hint).write_bytes(b'{"tenant":"ac')
+        (path_of(FacetAddress(T, "lost")) / hint).unlink()
+        (path_of(FacetAddress(T, "foreign")) / hint).write_bytes(
+            (path_of(FacetAddress(T, "g")) / hint).read_bytes()
+        )
+        (path_of(FacetAddress(T, "open")) / hint).write_bytes(b"")
+        (path_of(FacetAddress(T, long_agent)) / hint).unlink()
+
+        page, cursor = await ops.list_facets(T, cursor=None, limit=100)
+        assert cursor is None
+        listed = {row["agent"]: row for row in page}
+        assert set(listed) == {*agents, "g"}
+        assert all(listed[agent]["class"] == "Register" for agent in agents)
+        assert listed["g"]["class"] == "Gate"
+
+        result = await ops.backup(tmp_path / "backup", tenant=T)
+        assert result["facets"] == len(agents) + 1
+        await rt.call(T, "open", "put", "k", "after")  # the open facet still works
+    async with open_runtime(tmp_path / "fresh", classes=CLASSES, config=config) as fresh:
+        restored = await DataOperations(fresh, system=None).restore(tmp_path / "backup")
+        assert restored["facets"] == len(agents) + 1
+        for index, agent in enumerate(agents):
+            assert await fresh.call(T, agent, "get", "k") == index
 
 
 async def test_delete_tenant_wipes_every_facet(rt: Runtime, ops: DataOperations) -> None:
