@@ -209,6 +209,7 @@ class StoreRegistry:
                 map_size_bytes=min(self._map_size_bytes, bytes_max),
                 map_size_bytes_max=bytes_max,
                 hooks=self._hooks,
+                root=self.data_dir,
             )
             try:
                 write_hint(path, address, store.hint_fields())

@@ -10,7 +10,15 @@ import lmdb
 import pytest
 
 from facetrt import ConfigError, FacetAddress, StorageError, StoreFullError, open_runtime
-from facetrt.storage import IDEM_DB, CommitBatch, DataDirLock, FacetStore, StoreRegistry
+from facetrt.storage import (
+    IDEM_DB,
+    META_DB,
+    CommitBatch,
+    DataDirLock,
+    FacetStore,
+    StoreRegistry,
+)
+from facetrt.storage import _store as store_module
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -143,3 +151,52 @@ def test_lmdb_environment_options_are_durable(tmp_path: Path) -> None:
     store.close()
     with lmdb.open(str(tmp_path / "s"), max_dbs=4, lock=True) as env:
         assert env.stat()["entries"] >= 0
+
+
+def test_a_new_store_fsyncs_every_directory_up_to_the_data_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Goal: a new facet's first acknowledged commit cannot vanish with a parent directory
+    that another open created (its fsync still running, or its process killed before it).
+    Method: the second facet of a tenant finds the tenant's directories made; record the
+    directories its creation fsyncs (the real fsyncs still run)."""
+    registry = StoreRegistry(tmp_path, map_size_bytes=64 * KIB, map_size_bytes_max=64 * KIB)
+    registry.close(registry.open(FacetAddress("acme", "first")))
+    synced: list[Path] = []
+    real = store_module.fsync_dir
+
+    def recording(path: Path) -> None:
+        synced.append(path)
+        real(path)
+
+    monkeypatch.setattr(store_module, "fsync_dir", recording)
+    address = FacetAddress("acme", "second")
+    registry.close(registry.open(address))
+    path = registry.path_of(address)
+    assert synced == [*reversed(path.parents[:5]), path]  # outermost first, the data dir too
+    assert path.parents[4] == tmp_path.resolve()
+    synced.clear()
+    registry.close(registry.open(address))  # an existing store: nothing to make durable
+    assert synced == []
+
+
+def test_identify_names_open_stores_without_opening_them_again(tmp_path: Path) -> None:
+    """A listing whose hint is unreadable asks the registry: an open store is named by the
+    address it was opened with (LMDB refuses a second open in one process), a closed one by
+    its meta db, and a store never committed (no ids) by nothing."""
+    registry = StoreRegistry(tmp_path, map_size_bytes=64 * KIB, map_size_bytes_max=64 * KIB)
+    address = FacetAddress("acme", "a")
+    store = registry.open(address)
+    path = registry.path_of(address)
+    identity = registry.identify(path)
+    assert identity is not None
+    assert (identity.tenant, identity.agent) == ("acme", "a")
+    registry.close(store)
+    assert registry.identify(path) is None  # no ids committed yet
+    store = registry.open(address)
+    meta = {(META_DB, b"tenant"): b"\xa4acme", (META_DB, b"agent"): b"\xa1a"}
+    store.commit(CommitBatch(system={**meta, (META_DB, b"class"): b"\xa3Reg"}))
+    registry.close(store)
+    identity = registry.identify(path)
+    assert identity is not None
+    assert (identity.tenant, identity.agent, identity.class_name) == ("acme", "a", "Reg")
