@@ -15,8 +15,10 @@ from ._store import TIMERS_DB as TIMERS_DB
 from ._store import CommitBatch as CommitBatch
 from ._store import FacetStore as FacetStore
 from ._store import StoreHooks as StoreHooks
+from ._store import fsync_dir as fsync_dir
 from ._store import open_environment as open_environment
 from ._system import KeyRecord as KeyRecord
+from ._system import NewKey as NewKey
 from ._system import Principal as Principal
 from ._system import SystemStore as SystemStore
 from ._timer_index import TimerIndex as TimerIndex
@@ -32,12 +34,14 @@ __all__ = [
     "FacetRecord",
     "FacetStore",
     "KeyRecord",
+    "NewKey",
     "Principal",
     "StoreHooks",
     "StoreRegistry",
     "SystemStore",
     "TimerIndex",
     "count_tenant_facets",
+    "fsync_dir",
     "open_environment",
     "tenant_path",
 ]

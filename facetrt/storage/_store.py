@@ -488,6 +488,8 @@ def _remove_new_store(path: Path, created: list[Path]) -> None:
 
 
 def fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` durable (a file created, renamed or removed in
+    it): fsync of a file alone does not cover its name."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

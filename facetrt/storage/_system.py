@@ -45,7 +45,7 @@ import re
 import secrets
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 import lmdb
@@ -102,13 +102,35 @@ class Principal:
         return self.tenant is None
 
 
-def _new_key(tenant: str | None) -> tuple[str, str, bytes, bytes]:
-    """A fresh key for ``tenant``: (key id, secret, SHA-256 of the secret, stored record)."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NewKey:
+    """A key made by :meth:`SystemStore.new_key`, not stored yet.
+
+    Storing it is a separate step (:meth:`SystemStore.store_key`), so that a caller can make
+    the key itself durable first: the daemon writes ``admin.key.tmp`` before the hash, so no
+    crash leaves a valid admin key that no file holds. ``key`` is the secret: it is left out
+    of ``repr`` so that logging this object cannot leak it.
+    """
+
+    key_id: str
+    tenant: str | None  # None: an admin key
+    key: str = field(repr=False)  # frt_<key id>_<secret>
+    digest: bytes = field(repr=False)  # SHA-256 of the secret: all that is stored
+
+
+def _new_key(tenant: str | None) -> NewKey:
+    """A fresh random key for ``tenant`` (``secrets``: 64-bit id, 256-bit secret)."""
     key_id = secrets.token_hex(8)
     secret = base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
     digest = hashlib.sha256(secret.encode()).digest()
-    record = {"tenant": tenant, "hash": digest.hex(), "created": time.time(), "revoked": None}
-    return key_id, secret, digest, _dump(record)
+    return NewKey(key_id=key_id, tenant=tenant, key=f"frt_{key_id}_{secret}", digest=digest)
+
+
+def _key_record(new: NewKey) -> bytes:
+    """The stored record of ``new``: its hash, never the key."""
+    return _dump(
+        {"tenant": new.tenant, "hash": new.digest.hex(), "created": time.time(), "revoked": None}
+    )
 
 
 class _Gate:
@@ -298,12 +320,12 @@ class SystemStore:
         Raises: AddressError (bad id), ConflictError (exists), StorageError.
         """
         validate_tenant_id(tenant)
-        key_id, secret, digest, record = _new_key(tenant)
+        new = _new_key(tenant)
         with self._txn(write=True) as txn:
             self._put_new_tenant(txn, tenant)
-            txn.put(key_id.encode(), record, db=self._keys)
-        self._active[key_id] = (digest, tenant)
-        return key_id, f"frt_{key_id}_{secret}"
+            txn.put(new.key_id.encode(), _key_record(new), db=self._keys)
+        self._active[new.key_id] = (new.digest, tenant)
+        return new.key_id, new.key
 
     def _put_new_tenant(self, txn: lmdb.Transaction[bytes], tenant: str) -> None:
         if txn.get(tenant.encode(), db=self._tenants) is not None:
@@ -462,15 +484,31 @@ class SystemStore:
 
         The key itself is returned only here and never stored.
 
-        Raises: NotFoundError (no such tenant).
+        Raises: NotFoundError (no such tenant), ConflictError (its random 64-bit id is taken
+        already: as good as never; retry).
         """
-        key_id, secret, digest, record = _new_key(tenant)
+        new = self.new_key(tenant)
+        self.store_key(new)
+        return new.key_id, new.key
+
+    @staticmethod
+    def new_key(tenant: str | None) -> NewKey:
+        """A fresh random key for ``tenant`` (None: an admin key), not stored: nothing
+        authenticates with it until :meth:`store_key`."""
+        return _new_key(tenant)
+
+    def store_key(self, new: NewKey) -> None:
+        """Store the hash of ``new`` durably; from then on the key authenticates.
+
+        Raises: NotFoundError (no such tenant), ConflictError (its key id is already stored:
+        storing a key twice would reset a revocation).
+        """
         with self._txn(write=True) as txn:
-            if tenant is not None and txn.get(tenant.encode(), db=self._tenants) is None:
-                raise NotFoundError(f"tenant {tenant!r} does not exist")
-            txn.put(key_id.encode(), record, db=self._keys)
-        self._active[key_id] = (digest, tenant)
-        return key_id, f"frt_{key_id}_{secret}"
+            if new.tenant is not None and txn.get(new.tenant.encode(), db=self._tenants) is None:
+                raise NotFoundError(f"tenant {new.tenant!r} does not exist")
+            if not txn.put(new.key_id.encode(), _key_record(new), overwrite=False, db=self._keys):
+                raise ConflictError(f"a key with id {new.key_id!r} is already stored")
+        self._active[new.key_id] = (new.digest, new.tenant)
 
     def revoke_key(self, key_id: str, *, keep_an_admin_key: bool = False) -> None:
         """Revoke ``key_id``; with ``keep_an_admin_key``, never the last active admin key

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from facetrt import ConflictError, NotFoundError
+from facetrt import ConflictError, NotFoundError, UnauthorizedError
 from facetrt.storage import SystemStore
 
 if TYPE_CHECKING:
@@ -32,3 +32,32 @@ def test_keep_an_admin_key_refuses_only_the_last_active_admin_key(tmp_path: Path
         system.revoke_key(second)  # the offline CLI may (the operator holds the data dir)
     finally:
         system.close()
+
+
+def test_a_new_key_authenticates_only_once_stored_and_only_once(tmp_path: Path) -> None:
+    """The daemon makes an admin key durable in its file before storing the hash
+    (``new_key`` then ``store_key``); storing one twice would reset a revocation."""
+    system = SystemStore(tmp_path / "system")
+    try:
+        new = system.new_key(None)
+        assert new.key not in repr(new)
+        with pytest.raises(UnauthorizedError):
+            system.authenticate(new.key)
+        system.store_key(new)
+        assert system.authenticate(new.key).is_admin
+        system.revoke_key(new.key_id)
+        with pytest.raises(ConflictError):
+            system.store_key(new)
+        with pytest.raises(UnauthorizedError):
+            system.authenticate(new.key)
+        with pytest.raises(NotFoundError):
+            system.store_key(system.new_key("nobody"))
+    finally:
+        system.close()
+    reopened = SystemStore(tmp_path / "system")
+    try:
+        assert [(r.key_id, r.revoked is not None) for r in reopened.list_keys()] == [
+            (new.key_id, True)
+        ]
+    finally:
+        reopened.close()
