@@ -453,7 +453,7 @@ def cmd_secret_set(options: argparse.Namespace) -> int:
     admin = _Admin(options)
 
     def direct(system: SystemStore) -> dict[str, object]:
-        key = NodeKey.load_or_create(admin.data_dir)
+        key = NodeKey.load_or_create(admin.data_dir, sealed=len(system.secrets()))
         record = key.seal(tenant, name, value, options.host, allow_http=options.allow_http)
         system.put_secret(tenant, name, record)
         return {"name": name, "hosts": record["hosts"], "allow_http": record["allow_http"]}

@@ -30,8 +30,9 @@ from typing import IO, TYPE_CHECKING, Final
 
 from .._errors import BadRequestError, ConflictError, StorageError
 from .._ids import FacetAddress, validate_tenant_id
+from ..storage import fsync_dir
 from ._environment import named_dbs, open_readonly, verify_store
-from ._files import DATA_FILE, fsync_dir, fsync_file, sha256_file
+from ._files import DATA_FILE, fsync_file, sha256_file
 
 if TYPE_CHECKING:
     from collections.abc import Generator, Iterator

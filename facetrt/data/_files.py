@@ -21,6 +21,8 @@ import secrets
 import shutil
 from typing import TYPE_CHECKING, Final
 
+from ..storage import fsync_dir
+
 if TYPE_CHECKING:
     from pathlib import Path
 
@@ -28,14 +30,6 @@ SCRATCH_DIR: Final = "scratch"
 DATA_FILE: Final = "data.mdb"
 LOCK_FILE: Final = "lock.mdb"
 CHUNK_BYTES: Final = 1024 * 1024
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync_file(path: Path) -> None:

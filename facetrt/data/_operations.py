@@ -29,7 +29,7 @@ import trio
 
 from .._errors import BadRequestError, ConflictError, NotFoundError, StorageError
 from .._ids import FacetAddress, validate_tenant_id
-from ..storage import META_DB, CommitBatch
+from ..storage import META_DB, CommitBatch, fsync_dir
 from ..storage._registry import list_facets_in, write_hint
 from ._backup import (
     SYSTEM_PATH,
@@ -47,7 +47,6 @@ from ._environment import TimerScan, check_records, scan_timers, set_identity, v
 from ._files import (
     DATA_FILE,
     clear_scratch,
-    fsync_dir,
     fsync_file,
     install_store,
     new_scratch_dir,

@@ -29,6 +29,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .._errors import BadRequestError, ConfigError
+from ..storage import fsync_dir
 from ._addresses import HostError, parse_host
 from ._decide import Decision, deny
 from ._redact import Redactor
@@ -213,23 +214,39 @@ class NodeKey:
         self._aead = AESGCM(key)
 
     @classmethod
-    def load_or_create(cls, data_dir: Path) -> NodeKey:
-        """Read ``<data dir>/node.key``, creating it (mode 0600, fsynced) on first use.
+    def load_or_create(cls, data_dir: Path, *, sealed: int = 0) -> NodeKey:
+        """Read ``<data dir>/node.key``, creating it on first use: a fresh temporary file
+        (mode 0600) fsynced, renamed, and the directory fsynced before the key seals anything
+        (a rename lost to a power failure would leave every secret sealed since unreadable).
+
+        Args:
+            sealed: how many sealed secrets the system store holds. A missing key file is
+                then an error, not a reason to create another key that opens none of them.
 
         Raises:
-            ConfigError: the file exists but is not a node key.
+            ConfigError: the file exists but is not a node key, or is missing while secrets
+                sealed with it exist.
         """
         path = data_dir / NODE_KEY_FILE
         if not path.exists():
+            if sealed:
+                raise ConfigError(
+                    f"the node key {str(path)!r} is missing, and {sealed} secret(s) are sealed "
+                    "with it: put the file back (from your copy of it), or delete the secrets"
+                )
             data_dir.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_suffix(".tmp")
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            temporary = path.with_name(path.name + ".tmp")
+            # Fresh (O_EXCL): O_TRUNC would keep a leftover file's mode or write through a
+            # link planted under that name.
+            temporary.unlink(missing_ok=True)
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 os.write(fd, base64.b64encode(random.token_bytes(32)) + b"\n")
                 os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(temporary, path)
+            fsync_dir(data_dir)
         try:
             key = base64.b64decode(path.read_bytes().strip(), validate=True)
         except (OSError, ValueError) as exc:

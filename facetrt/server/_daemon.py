@@ -276,7 +276,7 @@ class Daemon:
         admin_key_path = ensure_admin_key(system, data_dir)
         load_tenant_quotas(runtime, system)
         egress.policies.load(system)
-        egress.node_key = NodeKey.load_or_create(data_dir)
+        egress.node_key = NodeKey.load_or_create(data_dir, sealed=len(system.secrets()))
         egress.secrets.load(system, egress.node_key)
         await DataOperations(runtime, system=system).start()  # clear crashed operations' scratch
         metrics = FacetrtMetrics(self.registry, runtime.statistics, egress=egress.statistics)

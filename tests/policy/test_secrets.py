@@ -250,6 +250,39 @@ def test_secrets_without_a_daemon_and_removed_with_their_tenant(
     assert cli.main(["secret", "delete", TENANT, "K", *data]) == 2
 
 
+def test_a_lost_node_key_is_not_replaced_while_secrets_are_sealed_with_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Goal: a node key file lost (deleted, or its creation undone by a power failure) while
+    secrets are sealed with it is an error naming the problem, not a new key that opens none
+    of them and would seal the next secrets differently. Method: set a secret offline, move
+    node.key away, set another; put the file back and both work again."""
+    data_dir = tmp_path / "d"
+    data = ["--data-dir", str(data_dir)]
+    assert cli.main(["tenant", "create", TENANT, *data]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO(VALUE))
+    assert cli.main(["secret", "set", TENANT, "K", "--host", "a.example.com", *data]) == 0
+    key_file = data_dir / "node.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert not (data_dir / "node.key.tmp").exists()
+    kept = key_file.read_bytes()
+    key_file.unlink()
+    capsys.readouterr()
+    monkeypatch.setattr("sys.stdin", io.StringIO(VALUE))
+    assert cli.main(["secret", "set", TENANT, "K2", "--host", "a.example.com", *data]) != 0
+    assert "node key" in capsys.readouterr().err
+    assert not key_file.exists()
+    system = SystemStore(data_dir / "system")
+    try:
+        with pytest.raises(ConfigError, match=r"missing, and 1 secret\(s\) are sealed"):
+            NodeKey.load_or_create(data_dir, sealed=len(system.secrets()))
+        key_file.write_bytes(kept)
+        record = system.secrets(TENANT)[(TENANT, "K")]
+        assert NodeKey.load_or_create(data_dir, sealed=1).open(TENANT, "K", record).value == VALUE
+    finally:
+        system.close()
+
+
 async def test_a_deleted_tenant_takes_its_policy_and_secrets_along(tmp_path: Path) -> None:
     """Goal: a tenant created again under a deleted one's name inherits nothing. Method:
     set a policy and a secret through the admin API, delete the tenant, create it again."""
