@@ -112,6 +112,15 @@ class DataOperations:
         """The node's tenants and keys (after a system restore: the restored ones)."""
         return self._system
 
+    async def _page(self, root: Path, cursor: str | None) -> list[FacetRecord]:
+        """The next page of the facets under the tenant directory ``root`` (writer thread)."""
+        registry = self._registry
+        return await self._run(
+            partial(
+                list_facets_in, root, start_after=cursor, limit=PAGE, identify=registry.identify
+            )
+        )
+
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         return await self._core.workers.call(partial(fn, *args))
 
@@ -372,15 +381,7 @@ class DataOperations:
         # class, or a facet-to-facet call, would re-create a facet after it.
         self._router.close_tenant(tenant)
         try:
-            while page := await self._run(
-                partial(
-                    list_facets_in,
-                    root,
-                    start_after=cursor,
-                    limit=PAGE,
-                    identify=self._registry.identify,
-                )
-            ):
+            while page := await self._page(root, cursor):
                 for record in page:
                     address = FacetAddress(record.tenant, record.agent)
                     async with self._router.hold(address):
@@ -470,15 +471,7 @@ class DataOperations:
         )
         for root in roots:
             cursor: str | None = None
-            while page := await self._run(
-                partial(
-                    list_facets_in,
-                    root,
-                    start_after=cursor,
-                    limit=PAGE,
-                    identify=self._registry.identify,
-                )
-            ):
+            while page := await self._page(root, cursor):
                 for record in page:
                     yield FacetAddress(record.tenant, record.agent)
                 cursor = page[-1].cursor
