@@ -593,13 +593,62 @@ def cmd_key_list(options: argparse.Namespace) -> int:
 
 
 def cmd_key_revoke(options: argparse.Namespace) -> int:
-    _Admin(options).run(
-        lambda system: system.revoke_key(options.key_id),
-        "DELETE",
-        f"/v1/admin/keys/{urllib.parse.quote(options.key_id)}",
-    )
+    admin = _Admin(options)
+
+    def direct(system: SystemStore) -> dict[str, object]:
+        # Allowed here even for the last admin key (the daemon refuses that): with the data
+        # directory in hand, the operator is not locked out, and the next start writes a new
+        # admin key (ensure_admin_key finds none active).
+        system.revoke_key(options.key_id)
+        admin_keys = [r for r in system.list_keys() if r.is_admin and r.revoked is None]
+        return {"key_id": options.key_id, "revoked": True, "admin_keys_active": len(admin_keys)}
+
+    result = admin.run(direct, "DELETE", f"/v1/admin/keys/{urllib.parse.quote(options.key_id)}")
     _out(f"revoked key {options.key_id}")
+    if result.get("admin_keys_active") == 0:
+        _out(
+            "no admin key is active now: the daemon writes a new one to "
+            f"{admin.data_dir / 'admin.key'} when it next starts (or run `facetrt key "
+            "rotate-admin` now)"
+        )
     return 0
+
+
+def cmd_key_rotate_admin(options: argparse.Namespace) -> int:
+    """Replace the admin key: a new one in the admin key file, then every other one revoked."""
+    from .server._admin_key import rotate_admin_key
+
+    admin = _Admin(options)
+
+    def direct(system: SystemStore) -> dict[str, object]:
+        rotation = rotate_admin_key(system, admin.key_file)
+        return {
+            "path": str(rotation.path.absolute()),
+            "key_id": rotation.key_id,
+            "revoked_key_ids": list(rotation.revoked_key_ids),
+        }
+
+    result = admin.run(direct, "POST", "/v1/admin/admin-key/rotate", {})
+    path = Path(result["path"])
+    _out(f"wrote a new admin key (key id {result['key_id']}) to {path} (mode 0600)")
+    revoked: list[str] = result["revoked_key_ids"]
+    _out(
+        f"revoked admin keys: {', '.join(revoked)}" if revoked else "no other admin key was active"
+    )
+    if not _same_file(path, admin.key_file):
+        # Through the daemon, it writes the admin key file of its own data directory.
+        _err(
+            f"note: {admin.key_file} still holds the old, now revoked admin key; the new one "
+            f"is in {path}"
+        )
+    return 0
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    try:
+        return first.samefile(second)
+    except OSError:
+        return False
 
 
 def _facet_path(verb: str, tenant: str, agent: str) -> str:
@@ -807,7 +856,7 @@ def cmd_restore(options: argparse.Namespace) -> int:
             progress=_progress("restored", "facets"),
         )
         if options.system:
-            from .server._daemon import refresh_admin_key
+            from .server._admin_key import refresh_admin_key
 
             assert ops.system is not None
             result["admin_key_created"] = refresh_admin_key(ops.system, admin.key_file)
@@ -891,16 +940,39 @@ def build_parser() -> argparse.ArgumentParser:
     quota.add_argument("--reset", action="store_true", help="drop every override first")
     quota.set_defaults(handler=cmd_tenant_quota)
 
-    key = commands.add_parser("key", help="tenant keys").add_subparsers(dest="sub", required=True)
+    key_text = "tenant keys and the admin key"
+    key = commands.add_parser("key", help=key_text, description=key_text).add_subparsers(
+        dest="sub", required=True
+    )
     key_create = management(key.add_parser("create", help="create a key for a tenant"))
     key_create.add_argument("tenant")
     key_create.set_defaults(handler=cmd_key_create)
     key_list = management(key.add_parser("list", help="list a tenant's keys"))
     key_list.add_argument("tenant")
     key_list.set_defaults(handler=cmd_key_list)
-    revoke = management(key.add_parser("revoke", help="revoke a key (takes effect at once)"))
+    revoke_text = (
+        "revoke a key; takes effect at once. Through the daemon, the last active admin key is "
+        "refused (replace it with rotate-admin); on the data directory (no daemon) it may be "
+        "revoked, and the daemon's next start writes a new admin key"
+    )
+    revoke = management(
+        key.add_parser(
+            "revoke", help="revoke a key (takes effect at once)", description=revoke_text
+        )
+    )
     revoke.add_argument("key_id")
     revoke.set_defaults(handler=cmd_key_revoke)
+    rotate_text = (
+        "replace the admin key: write a new one to the admin key file (mode 0600; through a "
+        "running daemon, <its data dir>/admin.key), then revoke every other admin key. Prints "
+        "the file and the new key id, never the key. With the daemon stopped it acts on the "
+        "data directory: the way to recover a lost admin.key. Interrupted after the new key "
+        "is stored, it leaves both keys valid: run it again"
+    )
+    rotate = management(
+        key.add_parser("rotate-admin", help="replace the admin key", description=rotate_text)
+    )
+    rotate.set_defaults(handler=cmd_key_rotate_admin)
 
     egress_text = "tenants' egress policies (deny by default; see docs/egress.md)"
     egress = commands.add_parser("egress", help=egress_text, description=egress_text)

@@ -15,7 +15,6 @@ import contextlib
 import gc
 import importlib
 import logging
-import os
 import signal
 import ssl
 from dataclasses import dataclass
@@ -25,13 +24,14 @@ from typing import TYPE_CHECKING, final
 import trio
 from prometheus_client import CollectorRegistry
 
-from .._errors import ConfigError, FacetrtError, UnauthorizedError
+from .._errors import ConfigError, FacetrtError
 from ..config import TenantQuotaSettings
 from ..data import DataOperations
 from ..metrics import FacetrtMetrics
 from ..policy import Egress, EgressProxy, NodeKey, RedactingFilter, Redactor
 from ..runtime import Facet, open_runtime
-from ..storage import SystemStore, fsync_dir
+from ..storage import SystemStore
+from ._admin_key import ensure_admin_key
 from ._auth import AuthThrottle
 from ._tcp import TcpServer
 
@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ADMIN_KEY_FILE = "admin.key"
 GC_THRESHOLD_YOUNG = 20_000
 
 
@@ -91,102 +90,6 @@ def parse_host_port(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"expected HOST:PORT, got {text!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
-
-
-# The admin key file. A new key is written so that no crash leaves the node with a stored
-# admin key that no file holds (the operator would be locked out of the admin API, with no
-# admin key to create another through it):
-#
-#   1. generate the key (nothing stored yet)
-#   2. write it to <file>.tmp (created fresh, mode 0600), fsync it and its directory
-#   3. store its hash in the system store (a durable commit): from here it authenticates
-#   4. rename <file>.tmp to <file>, fsync the directory
-#
-# A crash before 3 leaves at most a temporary file whose key authenticates nowhere: it is
-# removed or overwritten. A crash after 3 (or a lost rename) leaves the stored key in the
-# temporary file: the next start (or restore) moves it into place when <file> does not hold an
-# active admin key. The temporary file was named with_suffix(".tmp") ("admin.tmp") before this
-# order was used; a key left there is recovered the same way.
-
-
-def ensure_admin_key(system: SystemStore, data_dir: Path) -> Path:
-    """Create the admin key on first start, in ``<data dir>/admin.key`` (mode 0600), or
-    finish a write of it that a crash interrupted (see the comment above)."""
-    path = data_dir / ADMIN_KEY_FILE
-    if not any(record.is_admin and record.revoked is None for record in system.list_keys()):
-        _write_admin_key(system, path)
-    elif _holds_admin_key(system, path):
-        _temporary(path).unlink(missing_ok=True)
-    elif not _recover_admin_key(system, path):
-        # An operator may keep the key elsewhere (the CLI's --admin-key-file): not an error.
-        logger.warning(
-            "admin key file %s is missing or holds no active admin key; the admin API needs "
-            "one (the CLI reads --admin-key-file)",
-            path,
-        )
-    return path
-
-
-def refresh_admin_key(system: SystemStore, path: Path) -> bool:
-    """Make the admin key in ``path`` valid in ``system``: after an offline restore of the
-    system store, the file holds the replaced store's key (backups hold only hashes).
-
-    Returns:
-        whether ``path`` now holds another key: a new admin key, or one that an interrupted
-        earlier write left in the temporary file and that is an active admin key of
-        ``system``. The restored store's other admin keys stay as they were.
-    """
-    if _holds_admin_key(system, path):
-        _temporary(path).unlink(missing_ok=True)
-        return False
-    if not _recover_admin_key(system, path):
-        _write_admin_key(system, path)
-    return True
-
-
-def _temporary(path: Path) -> Path:
-    return path.with_name(path.name + ".tmp")
-
-
-def _holds_admin_key(system: SystemStore, path: Path) -> bool:
-    """Whether the file ``path`` holds an active admin key of ``system``."""
-    try:
-        # A torn or foreign file is not valid UTF-8 perhaps: it then simply does not match.
-        return system.authenticate(path.read_bytes().decode(errors="replace").strip()).is_admin
-    except (OSError, UnauthorizedError):
-        return False
-
-
-def _recover_admin_key(system: SystemStore, path: Path) -> bool:
-    """Move an active admin key that an interrupted write left in a temporary file into
-    ``path`` (durably, mode 0600); return whether there was one. A temporary file of ours
-    holding anything else is removed: that key was never stored."""
-    candidates = (_temporary(path), path.with_suffix(".tmp"))  # the second: its older name
-    found = next((t for t in candidates if t != path and _holds_admin_key(system, t)), None)
-    if found is not None:
-        os.chmod(found, 0o600)
-        os.replace(found, path)
-        fsync_dir(path.parent)
-        logger.warning("moved the admin key an interrupted write left in %s to %s", found, path)
-    _temporary(path).unlink(missing_ok=True)
-    return found is not None
-
-
-def _write_admin_key(system: SystemStore, path: Path) -> None:
-    new = system.new_key(None)
-    temporary = _temporary(path)
-    # Created fresh (O_EXCL) so that it is ours with mode 0600: O_TRUNC would keep an
-    # existing file's mode, and would write through a link planted under that name.
-    temporary.unlink(missing_ok=True)
-    with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as file:
-        file.write(new.key.encode() + b"\n")
-        file.flush()
-        os.fsync(file.fileno())
-    fsync_dir(path.parent)  # the file's name too must survive once its key is stored
-    system.store_key(new)
-    os.replace(temporary, path)
-    fsync_dir(path.parent)
-    logger.info("created the admin key in %s (mode 0600)", path)
 
 
 def load_tenant_quotas(runtime: Runtime, system: SystemStore) -> None:
@@ -314,6 +217,7 @@ class Daemon:
                     config=config,
                     throttle=throttle,
                     egress=egress,
+                    admin_key_path=admin_key_path,
                 )
 
                 async def run_http(task_status: trio.TaskStatus[tuple[str, int]]) -> None:

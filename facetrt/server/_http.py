@@ -56,6 +56,8 @@ from ._http_exchange import (
 )
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from .._values import Value
     from ..config import ServerConfig
     from ..metrics import FacetrtMetrics
@@ -145,9 +147,11 @@ def build_app(
     health: Health,
     config: ServerConfig,
     throttle: AuthThrottle,
+    admin_key_path: Path,
     egress: Egress | None = None,
 ) -> ASGIApp:
-    """The gateway's ASGI app over the daemon's parts."""
+    """The gateway's ASGI app over the daemon's parts (``admin_key_path``: the file the
+    admin key rotation route writes)."""
     return HttpGateway(
         runtime=runtime,
         system=system,
@@ -155,6 +159,7 @@ def build_app(
         health=health,
         config=config,
         throttle=throttle,
+        admin_key_path=admin_key_path,
         egress=egress,
     )
 
@@ -175,6 +180,7 @@ class HttpGateway:
         health: Health,
         config: ServerConfig,
         throttle: AuthThrottle,
+        admin_key_path: Path,
         egress: Egress | None = None,
     ) -> None:
         self._runtime = runtime
@@ -183,7 +189,9 @@ class HttpGateway:
         self._health = health
         self._config = config
         self._throttle = throttle
-        self._admin = AdminApi(runtime=runtime, system=system, egress=egress)
+        self._admin = AdminApi(
+            runtime=runtime, system=system, admin_key_path=admin_key_path, egress=egress
+        )
 
     async def __call__(self, scope: Message, receive: Receive, send: Send, /) -> None:
         kind = scope["type"]

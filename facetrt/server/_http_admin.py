@@ -21,7 +21,11 @@
                                             egress attempts, oldest first (since: unix s)
     PUT    tenants/{t}/quotas  {overrides}  the same; replaces every override (null or
                                             missing: the node default), in force at once
-    DELETE keys/{key id}                    {"key_id", "revoked": true}
+    DELETE keys/{key id}                    {"key_id", "revoked": true} (never the last
+                                            active admin key: 409; rotate it instead)
+    POST   admin-key/rotate                 {"path", "key_id", "revoked_key_ids"}: a new
+                                            admin key in the daemon's admin key file, then
+                                            every other admin key revoked (never the key)
     GET    tenants/{t}/facets?cursor=&limit= {"facets": [{"agent", "class", "size_bytes",
                                             "last_active", "timers", "open"}], "next_cursor"}
     GET    tenants/{t}/facets/{agent...}    Runtime.inspect (class, keys, map size, mailbox)
@@ -58,6 +62,7 @@ from .._ids import validate_tenant_id
 from ..config import TenantQuotaSettings
 from ..data import DataOperations, refuse_leftover_tenant_data
 from ..policy import EgressPolicy, Policies, secret_listing
+from ._admin_key import rotate_admin_key
 from ._http_exchange import dump_json, to_json
 
 if TYPE_CHECKING:
@@ -86,6 +91,7 @@ ADMIN_ROUTES: Final[Mapping[str, tuple[str, ...]]] = {
     "tenant_secrets": ("GET",),
     "tenant_secret": ("PUT", "DELETE"),
     "key": ("DELETE",),
+    "admin_key_rotate": ("POST",),
     "tenant_facets": ("GET",),
     "facet": ("GET", "DELETE"),
     "export": ("GET",),
@@ -127,6 +133,8 @@ def resolve_admin_route(segments: list[str]) -> tuple[str, tuple[str, ...]] | No
             return "tenant_secret", (tenant, name)
         case ["keys", key_id]:
             return "key", (key_id,)
+        case ["admin-key", "rotate"]:
+            return "admin_key_rotate", ()
         case ["tenants", tenant, "facets"]:
             return "tenant_facets", (tenant,)
         case ["tenants", tenant, "facets", *agent] if agent:
@@ -143,10 +151,18 @@ def resolve_admin_route(segments: list[str]) -> tuple[str, tuple[str, ...]] | No
 @final
 class AdminApi:
     def __init__(
-        self, *, runtime: Runtime, system: SystemStore, egress: Egress | None = None
+        self,
+        *,
+        runtime: Runtime,
+        system: SystemStore,
+        admin_key_path: Path,
+        egress: Egress | None = None,
     ) -> None:
         self._runtime = runtime
         self._system = system
+        self._admin_key_path = admin_key_path
+        # Two rotations at once would share the key file's temporary file.
+        self._rotation_lock = trio.Lock()
         self._egress_service = egress
         self._policies = egress.policies if egress is not None else Policies()
         self._data = DataOperations(runtime, system=system)
@@ -205,6 +221,9 @@ class AdminApi:
             case "key", "DELETE":
                 await self._revoke(params[0])
                 return 200, {"key_id": params[0], "revoked": True}
+            case "admin_key_rotate", "POST":
+                _check_empty(body)
+                return 200, await self._rotate_admin_key()
             case "tenant_facets", "GET":
                 return 200, await self._facets(params[0], query)
             case "facet", "GET":
@@ -461,6 +480,20 @@ class AdminApi:
     async def _revoke(self, key_id: str) -> None:
         await self._offload(partial(self._system.revoke_key, key_id, keep_an_admin_key=True))
         logger.info("revoked key %s", key_id)
+
+    async def _rotate_admin_key(self) -> dict[str, object]:
+        """Replace the admin key (``_admin_key``): written and stored before the old keys
+        are revoked, all on a writer thread. Cancelled once submitted, it still completes
+        (the answer is lost; the file holds the new key)."""
+        async with self._rotation_lock:
+            rotation = await self._offload(
+                partial(rotate_admin_key, self._system, self._admin_key_path)
+            )
+        return {
+            "path": str(rotation.path.absolute()),
+            "key_id": rotation.key_id,
+            "revoked_key_ids": list(rotation.revoked_key_ids),
+        }
 
     async def _facets(self, tenant: str, query: Mapping[str, list[str]]) -> dict[str, object]:
         cursor = (query.get("cursor") or [""])[0] or None

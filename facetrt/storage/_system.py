@@ -533,11 +533,42 @@ class SystemStore:
                 )
                 if not any(o["tenant"] is None and o["revoked"] is None for o in others):
                     raise ConflictError(
-                        "refusing to revoke the last admin key; create another first"
+                        "refusing to revoke the last admin key; replace it with "
+                        "`facetrt key rotate-admin` instead"
                     )
             record["revoked"] = time.time()
             txn.put(key_id.encode(), _dump(record), db=self._keys)
         self._active.pop(key_id, None)
+
+    def revoke_other_admin_keys(self, keep: str) -> list[str]:
+        """Revoke every active admin key but ``keep``, in one durable commit; return the ids
+        revoked (sorted). Used to rotate the admin key once its successor is stored.
+
+        ``keep`` is checked to be an active admin key in the same write transaction, so this
+        never leaves the node without one, whatever ran between storing it and this call.
+
+        Raises: NotFoundError (``keep`` is not an active admin key; nothing is revoked).
+        """
+        revoked: list[str] = []
+        now = time.time()
+        with self._txn(write=True) as txn:
+            raw = txn.get(keep.encode(), db=self._keys)
+            kept = None if raw is None else _load(raw)
+            if kept is None or kept["tenant"] is not None or kept["revoked"] is not None:
+                raise NotFoundError(f"no active admin key with id {keep!r}")
+            for key_id, other_raw in list(txn.cursor(self._keys)):
+                record = _load(other_raw)
+                if (
+                    record["tenant"] is None
+                    and record["revoked"] is None
+                    and key_id != keep.encode()
+                ):
+                    record["revoked"] = now
+                    txn.put(key_id, _dump(record), db=self._keys)
+                    revoked.append(key_id.decode())
+        for revoked_id in revoked:
+            self._active.pop(revoked_id, None)
+        return revoked
 
     def list_keys(self, tenant: str | None = None) -> list[KeyRecord]:
         with self._txn() as txn:

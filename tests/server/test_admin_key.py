@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from facetrt import UnauthorizedError
-from facetrt.server._daemon import ensure_admin_key, refresh_admin_key
+from facetrt import StorageError, UnauthorizedError
+from facetrt.server._admin_key import ensure_admin_key, refresh_admin_key, rotate_admin_key
 from facetrt.storage import NewKey, SystemStore
 
 if TYPE_CHECKING:
@@ -39,6 +39,26 @@ class CrashingStore(SystemStore):
     def store_key(self, new: NewKey) -> None:
         if self.after_commit:
             super().store_key(new)
+        raise Crash
+
+
+class CrashingRotation(SystemStore):
+    """A real system store on which a rotation dies at ``point``: in ``store_key`` before or
+    after its durable commit, or at the revocation of the old keys (before its commit)."""
+
+    def __init__(self, path: Path, *, point: str) -> None:
+        super().__init__(path)
+        self.point = point
+
+    def store_key(self, new: NewKey) -> None:
+        if self.point == "before-store":
+            raise Crash
+        super().store_key(new)
+        if self.point == "after-store":
+            raise Crash
+
+    def revoke_other_admin_keys(self, keep: str) -> list[str]:
+        assert self.point == "before-revoke"
         raise Crash
 
 
@@ -252,3 +272,77 @@ def test_refresh_of_a_custom_key_file_uses_a_temporary_file_next_to_it(
     assert system.authenticate(path.read_text().strip()).is_admin
     assert neighbour.read_text() == "not ours\n"
     assert not (tmp_path / "keys" / "admin.txt.tmp").exists()
+
+
+def test_rotation_writes_a_new_key_then_revokes_every_other_admin_key(
+    tmp_path: Path, system: SystemStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    path = ensure_admin_key(system, tmp_path)
+    old = path.read_text().strip()
+    extra = stored_admin_key(system)  # e.g. left valid by an interrupted earlier rotation
+    system.create_tenant("acme")
+    _, tenant_key = system.create_key("acme")
+    rotation = rotate_admin_key(system, path)
+    key = assert_working_admin_key(system, path)
+    assert rotation.path == path
+    assert admin_key_ids(system) == [rotation.key_id]
+    assert sorted(rotation.revoked_key_ids) == sorted(
+        k.removeprefix("frt_").partition("_")[0] for k in (old, extra)
+    )
+    assert_not_valid(system, old)
+    assert_not_valid(system, extra)
+    assert system.authenticate(tenant_key).tenant == "acme"  # tenant keys are untouched
+    assert key not in caplog.text
+    assert key not in repr(rotation)
+
+
+@pytest.mark.parametrize("point", ["before-store", "after-store", "before-revoke"])
+def test_a_rotation_interrupted_anywhere_leaves_a_working_admin_key_file(
+    tmp_path: Path, point: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Goal: the old key is revoked only once the new one is stored and in the file, and
+    each interrupted state is repaired by the next start, then finished by running the
+    rotation again. Method: a real rotation dies at ``point``; the store is reopened (its
+    commits are all that survive) and the node starts again.
+
+    before-store: the new key is valid nowhere: the old file and key stay, alone.
+    after-store: the new key is stored but still in the temporary file: the start moves it
+    into place (over the old, still valid key, and says so): two valid admin keys.
+    before-revoke: the new key is in the file and stored: two valid admin keys."""
+    first = SystemStore(tmp_path / "system")
+    try:
+        old = ensure_admin_key(first, tmp_path).read_text().strip()
+    finally:
+        first.close()
+    crashing = CrashingRotation(tmp_path / "system", point=point)
+    try:
+        with pytest.raises(Crash):
+            rotate_admin_key(crashing, key_file(tmp_path))
+    finally:
+        crashing.close()
+    system = SystemStore(tmp_path / "system")
+    try:
+        with caplog.at_level(logging.WARNING):
+            key = assert_working_admin_key(system, ensure_admin_key(system, tmp_path))
+        assert system.authenticate(old).is_admin  # never revoked before the new key is in place
+        assert (key == old) is (point == "before-store")
+        assert len(admin_key_ids(system)) == (1 if point == "before-store" else 2)
+        assert ("rotate-admin" in caplog.text) is (point == "after-store")
+        rotation = rotate_admin_key(system, key_file(tmp_path))  # the operator runs it again
+        assert admin_key_ids(system) == [rotation.key_id]
+        assert_not_valid(system, old)
+        assert_not_valid(system, key)  # the old key, or the first rotation's
+    finally:
+        system.close()
+
+
+def test_a_rotation_that_cannot_write_the_file_revokes_nothing(
+    tmp_path: Path, system: SystemStore
+) -> None:
+    path = ensure_admin_key(system, tmp_path)
+    old = path.read_text().strip()
+    with pytest.raises(StorageError, match="cannot write the admin key file"):
+        rotate_admin_key(system, tmp_path / "missing" / "admin.key")
+    assert system.authenticate(old).is_admin
+    assert len(admin_key_ids(system)) == 1

@@ -61,3 +61,33 @@ def test_a_new_key_authenticates_only_once_stored_and_only_once(tmp_path: Path) 
         ]
     finally:
         reopened.close()
+
+
+def test_revoke_other_admin_keys_keeps_one_active_admin_key(tmp_path: Path) -> None:
+    """A rotation's last step: every active admin key but the new one is revoked in one
+    commit; a ``keep`` that is not an active admin key revokes nothing."""
+    system = SystemStore(tmp_path / "system")
+    try:
+        system.create_tenant("acme")
+        tenant_key, _ = system.create_key("acme")
+        old, old_key = system.create_key(None)
+        revoked, _ = system.create_key(None)
+        system.revoke_key(revoked)
+        new, new_key = system.create_key(None)
+        for keep in (tenant_key, revoked, "0123456789abcdef"):
+            with pytest.raises(NotFoundError):
+                system.revoke_other_admin_keys(keep)
+        assert system.authenticate(old_key).is_admin
+        assert system.revoke_other_admin_keys(new) == [old]
+        with pytest.raises(UnauthorizedError):
+            system.authenticate(old_key)  # at once, through this object
+        assert system.authenticate(new_key).is_admin
+        assert system.revoke_other_admin_keys(new) == []
+    finally:
+        system.close()
+    reopened = SystemStore(tmp_path / "system")
+    try:
+        active = {r.key_id for r in reopened.list_keys() if r.revoked is None}
+        assert active == {tenant_key, new}
+    finally:
+        reopened.close()
