@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Final, TypeVar, final
 import msgpack
 import trio
 
-from .._errors import BadRequestError, ConflictError, NotFoundError, StorageError
+from .._errors import BadRequestError, ConflictError, FacetrtError, NotFoundError, StorageError
 from .._ids import FacetAddress, validate_tenant_id
 from ..storage import META_DB, CommitBatch, fsync_dir
 from ..storage._registry import list_facets_in, write_hint
@@ -547,7 +547,20 @@ class DataOperations:
                         # A durable write: off the loop. Its keys are not restored.
                         await self._run(self._system.create_tenant, owner)
                         created.append(owner)
-                    await self._restore_one(source, entry, force=force)
+                    try:
+                        await self._restore_one(source, entry, force=force)
+                    except FacetrtError as exc:
+                        if restored:
+                            # The checks passed, but this facet failed (created meanwhile,
+                            # a copy damaged since, a full disk): those before it stay
+                            # restored, and the operator must know which part is done.
+                            exc.message = (
+                                f"{exc.message} (the restore stopped at facet "
+                                f"{str(entry.address)!r}: {restored} of {total} facets were "
+                                "restored before it and stay restored)"
+                            )
+                            exc.args = (exc.message,)
+                        raise
                     restored += 1
                     progress(restored, total)
         return {

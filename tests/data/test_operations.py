@@ -316,6 +316,37 @@ async def test_restore_refuses_existing_facets_and_corrupted_copies(
         await ops.restore(tmp_path / "b", force=True)
 
 
+async def test_a_restore_that_fails_partway_says_what_it_restored(
+    rt: Runtime, ops: DataOperations, tmp_path: Path, config: RuntimeConfig
+) -> None:
+    """Goal: a restore whose checks passed but which fails on a later facet (a copy damaged
+    since, a facet created meanwhile, a full disk) says how far it got; what it restored
+    stays. Method: damage the second copy once the first facet is restored (the progress
+    callback runs between them)."""
+    await rt.call(T, "a", "put", "k", 1, cls="Register")
+    await rt.call(T, "b", "put", "k", 2, cls="Register")
+    await ops.backup(tmp_path / "b", tenant=T)
+    copies = sorted((tmp_path / "b").glob("tenants/*/facets/*/*/data.mdb"))
+    assert len(copies) == 2
+
+    def damage_the_rest(done: int, total: int | None) -> None:
+        for copy in copies:
+            data = bytearray(copy.read_bytes())
+            data[-100] ^= 0xFF
+            copy.write_bytes(bytes(data))
+
+    async with open_runtime(tmp_path / "fresh", classes=CLASSES, config=config) as fresh:
+        restore_ops = DataOperations(fresh, system=None)
+        with pytest.raises(BadRequestError, match="changed while it was restored") as failed:
+            await restore_ops.restore(tmp_path / "b", progress=damage_the_rest)
+        assert "1 of 2 facets were restored before it and stay restored" in str(failed.value)
+        restored = [
+            agent for agent in ("a", "b") if fresh.core.registry.exists(FacetAddress(T, agent))
+        ]
+        assert len(restored) == 1
+        assert await fresh.call(T, restored[0], "get", "k") == {"a": 1, "b": 2}[restored[0]]
+
+
 async def test_list_shows_class_size_and_pages(rt: Runtime, ops: DataOperations) -> None:
     for index in range(5):
         await rt.call(T, f"f{index}", "put", "k", index, cls="Register")
