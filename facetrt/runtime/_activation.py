@@ -561,7 +561,7 @@ class Activation:
         state.resync = True  # whatever fires, the commit checks the index's hint
         now_ms = wall_ms(self._core.wall_clock())
         fired = 0
-        for name in state.pop_due(now_ms, self._config.timer_fires_per_wake_max):
+        for name in state.due_names(now_ms, self._config.timer_fires_per_wake_max):
             fired += await self._fire_timer(facet, name, now_ms)
         return outcome.Value(fired)
 
