@@ -778,6 +778,10 @@ class Activation:
         for envelope, _ in [*outcomes, *later]:
             envelope.reply.set(outcome.Error(failure))
         self._pending[:] = [Layer()]
+        # The timer state described the failed commit's timers. The running message may still
+        # read timers before the cancellation reaches it (a wait woken by this failure returns
+        # without a checkpoint): it reloads them from the store, which agrees with the layers.
+        self._timer_state = None
         self._durable_lot.unpark_all()
         self._scope.cancel()
 

@@ -2,9 +2,10 @@
 
 ``durable`` maps every timer the store holds *or will hold once the commit in flight is done*
 to ``(due_ms, failed)``: a layer's timer writes are applied when the activation turns it into a
-commit (:meth:`TimerState.plan`). Should that commit fail, the activation stops and this state
-dies with it, so it never describes writes that were lost. Writes of messages not yet in a
-commit live only in the layers above, where reads see them first.
+commit (:meth:`TimerState.plan`). Should that commit fail, the activation drops this state at
+once (and stops), so it never describes writes that were lost: the running message, which may
+go on until its next checkpoint, reloads its timers from the store. Writes of messages not yet
+in a commit live only in the layers above, where reads see them first.
 
 A heap of ``(due_ms, name)`` finds the earliest scheduled timer; entries replaced since they
 were pushed are skipped lazily, and the heap is rebuilt when stale entries dominate it.

@@ -26,14 +26,20 @@ from facetrt import (
     BadRequestError,
     Facet,
     FacetAddress,
+    FacetrtError,
     HandlerError,
+    InternalError,
     QuotaExceededError,
     RuntimeConfig,
+    StorageError,
     open_runtime,
     rpc,
 )
+from facetrt.runtime._runtime import open_runtime_using
 from facetrt.storage import TimerIndex
+from facetrt.testing import StoreHooks
 from tests.facets import CLASSES, Alarm
+from tests.sim.workers import LoopStoreWorkers
 from tests.util import WALL_CLOCK_BASE, clock_held_during_store_jobs, trio_wall_clock, wait_until
 
 if TYPE_CHECKING:
@@ -489,3 +495,86 @@ async def test_a_commit_made_while_on_timer_runs_keeps_the_hint_at_or_before_its
     ):
         await Alarm.wait_deliveries(1, seconds=100)
         assert delivered() == ["a"]
+
+
+class _SlowFailure:
+    """Store faults for ``LoopStoreWorkers`` and ``StoreHooks``: once armed, the next store job
+    waits ``seconds`` of trio time first, and the next facet commit fails."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.delay_armed = False
+        self.failure_armed = False
+
+    def arm(self) -> None:
+        self.delay_armed = self.failure_armed = True
+
+    def delay(self) -> float:
+        armed, self.delay_armed = self.delay_armed, False
+        return self.seconds if armed else 0.0
+
+    def before_commit(self, path: Path) -> None:
+        if self.failure_armed:
+            self.failure_armed = False
+            raise StorageError("injected commit failure")
+
+
+class _CallingAlarm(Alarm):
+    """An Alarm whose first delivery calls another facet first: the output gate makes it
+    wait for the commit in flight."""
+
+    calling: ClassVar[bool] = False
+
+    async def on_timer(self, name: str, payload: Value, attempt: int) -> None:
+        if not _CallingAlarm.calling:
+            _CallingAlarm.calling = True
+            await self.facets.call("other", "fired", cls="Alarm")
+        await super().on_timer(name, payload, attempt)
+
+
+async def test_a_commit_failing_while_a_wake_waits_on_it_resets_the_facet_not_the_node(
+    autojump_clock: Clock, data_dir: Path
+) -> None:
+    """Goal: a failed commit resets its facet only (decision 0012), also when a wake was
+    running timers that the failed commit had set.
+
+    Method: store jobs run on the loop (``LoopStoreWorkers``), so the order is exact. The
+    commit of ``set("b")``, b due with "a", waits 10 s; the wake for "a" and "b" comes at 5 s.
+    ``on_timer("a")`` calls another facet, which waits for that commit (the output gate); the
+    commit then fails. The failure wakes the waiting delivery before its cancellation can reach
+    it, so the wake goes on to "b" until its next checkpoint. Before the fix the activation's
+    timer state still listed "b" (it described the failed commit), the store had no "b", and
+    the activation's assertion that they agree stopped the whole runtime (found by the seeded
+    simulation, seed 295 of its final plan).
+    """
+    _CallingAlarm.calling = False
+    faults = _SlowFailure(10.0)
+    classes = {**CLASSES, "Calling": _CallingAlarm}
+    outcomes: dict[str, object] = {}
+    async with trio.open_nursery() as outer:
+        workers = LoopStoreWorkers(outer, runners=1, delay=faults.delay)
+        async with open_runtime_using(
+            workers,
+            data_dir,
+            classes=classes,
+            config=RuntimeConfig(),
+            store_hooks=StoreHooks(before_commit=faults.before_commit),
+            wall_clock=trio_wall_clock,
+        ) as rt:
+            await rt.call(TENANT, "x", "set", "a", after_seconds=5, cls="Calling")
+            a = await rt.call(TENANT, "x", "get", "a")
+            assert isinstance(a, dict)
+            a_at = a["at"]
+            assert isinstance(a_at, float)
+            faults.arm()
+            try:
+                await rt.call(TENANT, "x", "set", "b", at=a_at - 0.0005)  # due with "a"
+            except FacetrtError as exc:
+                outcomes["b"] = exc
+            assert isinstance(outcomes["b"], InternalError)
+            assert _CallingAlarm.calling  # the wake ran while the commit of "b" waited
+            # The node goes on: the next wake delivers "a"; "b" was never set.
+            await Alarm.wait_deliveries(1)
+            assert delivered() == ["a"]
+            assert await rt.call(TENANT, "x", "list_timers") == []
+            assert rt.statistics().commit_failures == 1
