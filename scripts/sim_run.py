@@ -4,17 +4,19 @@
 
 Each seed is one whole run (``tests/sim/harness.py``): a workload of counter increments,
 register writes and reads, facet-to-facet forwards, calls that raise, idempotent calls and
-their repeats, from embedded callers and protocol sessions, under seeded faults (failed and
-slow commits, crashes between commit and reply, graceful restarts, slow handlers, dropped
+their repeats, timers set, replaced, cancelled and listed (in most seeds), from embedded callers
+and protocol sessions, under seeded faults (failed and slow commits, failed timer index writes,
+crashes before and after commits and index writes, graceful restarts, slow handlers, dropped
 connections, cancelled calls, deadlines, passivation under tight limits), then the checker.
 Prints progress, then totals: seeds run, operations and attempts, outcomes, faults injected by
-kind, runtime counters, acknowledged writes and how many were lost (must be 0), and the replay
-command of every failing seed. Exits 1 if any seed failed.
+kind, runtime counters, what the timers did, acknowledged writes and how many were lost (must be
+0), and the replay command of every failing seed. Exits 1 if any seed failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -57,6 +59,7 @@ class _Summary:
     runtime: dict[str, int] = field(default_factory=dict)
     acknowledged_writes: int = 0
     lost_writes: int = 0
+    timers: dict[str, int] = field(default_factory=dict)
 
 
 def _run(seed: int) -> _Summary:
@@ -88,6 +91,10 @@ def _run(seed: int) -> _Summary:
         runtime=dict(result.statistics),
         acknowledged_writes=result.check.acknowledged_writes,
         lost_writes=result.check.lost_writes,
+        timers={
+            "seeds with timers": int(result.plan.timers),
+            **dataclasses.asdict(result.check.timers),
+        },
     )
 
 
@@ -105,6 +112,7 @@ def main() -> int:
     faults: Counter[str] = Counter()
     outcomes: Counter[str] = Counter()
     runtime: Counter[str] = Counter()
+    timers: Counter[str] = Counter()
     failures: list[_Summary] = []
     started = time.monotonic()
     load_before = os.getloadavg()
@@ -123,6 +131,7 @@ def main() -> int:
             faults.update(summary.faults)
             outcomes.update(summary.outcomes)
             runtime.update(summary.runtime)
+            timers.update(summary.timers)
             if done % options.progress_every == 0:
                 print(
                     f"{done}/{len(seeds)} seeds, {len(failures)} failed, "
@@ -142,6 +151,7 @@ def main() -> int:
     )
     print(f"faults injected: {', '.join(f'{k} {v}' for k, v in sorted(faults.items()))}")
     print(f"runtime: {', '.join(f'{k} {v}' for k, v in sorted(runtime.items()))}")
+    print(f"timers: {', '.join(f'{k} {v}' for k, v in timers.items())}")
     print(f"acknowledged writes {totals['acknowledged_writes']}, lost {totals['lost_writes']}")
     for failure in failures:
         print(f"FAILED seed {failure.seed}: .venv/bin/python -m tests.sim --seed {failure.seed}")

@@ -561,7 +561,7 @@ class Activation:
         state.resync = True  # whatever fires, the commit checks the index's hint
         now_ms = wall_ms(self._core.wall_clock())
         fired = 0
-        for name in state.pop_due(now_ms, self._config.timer_fires_per_wake_max):
+        for name in state.due_names(now_ms, self._config.timer_fires_per_wake_max):
             fired += await self._fire_timer(facet, name, now_ms)
         return outcome.Value(fired)
 
@@ -778,6 +778,10 @@ class Activation:
         for envelope, _ in [*outcomes, *later]:
             envelope.reply.set(outcome.Error(failure))
         self._pending[:] = [Layer()]
+        # The timer state described the failed commit's timers. The running message may still
+        # read timers before the cancellation reaches it (a wait woken by this failure returns
+        # without a checkpoint): it reloads them from the store, which agrees with the layers.
+        self._timer_state = None
         self._durable_lot.unpark_all()
         self._scope.cancel()
 

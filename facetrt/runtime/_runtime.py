@@ -403,6 +403,7 @@ async def open_runtime_using(
                     registry.data_dir / TIMER_INDEX_DIR,
                     map_size_bytes=config.timer_index_map_size_bytes,
                     readers_max=16,
+                    hooks=store_hooks,
                 )
             )
             try:

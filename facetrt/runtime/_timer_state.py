@@ -2,9 +2,10 @@
 
 ``durable`` maps every timer the store holds *or will hold once the commit in flight is done*
 to ``(due_ms, failed)``: a layer's timer writes are applied when the activation turns it into a
-commit (:meth:`TimerState.plan`). Should that commit fail, the activation stops and this state
-dies with it, so it never describes writes that were lost. Writes of messages not yet in a
-commit live only in the layers above, where reads see them first.
+commit (:meth:`TimerState.plan`). Should that commit fail, the activation drops this state at
+once (and stops), so it never describes writes that were lost: the running message, which may
+go on until its next checkpoint, reloads its timers from the store. Writes of messages not yet
+in a commit live only in the layers above, where reads see them first.
 
 A heap of ``(due_ms, name)`` finds the earliest scheduled timer; entries replaced since they
 were pushed are skipped lazily, and the heap is rebuilt when stale entries dominate it.
@@ -113,16 +114,27 @@ class TimerState:
             heapq.heappop(heap)
         return heap[0][0] if heap else None
 
-    def pop_due(self, now_ms: int, limit: int) -> list[str]:
+    def due_names(self, now_ms: int, limit: int) -> list[str]:
         """Names of committed timers due at ``now_ms``, earliest first, at most ``limit``.
 
-        The caller fires (or reschedules) every one of them, so they leave the heap here.
+        They stay in the heap: each leaves it (lazily, as a stale entry) only once the write
+        that delivers, retries, moves or cancels it is applied by :meth:`plan`. Until then the
+        store holds it, so a commit planned while it is being delivered (one started when
+        ``on_timer`` suspends) keeps the hint at or before it, and a delivery cut short (the
+        activation cancelled at shutdown) leaves it scheduled.
         """
+        heap = self._heap
+        taken: list[tuple[int, str]] = []
         names: list[str] = []
         while len(names) < limit and (due_ms := self.earliest_ms()) is not None:
             if due_ms > now_ms:
                 break
-            names.append(heapq.heappop(self._heap)[1])
+            entry = heapq.heappop(heap)
+            taken.append(entry)
+            if entry[1] not in names[-1:]:  # a name set twice to one due time: pushed twice
+                names.append(entry[1])
+        for entry in taken:
+            heapq.heappush(heap, entry)
         return names
 
     # -- the hint ---------------------------------------------------------------------------

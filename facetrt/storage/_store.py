@@ -50,10 +50,13 @@ class StoreHooks:
     """Fault and delay injection for tests; runs on the writer thread inside :meth:`commit`.
 
     ``before_commit(path)`` may block (a delay) or raise (a failed commit: the transaction is
-    aborted and the caller sees :class:`StorageError`).
+    aborted and the caller sees :class:`StorageError`). ``before_index_commit(path)`` does the
+    same inside each group commit of the node's timer index (``TimerIndex``): raising fails
+    every operation of that batch (a lower, a settle) and writes nothing.
     """
 
     before_commit: Callable[[Path], None] | None = None
+    before_index_commit: Callable[[Path], None] | None = None
 
 
 @dataclass(slots=True, kw_only=True)

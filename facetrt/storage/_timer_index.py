@@ -53,6 +53,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Container, Iterator
     from pathlib import Path
 
+    from ._store import StoreHooks
+
 _DUE: Final = b"due"
 _FACETS: Final = b"facets"
 _MS: Final = struct.Struct(">Q")
@@ -106,12 +108,22 @@ class _GroupCommit:
 class TimerIndex:
     """The timer hints of one data directory. Open one per process (the runtime's).
 
+    ``hooks.before_index_commit`` (tests only) runs inside each group commit, before it commits.
+
     Raises:
         StorageError: LMDB could not open the environment.
     """
 
-    def __init__(self, path: Path, *, map_size_bytes: int, readers_max: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        map_size_bytes: int,
+        readers_max: int,
+        hooks: StoreHooks | None = None,
+    ) -> None:
         self.path = path
+        self._before_commit = None if hooks is None else hooks.before_index_commit
         self._map_size_bytes = map_size_bytes
         self._readers_max = readers_max
         self._env_lock = threading.Lock()
@@ -270,8 +282,10 @@ class TimerIndex:
                 self._reopen()
             with self._env.begin(write=True) as txn:
                 results = [operation.apply(txn) for operation in batch]
+                if self._before_commit is not None:
+                    self._before_commit(self.path)  # tests: raising aborts the transaction
         except StorageError as exc:
-            error = exc  # broken, and the reopen failed again
+            error = exc  # broken and the reopen failed again, or an injected fault
         except (lmdb.Error, OSError) as exc:
             error = StorageError(f"timer index commit failed in {str(self.path)!r}: {exc}")
             error.__cause__ = exc

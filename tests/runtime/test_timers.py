@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import shutil
 from typing import TYPE_CHECKING, ClassVar
 
@@ -25,14 +26,20 @@ from facetrt import (
     BadRequestError,
     Facet,
     FacetAddress,
+    FacetrtError,
     HandlerError,
+    InternalError,
     QuotaExceededError,
     RuntimeConfig,
+    StorageError,
     open_runtime,
     rpc,
 )
+from facetrt.runtime._runtime import open_runtime_using
 from facetrt.storage import TimerIndex
+from facetrt.testing import StoreHooks
 from tests.facets import CLASSES, Alarm
+from tests.sim.workers import LoopStoreWorkers
 from tests.util import WALL_CLOCK_BASE, clock_held_during_store_jobs, trio_wall_clock, wait_until
 
 if TYPE_CHECKING:
@@ -389,3 +396,185 @@ async def test_facets_whose_wakes_fail_do_not_starve_other_tenants_timers(
             _BrokenOnActivate.broken = False
         assert delivered() == ["t"]
         assert [who for who, *_ in Alarm.deliveries] == ["g"]
+
+
+class _SlowOnceAlarm(Alarm):
+    """An Alarm whose first delivery sleeps for a long time before it does anything; ``nap``
+    is a call that takes its time."""
+
+    slept: ClassVar[list[str]] = []
+
+    async def on_timer(self, name: str, payload: Value, attempt: int) -> None:
+        if not _SlowOnceAlarm.slept:
+            _SlowOnceAlarm.slept.append(name)
+            await trio.sleep(10_000)
+        await super().on_timer(name, payload, attempt)
+
+    @rpc
+    async def nap(self, seconds: float) -> None:
+        await trio.sleep(seconds)
+        self.storage.put("napped", seconds)
+
+
+def _hint(data_dir: Path, agent: str) -> int | None:
+    index = _index(data_dir)
+    try:
+        return index.hint_of(FacetAddress(TENANT, agent))
+    finally:
+        index.close()
+
+
+async def test_timers_of_a_wake_cut_short_by_shutdown_still_fire_after_restart(
+    autojump_clock: Clock, data_dir: Path
+) -> None:
+    """Goal: a wake whose ``on_timer`` is cancelled when the runtime closes (its grace period
+    ended while the handler ran) loses none of its timers: after a restart they fire without
+    any call to the facet.
+
+    Before the fix the wake had taken its due timers out of the activation's schedule; the
+    commit that closes the activation then settled the facet's hint in the timer index to
+    "nothing scheduled" while its store still held both timers, so neither fired until
+    something else activated the facet (found by the seeded simulation).
+    """
+    _SlowOnceAlarm.slept.clear()
+    classes = {**CLASSES, "SlowOnce": _SlowOnceAlarm}
+    config = RuntimeConfig(commit_threads=2, shutdown_grace_seconds=1)
+    due = trio_wall_clock() + 5
+    async with (
+        open_runtime(data_dir, classes=classes, config=config, wall_clock=trio_wall_clock) as rt,
+        clock_held_during_store_jobs(rt),
+    ):
+        await rt.call(TENANT, "x", "set_many", {"a": 5.0, "b": 5.0}, cls="SlowOnce")
+        await trio.sleep(10)  # the wake runs: on_timer("a") sleeps, "b" waits its turn
+        assert _SlowOnceAlarm.slept == ["a"]
+    assert Alarm.deliveries == []  # cancelled at the end of the grace period
+    hint = _hint(data_dir, "x")
+    assert hint is not None
+    assert hint <= math.ceil(due * 1000)
+    async with (
+        open_runtime(data_dir, classes=classes, config=config, wall_clock=trio_wall_clock) as rt,
+        clock_held_during_store_jobs(rt),
+    ):
+        await Alarm.wait_deliveries(2, seconds=100)
+        assert delivered() == ["a", "b"]
+        assert rt.statistics().activations == 1  # woken by its timers, by nothing else
+        assert await rt.call(TENANT, "x", "list_timers") == []
+
+
+async def test_a_commit_made_while_on_timer_runs_keeps_the_hint_at_or_before_its_timer(
+    autojump_clock: Clock, data_dir: Path
+) -> None:
+    """Goal: decision 0007's invariant holds at every instant, also while a timer is being
+    delivered: the timer stays in the facet's store until its delivery commits, so every
+    commit before that keeps the facet's hint at or before it (a crash then must not lose it).
+
+    Method: a call that takes 10 s is running when timer "a" comes due; the wake queues behind
+    it, and when ``on_timer("a")`` suspends, the call's writes commit (decision 0018) while the
+    delivery sleeps. The index on disk must still hold a hint at or before "a", not the next
+    timer's. Before the fix the wake had taken "a" out of the activation's schedule, and that
+    commit settled the hint to timer "z", 500 s later (found by the seeded simulation).
+    """
+    _SlowOnceAlarm.slept.clear()
+    classes = {**CLASSES, "SlowOnce": _SlowOnceAlarm}
+    config = RuntimeConfig(commit_threads=2, shutdown_grace_seconds=1)
+    due = trio_wall_clock() + 5
+    async with (
+        open_runtime(data_dir, classes=classes, config=config, wall_clock=trio_wall_clock) as rt,
+        clock_held_during_store_jobs(rt),
+    ):
+        await rt.call(TENANT, "x", "set_many", {"a": 5.0, "z": 500.0}, cls="SlowOnce")
+        await rt.call(TENANT, "x", "nap", 10.0)  # acknowledged: committed while "a" runs
+        assert _SlowOnceAlarm.slept == ["a"]
+        hint = rt.core.timer_index.hint_of(FacetAddress(TENANT, "x"))
+        assert hint is not None
+        assert hint <= math.ceil(due * 1000)
+    assert _hint(data_dir, "x") == math.ceil(due * 1000)  # the delivery was cut short
+    async with (
+        open_runtime(data_dir, classes=classes, config=config, wall_clock=trio_wall_clock) as rt,
+        clock_held_during_store_jobs(rt),
+    ):
+        await Alarm.wait_deliveries(1, seconds=100)
+        assert delivered() == ["a"]
+
+
+class _SlowFailure:
+    """Store faults for ``LoopStoreWorkers`` and ``StoreHooks``: once armed, the next store job
+    waits ``seconds`` of trio time first, and the next facet commit fails."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.delay_armed = False
+        self.failure_armed = False
+
+    def arm(self) -> None:
+        self.delay_armed = self.failure_armed = True
+
+    def delay(self) -> float:
+        armed, self.delay_armed = self.delay_armed, False
+        return self.seconds if armed else 0.0
+
+    def before_commit(self, path: Path) -> None:
+        if self.failure_armed:
+            self.failure_armed = False
+            raise StorageError("injected commit failure")
+
+
+class _CallingAlarm(Alarm):
+    """An Alarm whose first delivery calls another facet first: the output gate makes it
+    wait for the commit in flight."""
+
+    calling: ClassVar[bool] = False
+
+    async def on_timer(self, name: str, payload: Value, attempt: int) -> None:
+        if not _CallingAlarm.calling:
+            _CallingAlarm.calling = True
+            await self.facets.call("other", "fired", cls="Alarm")
+        await super().on_timer(name, payload, attempt)
+
+
+async def test_a_commit_failing_while_a_wake_waits_on_it_resets_the_facet_not_the_node(
+    autojump_clock: Clock, data_dir: Path
+) -> None:
+    """Goal: a failed commit resets its facet only (decision 0012), also when a wake was
+    running timers that the failed commit had set.
+
+    Method: store jobs run on the loop (``LoopStoreWorkers``), so the order is exact. The
+    commit of ``set("b")``, b due with "a", waits 10 s; the wake for "a" and "b" comes at 5 s.
+    ``on_timer("a")`` calls another facet, which waits for that commit (the output gate); the
+    commit then fails. The failure wakes the waiting delivery before its cancellation can reach
+    it, so the wake goes on to "b" until its next checkpoint. Before the fix the activation's
+    timer state still listed "b" (it described the failed commit), the store had no "b", and
+    the activation's assertion that they agree stopped the whole runtime (found by the seeded
+    simulation, seed 295 of its final plan).
+    """
+    _CallingAlarm.calling = False
+    faults = _SlowFailure(10.0)
+    classes = {**CLASSES, "Calling": _CallingAlarm}
+    outcomes: dict[str, object] = {}
+    async with trio.open_nursery() as outer:
+        workers = LoopStoreWorkers(outer, runners=1, delay=faults.delay)
+        async with open_runtime_using(
+            workers,
+            data_dir,
+            classes=classes,
+            config=RuntimeConfig(),
+            store_hooks=StoreHooks(before_commit=faults.before_commit),
+            wall_clock=trio_wall_clock,
+        ) as rt:
+            await rt.call(TENANT, "x", "set", "a", after_seconds=5, cls="Calling")
+            a = await rt.call(TENANT, "x", "get", "a")
+            assert isinstance(a, dict)
+            a_at = a["at"]
+            assert isinstance(a_at, float)
+            faults.arm()
+            try:
+                await rt.call(TENANT, "x", "set", "b", at=a_at - 0.0005)  # due with "a"
+            except FacetrtError as exc:
+                outcomes["b"] = exc
+            assert isinstance(outcomes["b"], InternalError)
+            assert _CallingAlarm.calling  # the wake ran while the commit of "b" waited
+            # The node goes on: the next wake delivers "a"; "b" was never set.
+            await Alarm.wait_deliveries(1)
+            assert delivered() == ["a"]
+            assert await rt.call(TENANT, "x", "list_timers") == []
+            assert rt.statistics().commit_failures == 1

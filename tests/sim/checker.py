@@ -13,8 +13,10 @@ holds it against what the callers saw (``history.py``):
    repeats with an idempotency key, crashes and reactivations.
 4. **Failures apply nothing**: an operation whose every attempt failed with a definite error
    (``handler_error``, ``internal`` after a failed commit, ``overloaded``...) is absent; so
-   is every operation whose handler raised on purpose (``fail``), whatever its replies.
-   Unknown outcomes (cancelled, ``timeout``, dropped connection, crash) may be either.
+   is every operation whose handler raised on purpose (``fail``, ``tfail``), whatever its
+   replies. Unknown outcomes (cancelled, ``timeout``, dropped connection, crash) may be
+   either. Only those raise: ``handler_error`` from any other operation is an assertion of
+   the facet that failed (it checks, for one, that a timer it set reads back).
 5. **Results are true**: each ``ok`` result names the log index of its own entry, with the
    counter value the log implies there; a read's value is the last write of that register
    before the log length it reports, which is at most the final length (what a reply showed
@@ -22,7 +24,10 @@ holds it against what the callers saw (``history.py``):
 6. **Per-facet order** (real time): if an operation was acknowledged before another was sent,
    the second is not before the first in the facet's log. A client's sequential calls are a
    special case; reads take part at the log length they saw.
-7. **Turns do not overlap** in one activation (the input gate), as the facet observed.
+7. **Turns do not overlap** in one activation (the input gate), as the facet observed;
+   ``on_timer`` deliveries take part.
+8. **Timers** keep their guarantees: ``timer_checks.py`` (the log's ``tset``, ``tcancel`` and
+   ``fire`` entries, the ``on_timer`` attempts the history saw, the timers at the end).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from .facets import LOG_PREFIX, pad_bytes
 from .history import Status
+from .timer_checks import TimerCounts, TimerRow, TimerRules, check_timers
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -41,7 +47,9 @@ if TYPE_CHECKING:
 
     from .history import Operation
 
-WRITE_KINDS = {"add": 1, "put": 1, "forward": 2}  # writes an acknowledged operation made
+WRITE_KINDS = {"add": 1, "put": 1, "forward": 2, "tset": 1, "tcancel": 1}  # writes per operation
+READ_KINDS = frozenset({"get", "tlist"})
+TIMER_ENTRY = "fire"  # a timer's delivery: its tag is the timer's instance, not an operation
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -62,6 +70,7 @@ class FacetState:
     count: int = 0
     registers: dict[str, Value] = field(default_factory=dict)
     pads: dict[str, Value] = field(default_factory=dict)  # register key -> padding length
+    timers: list[TimerRow] = field(default_factory=list)
 
     @classmethod
     def from_snapshot(cls, raw: Mapping[str, Value]) -> FacetState:
@@ -69,12 +78,14 @@ class FacetState:
         keys = raw["log_keys"]
         registers = raw["registers"]
         pads = raw["pads"]
+        timers = raw["timers"]
         length = raw["next"]
         count = raw["count"]
         assert isinstance(log, list)
         assert isinstance(keys, list)
         assert isinstance(registers, dict)
         assert isinstance(pads, dict)
+        assert isinstance(timers, list)
         assert isinstance(length, int)
         assert isinstance(count, int)
         entries = []
@@ -92,6 +103,7 @@ class FacetState:
             count=count,
             registers=dict(registers),
             pads=dict(pads),
+            timers=[TimerRow.parse(row) for row in timers],
         )
 
 
@@ -100,6 +112,7 @@ class CheckResult:
     violations: list[str]
     acknowledged_writes: int
     lost_writes: int
+    timers: TimerCounts = field(default_factory=TimerCounts)
 
     @property
     def ok(self) -> bool:
@@ -120,15 +133,21 @@ def check(
     operations: Mapping[str, Operation],
     states: Mapping[str, FacetState],
     overlapping_turns: Iterable[str] = (),
+    *,
+    rules: TimerRules | None = None,
 ) -> CheckResult:
-    """Every violation of the invariants above, as readable lines (none: the run passed)."""
+    """Every violation of the invariants above, as readable lines (none: the run passed).
+    ``rules``: the run's retry policy and observed ``on_timer`` attempts (default: the
+    default policy, no attempts)."""
     checker = _Checker(operations, states)
     checker.run()
     checker.violations.extend(f"turns overlapped: {text}" for text in overlapping_turns)
+    timer_violations, timer_counts = check_timers(operations, states, rules or TimerRules())
     return CheckResult(
-        violations=checker.violations,
+        violations=checker.violations + timer_violations,
         acknowledged_writes=checker.acknowledged_writes,
         lost_writes=checker.lost_writes,
+        timers=timer_counts,
     )
 
 
@@ -151,6 +170,7 @@ class _Checker:
         for operation in self.operations.values():
             self._check_presence(operation)
             self._check_results(operation)
+            self._check_codes(operation)
         for facet in self.states:
             self._check_order(facet)
 
@@ -192,6 +212,8 @@ class _Checker:
     def _index(self, facet: str, state: FacetState) -> None:
         positions: dict[str, list[int]] = {}
         for index, entry in enumerate(state.log):
+            if entry.kind == TIMER_ENTRY:
+                continue  # a delivery: checked by timer_checks against the model
             positions.setdefault(entry.tag, []).append(index)
             operation = self.operations.get(entry.tag)
             if operation is None:
@@ -207,7 +229,7 @@ class _Checker:
 
     def _check_presence(self, operation: Operation) -> None:
         spec = operation.spec
-        if spec.kind == "get":
+        if spec.kind in READ_KINDS:
             return
         acknowledged = operation.first_ok() is not None
         if acknowledged:
@@ -220,13 +242,26 @@ class _Checker:
             described = f"{spec.kind} {spec.tag} on {facet} ({_outcomes(operation)})"
             if found > 1:
                 self.violations.append(f"{described}: {what} {found} times")
-            elif spec.kind == "fail" and found:
+            elif spec.raises and found:
                 self.violations.append(f"{described}: its handler raised, yet it was applied")
-            elif acknowledged and not found and spec.kind != "fail":
+            elif acknowledged and not found and not spec.raises:
                 self.lost_writes += 1
                 self.violations.append(f"{described}: acknowledged, but missing from the log")
             elif found and operation.all_failed() and what == "applied":
                 self.violations.append(f"{described}: every attempt failed, yet it was applied")
+
+    def _check_codes(self, operation: Operation) -> None:
+        spec = operation.spec
+        if spec.raises:
+            return
+        for attempt in operation.attempts:
+            if attempt.code == "handler_error":
+                self.violations.append(
+                    f"{spec.kind} {spec.tag} on {spec.facet} ({_outcomes(operation)}): its "
+                    "handler never raises, yet an attempt failed with handler_error (an "
+                    "assertion of the facet failed: see the runtime's log)"
+                )
+                return
 
     # 5. results -------------------------------------------------------------------------
 
@@ -246,6 +281,14 @@ class _Checker:
             problem = self._entry_at(spec.facet, spec.tag, result)
         elif spec.kind == "get":
             problem = self._read_result(spec.facet, spec.key, result)
+        elif spec.kind in ("tset", "tcancel"):
+            problem = self._timer_result(spec.facet, spec.tag, result)
+        elif spec.kind == "tlist":
+            # Compared with the model by timer_checks; here only its shape and length.
+            if not (isinstance(result, list) and len(result) == 2 and type(result[1]) is int):
+                problem = f"malformed timer list result {result!r}"
+            elif not 0 <= result[1] <= len(self._state(spec.facet).log):
+                problem = f"read at log length {result[1]}, beyond the durable log"
         elif spec.kind == "forward":
             if not (isinstance(result, list) and len(result) == 2):
                 problem = f"malformed result {result!r}"
@@ -279,6 +322,21 @@ class _Checker:
             return f"replied count {count!r} at {facet}[{index}], where the log makes {expected}"
         return None
 
+    def _timer_result(self, facet: str, tag: str, result: Value) -> str | None:
+        """``[log index, due ms]`` of a set, ``[log index, existed]`` of a cancel."""
+        if not (isinstance(result, list) and len(result) == 2):
+            return f"malformed timer result {result!r}"
+        index, detail = result
+        problem = self._entry_at(facet, tag, index)
+        if problem is not None:
+            return problem
+        assert isinstance(index, int)
+        entry = self._state(facet).log[index]
+        logged = entry.second[0] if isinstance(entry.second, list) else entry.second
+        if detail != logged:
+            return f"replied {detail!r}, but its log entry {entry} says {logged!r}"
+        return None
+
     def _read_result(self, facet: str, key: str, result: Value) -> str | None:
         if not (isinstance(result, list) and len(result) == 2 and isinstance(result[1], int)):
             return f"malformed read result {result!r}"
@@ -300,12 +358,12 @@ class _Checker:
         points = []
         for index, entry in enumerate(self._state(facet).log):
             operation = self.operations.get(entry.tag)
-            if operation is not None:
+            if operation is not None and entry.kind != TIMER_ENTRY:
                 points.append(_point(operation, float(index)))
         for operation in self.operations.values():
             spec = operation.spec
             first = operation.first_ok()
-            if spec.kind == "get" and spec.facet == facet and first is not None:
+            if spec.kind in READ_KINDS and spec.facet == facet and first is not None:
                 result = first.result
                 if isinstance(result, list) and len(result) == 2 and isinstance(result[1], int):
                     points.append(_point(operation, result[1] - 0.5))
@@ -358,6 +416,17 @@ def _entry_matches(operation: Operation, facet: str, entry: Entry) -> bool:
             and spec.facet == facet
             and (entry.first, entry.second) == (spec.target, spec.by)
         )
+    if entry.kind == "tset":
+        return (
+            spec.kind in ("tset", "tfail")
+            and spec.facet == facet
+            and entry.first == spec.name
+            and isinstance(entry.second, list)
+            and len(entry.second) == 4
+            and entry.second[2:] == [spec.fail_until, spec.rearms]
+        )
+    if entry.kind == "tcancel":
+        return spec.kind == "tcancel" and spec.facet == facet and entry.first == spec.name
     return False
 
 

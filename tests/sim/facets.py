@@ -9,6 +9,17 @@ log index, so the checker also knows that a reply describes the application it c
 Layout: ``next`` (log length), ``log/<index:08d>`` -> ``[tag, kind, a, b]``, ``count`` (sum of
 every ``add``), ``reg/<key>`` (register values), ``pad/<key>`` (a string of ``pad_bytes(value)``
 bytes written with each register value, up to 21 KB: maps start at 64 KiB, so they grow).
+
+Timers. ``tset`` sets a timer (replacing one of that name) and logs
+``[tag, "tset", name, [due_ms, at, fail_until, rearms]]``; ``tcancel`` cancels one and logs
+``[tag, "tcancel", name, existed]``. The timer's payload names its *instance* (the ``tset``'s
+tag; a timer that ``on_timer`` sets again is the instance plus ``+``), when it was asked to be
+due, and how its deliveries behave. ``on_timer`` reports every attempt to the run's history
+(in memory: failed attempts leave nothing on disk) and logs a successful one as
+``[instance, "fire", name, [attempt, wall time, rearm]]`` in the same message as the timer's
+removal; an attempt numbered ``fail_until`` or less writes that entry and then raises, so the
+entry must vanish. So the log says which timer instance was delivered, when, and in which order
+with the sets and cancels of its name.
 """
 
 from __future__ import annotations
@@ -20,12 +31,28 @@ import trio
 from facetrt import Facet, rpc
 
 if TYPE_CHECKING:
-    from facetrt import Value
+    from facetrt import Timer, Value
+
+    from .history import History
 
 CLASS_NAME = "Sim"
 LOG_PREFIX = "log/"
 REGISTER_PREFIX = "reg/"
 PAD_PREFIX = "pad/"
+WALL_CLOCK_BASE = 1_700_000_000.0
+ROLLED_BACK = "rolled back"  # the instance of timers set in a rolled-back transaction() block
+
+
+def wall_clock() -> float:
+    """The runtime's wall clock in the simulation: it moves with trio's (mock) clock."""
+    return WALL_CLOCK_BASE + trio.current_time()
+
+
+def timer_payload(
+    instance: str, at: float, fail_until: int, rearms: int, rearm_after: float, sleep: float
+) -> dict[str, Value]:
+    """What a timer carries: its instance, when it was asked to be due, how it behaves."""
+    return {"i": instance, "at": at, "f": fail_until, "r": rearms, "ra": rearm_after, "s": sleep}
 
 
 def pad_bytes(value: int) -> int:
@@ -35,6 +62,10 @@ def pad_bytes(value: int) -> int:
 
 class _RolledBack(Exception):
     pass
+
+
+class TimerFailure(Exception):
+    """What ``on_timer`` raises for the attempts its payload says must fail."""
 
 
 class SimFacet(Facet):
@@ -47,6 +78,8 @@ class SimFacet(Facet):
     # Turns that began while another turn of the same activation was running: the input gate
     # broken. A list the harness empties before each run (one run at a time per process).
     overlapping_turns: ClassVar[list[str]] = []
+    # The run's history, which records every on_timer attempt (set by the harness per run).
+    history: ClassVar[History | None] = None
 
     def __init__(self) -> None:
         self._turn: str | None = None
@@ -146,6 +179,135 @@ class SimFacet(Facet):
         finally:
             self._turn = None
 
+    # -- timers -----------------------------------------------------------------------------
+
+    def _rolled_back_timers(self, name: str) -> None:
+        """Timer changes in a ``transaction()`` block that raises: none may survive (a timer
+        named ``rb-...`` would fire, or ``name`` would go missing without its cancel logged)."""
+        try:
+            with self.storage.transaction():
+                payload = timer_payload(ROLLED_BACK, wall_clock(), 0, 0, 0.0, 0.0)
+                self.timers.set(f"rb-{name}", payload=payload)
+                self.timers.cancel(name)
+                raise _RolledBack
+        except _RolledBack:
+            pass
+
+    @rpc
+    async def tset(
+        self,
+        tag: str,
+        name: str,
+        after: float,
+        *,
+        absolute: bool = False,
+        fail_until: int = 0,
+        rearms: int = 0,
+        rearm_after: float = 0.0,
+        timer_sleep: float = 0.0,
+        sleep: float = 0.0,
+        fail: bool = False,
+        rollback: bool = False,
+    ) -> list[Value]:
+        """Set timer ``name`` due ``after`` seconds from now (given as ``at`` if ``absolute``,
+        then possibly in the past), log it and return ``[log index, due ms]``. ``fail`` raises
+        after that (nothing may survive, the timer included)."""
+        self._enter(tag)
+        try:
+            if sleep:
+                await trio.sleep(sleep)
+            if rollback:
+                self._rolled_back_timers(name)
+            at = wall_clock() + after
+            payload = timer_payload(tag, at, fail_until, rearms, rearm_after, timer_sleep)
+            if absolute:
+                self.timers.set(name, at=at, payload=payload)
+            else:
+                self.timers.set(name, after_seconds=after, payload=payload)
+            due_ms = self._due_ms(name, tag)
+            index = self._append(tag, "tset", name, [due_ms, at, fail_until, rearms])
+            if fail:
+                raise ValueError("failing on purpose after setting a timer")
+            return [index, due_ms]
+        finally:
+            self._turn = None
+
+    def _due_ms(self, name: str, instance: str) -> int:
+        """The due time of timer ``name`` as this message sees it (its own set included)."""
+        timer = self.timers.get(name)
+        assert timer is not None, f"timer {name} just set is not visible"
+        assert _instance(timer) == instance, f"timer {name} is {timer}, not {instance}"
+        return round(timer.at * 1000)
+
+    @rpc
+    async def tcancel(self, tag: str, name: str, sleep: float = 0.0) -> list[Value]:
+        """Cancel timer ``name``; log and return ``[log index, whether it existed]``."""
+        self._enter(tag)
+        try:
+            if sleep:
+                await trio.sleep(sleep)
+            existed = self.timers.cancel(name)
+            return [self._append(tag, "tcancel", name, existed), existed]
+        finally:
+            self._turn = None
+
+    @rpc
+    async def tlist(self, tag: str) -> list[Value]:
+        """Every timer and the log length it was read at: ``[timers, length]``."""
+        self._enter(tag)
+        try:
+            return [self._timer_rows(), self.storage.get("next", 0)]
+        finally:
+            self._turn = None
+
+    def _timer_rows(self) -> list[Value]:
+        """``[name, instance, due ms, attempts, failed, error]`` of every timer."""
+        return [
+            [
+                timer.name,
+                _instance(timer),
+                round(timer.at * 1000),
+                timer.attempts,
+                timer.failed,
+                timer.error,
+            ]
+            for timer in self.timers.list()
+        ]
+
+    async def on_timer(self, name: str, payload: Value, attempt: int) -> None:
+        """Report the attempt, then log the delivery (and set the timer again if its payload
+        says so), or fail the attempts the payload says must fail, after writing."""
+        self._enter(f"on_timer {name}")
+        try:
+            now = wall_clock()
+            if SimFacet.history is not None:
+                SimFacet.history.timer_attempt(self.agent_id, name, payload, attempt, now)
+            assert isinstance(payload, dict)
+            instance, fail_until, rearms = payload["i"], payload["f"], payload["r"]
+            sleep, rearm_after = payload["s"], payload["ra"]
+            assert isinstance(instance, str)
+            assert isinstance(fail_until, int)
+            assert isinstance(rearms, int)
+            assert isinstance(sleep, float)
+            assert isinstance(rearm_after, float)
+            if sleep:
+                await trio.sleep(sleep)
+            rearm: Value = None
+            if rearms and attempt > fail_until:
+                again = f"{instance}+"
+                at = wall_clock() + rearm_after
+                self.timers.set(
+                    name,
+                    after_seconds=rearm_after,
+                    payload=timer_payload(again, at, 0, rearms - 1, rearm_after, sleep),
+                )
+                rearm = [again, self._due_ms(name, again), at]
+            self._append(instance, "fire", name, [attempt, now, rearm])
+            if attempt <= fail_until:
+                raise TimerFailure(f"failing attempt {attempt} on purpose")
+        finally:
+            self._turn = None
+
     @rpc
     async def snapshot(self) -> dict[str, Value]:
         """The whole state, for the final check."""
@@ -164,7 +326,16 @@ class SimFacet(Facet):
                 name.removeprefix(PAD_PREFIX): len(pad) if isinstance(pad, str) else -1
                 for name, pad in pads.items()
             },
+            "timers": self._timer_rows(),
         }
+
+
+def _instance(timer: Timer) -> str:
+    payload = timer.payload
+    assert isinstance(payload, dict)
+    instance = payload["i"]
+    assert isinstance(instance, str)
+    return instance
 
 
 CLASSES: dict[str, type[Facet]] = {CLASS_NAME: SimFacet}

@@ -26,8 +26,13 @@ state, with its trio time).
 A run goes through *epochs*, one per runtime lifetime: a crash cancels the runtime and every
 caller at once (their calls become of unknown outcome) and a graceful restart stops the
 callers, drains the protocol sessions and closes the runtime, as the daemon does. The next
-epoch reopens the same data directory and the callers carry on. Finally a fault-free runtime
-reads every facet back, and ``checker.check`` holds it against the history.
+epoch reopens the same data directory and the callers carry on. Once every call is done the
+last epoch lingers (the plan says how long: timers keep firing under the faults meanwhile).
+After each epoch, with no runtime open, the timer index is checked against the facets' stores
+on disk (decision 0007's invariant: a hint at or before every scheduled timer). Finally a
+fault-free runtime lets every timer come due and fire, touching no facet until the latest
+time any of them could still be due, then reads every facet back, and ``checker.check`` holds
+it against the history.
 """
 
 from __future__ import annotations
@@ -48,24 +53,27 @@ import trio._core._run as trio_run
 import trio.testing
 from prometheus_client import CollectorRegistry
 
-from facetrt import FacetrtError, NotFoundError, RuntimeConfig, UnavailableError
+from facetrt import FacetAddress, FacetrtError, NotFoundError, RuntimeConfig, UnavailableError
 from facetrt.client._link import handshake
+from facetrt.data._environment import scan_timers
 from facetrt.metrics import FacetrtMetrics
-from facetrt.runtime._runtime import open_runtime_using
+from facetrt.runtime._runtime import TIMER_INDEX_DIR, open_runtime_using
 from facetrt.server._auth import AuthThrottle
 from facetrt.server._tcp import TcpServer
-from facetrt.storage import SystemStore
+from facetrt.storage import SystemStore, TimerIndex
+from facetrt.storage._store import store_exists
 
 from .checker import CheckResult, FacetState, check
-from .facets import CLASS_NAME, CLASSES, SimFacet
+from .facets import CLASS_NAME, CLASSES, SimFacet, wall_clock
 from .faults import StoreFaults
 from .history import History
 from .plan import MAP_SIZE_BYTES_INITIAL, TENANT, make_plan
+from .timer_checks import TimerRules
 from .transport import MemoryListener
 from .workers import LoopStoreWorkers
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterable, Iterator
 
     from facetrt import Runtime
     from facetrt.client._link import Link
@@ -74,7 +82,6 @@ if TYPE_CHECKING:
     from .plan import ClientSpec, OperationSpec, SimPlan
     from .transport import ClientStream
 
-WALL_CLOCK_BASE = 1_700_000_000.0
 MEMORY_DIR = "/dev/shm"
 RUN_SECONDS_MAX = 100_000.0  # trio time: a run still going by then is stuck (a deadlock)
 EPOCHS_MAX = 64
@@ -89,7 +96,16 @@ STATISTICS = (
     "commit_failures",
     "map_grows",
     "overloaded",
+    "timer_wakes",
+    "timers_fired",
+    "timer_handler_failures",
+    "timers_failed",
 )
+# The final runtime waits, per delivery a timer may still need, this much beyond its due time
+# and backoff before it reads the facets: a fault-free runtime fires a due timer within a few
+# milliseconds, a wake that fails is retried after 10 s, one that finds nothing after 1 s.
+DELIVERY_SLACK_SECONDS = 15.0
+DRAIN_MARGIN_SECONDS = 60.0
 
 
 def _memory_dir() -> str | None:
@@ -99,10 +115,6 @@ def _memory_dir() -> str | None:
     if os.path.isdir(MEMORY_DIR) and os.access(MEMORY_DIR, os.W_OK):
         return MEMORY_DIR
     return None
-
-
-def _wall_clock() -> float:
-    return WALL_CLOCK_BASE + trio.current_time()
 
 
 @contextlib.contextmanager
@@ -129,6 +141,7 @@ class SimResult:
     digest: str
     epochs: int
     statistics: Counter[str]
+    rules: TimerRules
 
     @property
     def ok(self) -> bool:
@@ -141,6 +154,10 @@ class SimResult:
     def attempts(self) -> int:
         return sum(len(operation.attempts) for operation in self.history.operations.values())
 
+    def timer_deliveries(self) -> int:
+        """Timer instances delivered (the ``fire`` entries in the facets' logs)."""
+        return sum(entry.kind == "fire" for state in self.states.values() for entry in state.log)
+
     def report(self) -> str:
         """What a failure prints: the seed, the command that replays it, what broke."""
         lines = [
@@ -149,7 +166,9 @@ class SimResult:
             f"replay: {self.replay}",
             f"plan: {self.plan.describe()}",
             f"ran: {len(self.history.operations)} operations, {self.attempts()} attempts, "
-            f"{self.epochs} runtime lifetimes, faults {dict(sorted(self.history.faults.items()))}",
+            f"{self.epochs} runtime lifetimes, {len(self.history.timer_attempts)} on_timer "
+            f"attempts, {self.timer_deliveries()} timers delivered, "
+            f"faults {dict(sorted(self.history.faults.items()))}",
             f"runtime: {dict(self.statistics)}",
             f"trace digest: {self.digest}",
         ]
@@ -184,6 +203,34 @@ def run_simulation(
     return simulation.result()
 
 
+def hint_violations(
+    data_dir: Path, facets: Iterable[str], *, map_size_bytes: int = 1 << 30
+) -> list[str]:
+    """Decision 0007's invariant on disk, with no runtime open: for every facet whose store
+    holds a scheduled timer due at ``d``, the timer index holds a hint ``h <= d``. A crash
+    anywhere, a failed write, a graceful close: it must hold whatever ended a runtime's life.
+    (Only between lifetimes: an activation registers its store's timers again, so a missing
+    hint would be repaired by the next call to the facet, and go unnoticed.)"""
+    problems = []
+    index = TimerIndex(data_dir / TIMER_INDEX_DIR, map_size_bytes=map_size_bytes, readers_max=1)
+    try:
+        for facet in facets:
+            address = FacetAddress(TENANT, facet)
+            path = data_dir.resolve() / address.relative_path()
+            if not store_exists(path):
+                continue
+            earliest = scan_timers(path).earliest_ms
+            hint = index.hint_of(address)
+            if earliest is not None and (hint is None or hint > earliest):
+                problems.append(
+                    f"{facet}: its earliest timer is due at {earliest} ms but the timer index "
+                    f"holds {hint}: it would not fire until something else woke the facet"
+                )
+    finally:
+        index.close()
+    return problems
+
+
 @dataclass(slots=True)
 class _Lane:
     specs: tuple[OperationSpec, ...]
@@ -209,6 +256,7 @@ class _Epoch:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     restart_at: float | None = None
     stopping: bool = False  # a graceful restart: lanes stop before their next operation
+    stop_event: trio.Event = field(default_factory=trio.Event)  # set with ``stopping``
     listener: MemoryListener = field(default_factory=MemoryListener)
     nursery: trio.Nursery | None = None
 
@@ -235,9 +283,22 @@ class _Simulation:
         self.stuck = False
         self.statistics: Counter[str] = Counter()
         self.key = ""
+        self.hint_violations: list[str] = []
+        config = plan.runtime
+        self.rules = TimerRules(
+            retries_max=config.timer_retries_max,
+            retry_seconds_initial=config.timer_retry_seconds_initial,
+            attempts=self.history.timer_attempts,
+        )
 
     def result(self) -> SimResult:
-        result = check(self.history.operations, self.states, SimFacet.overlapping_turns)
+        result = check(
+            self.history.operations,
+            self.states,
+            SimFacet.overlapping_turns,
+            rules=self.rules,
+        )
+        result.violations[:0] = self.hint_violations
         if self.stuck:
             result.violations.insert(
                 0, f"stuck: the run had not finished by trio time {RUN_SECONDS_MAX} (a deadlock)"
@@ -251,10 +312,12 @@ class _Simulation:
             digest=self.history.digest(),
             epochs=self.epochs,
             statistics=self.statistics,
+            rules=self.rules,
         )
 
     async def run(self) -> None:
         SimFacet.overlapping_turns.clear()
+        SimFacet.history = self.history
         system = SystemStore(self.system_dir)
         try:
             system.create_tenant(TENANT)
@@ -270,6 +333,7 @@ class _Simulation:
                 self.states = await self._read_back(outer)
         finally:
             system.close()
+            SimFacet.history = None
 
     # -- runtime lifetimes ---------------------------------------------------------------
 
@@ -295,18 +359,30 @@ class _Simulation:
                 classes=CLASSES,
                 config=self.plan.runtime,
                 store_hooks=faults.hooks(),
-                wall_clock=_wall_clock,
+                wall_clock=wall_clock,
             ) as runtime:
                 try:
                     await self._serve(runtime, system, epoch)
                 finally:
                     self._count(runtime)
         self.crashes += faults.crashed
+        self._check_hints()
 
-    def _crash(self, epoch: _Epoch) -> None:
-        """Right after a commit, before the runtime hears of it: the node is gone."""
-        self.history.crash()
+    def _crash(self, epoch: _Epoch, kind: str) -> None:
+        """In or right after a store job, before the runtime hears of it: the node is gone."""
+        self.history.crash(kind)
         epoch.scope.cancel()
+
+    def _check_hints(self) -> None:
+        """Decision 0007's invariant on disk after a runtime lifetime (see hint_violations)."""
+        self.hint_violations += [
+            f"after runtime lifetime {self.epochs}: {problem}"
+            for problem in hint_violations(
+                self.data_dir,
+                self.plan.facets,
+                map_size_bytes=self.plan.runtime.timer_index_map_size_bytes,
+            )
+        ]
 
     def _count(self, runtime: Runtime) -> None:
         statistics = runtime.statistics()
@@ -337,6 +413,11 @@ class _Simulation:
                     for lane in client.lanes:
                         if not lane.is_done():
                             lanes.start_soon(self._lane, client, lane, runtime, epoch)
+            if not epoch.stopping:
+                # Every call is done: the runtime keeps going (timers fire, under the faults)
+                # for the plan's linger time, or until a restart comes.
+                with trio.move_on_after(self.plan.linger_seconds):
+                    await epoch.stop_event.wait()
             # Every lane finished or stopped for a restart: drain as the daemon does.
             with trio.move_on_after(self.plan.runtime.shutdown_grace_seconds + 1.0):
                 await tcp.drain()
@@ -347,6 +428,7 @@ class _Simulation:
         await trio.sleep_until(epoch.restart_at)
         self.history.fault("graceful_restart")
         epoch.stopping = True
+        epoch.stop_event.set()
 
     async def _drop_connections(self, client: _Client, mean_seconds: float) -> None:
         while True:
@@ -356,11 +438,39 @@ class _Simulation:
                 self.history.fault("connection_dropped", len(link.waiters))
                 stream.drop()
 
+    def _drain_seconds(self) -> float:
+        """How long after it opens the final runtime may still have a timer to deliver: the
+        latest a timer set before could be due, with every retry's backoff and every set
+        again by on_timer, each delivery given DELIVERY_SLACK_SECONDS."""
+        config = self.plan.runtime
+        backoff = config.timer_retry_seconds_initial * (2**config.timer_retries_max - 1)
+        deliveries = (config.timer_retries_max + 1) * (DELIVERY_SLACK_SECONDS + backoff)
+        latest = 0.0
+        for client in self.plan.clients:
+            for lane in client.lanes:
+                for spec in lane:
+                    if spec.kind == "tset":
+                        chain = spec.rearms + 1
+                        latest = max(
+                            latest,
+                            max(spec.after, 0.0)
+                            + chain * (deliveries + spec.timer_sleep)
+                            + spec.rearms * spec.rearm_after,
+                        )
+        return latest + DRAIN_MARGIN_SECONDS if latest else 0.0
+
     async def _read_back(self, outer: trio.Nursery) -> dict[str, FacetState]:
-        """Every facet's state, read by a fresh fault-free runtime from the data on disk."""
+        """Every facet's state, read by a fresh fault-free runtime from the data on disk once
+        every timer had its time to fire (no facet is touched before: an activation would
+        register its timers with the index again, hiding a hint that went missing)."""
         self.history.note("read back", None)
+        planned = self.plan.runtime
         config = RuntimeConfig(
-            map_size_bytes_initial=MAP_SIZE_BYTES_INITIAL, open_facets_max=len(self.plan.facets)
+            map_size_bytes_initial=MAP_SIZE_BYTES_INITIAL,
+            open_facets_max=len(self.plan.facets),
+            # The run's retry policy, which the checker holds every attempt to.
+            timer_retries_max=planned.timer_retries_max,
+            timer_retry_seconds_initial=planned.timer_retry_seconds_initial,
         )
         states = {}
         async with open_runtime_using(
@@ -369,8 +479,9 @@ class _Simulation:
             classes=CLASSES,
             config=config,
             store_hooks=None,
-            wall_clock=_wall_clock,
+            wall_clock=wall_clock,
         ) as runtime:
+            await trio.sleep(self._drain_seconds())
             for facet in self.plan.facets:
                 try:
                     raw = await runtime.call(TENANT, facet, "snapshot")
@@ -379,7 +490,9 @@ class _Simulation:
                     continue
                 assert isinstance(raw, dict)
                 states[facet] = FacetState.from_snapshot(raw)
-                self.history.note("state", [facet, raw["next"], raw["count"], raw["registers"]])
+                self.history.note(
+                    "state", [facet, raw["next"], raw["count"], raw["registers"], raw["timers"]]
+                )
         return states
 
     # -- callers -------------------------------------------------------------------------

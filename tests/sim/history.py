@@ -13,6 +13,9 @@ Outcomes, from the caller's side:
   ``internal`` for a failed commit, ``overloaded``, ``unavailable`` from the runtime...).
 - ``unknown``: no reply the caller can trust: cancelled by the caller, a ``timeout``, a
   dropped connection, or a crash of the node before the reply left it.
+
+Timer deliveries are events too: every ``on_timer`` attempt (failed ones included, which leave
+nothing on disk) is recorded when it begins, with the wall time it saw.
 """
 
 from __future__ import annotations
@@ -72,12 +75,25 @@ class Operation:
         return all(attempt.status is Status.FAILED for attempt in self.attempts)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TimerAttempt:
+    """One ``on_timer`` call as the facet saw it begin."""
+
+    facet: str
+    name: str
+    payload: Value
+    attempt: int
+    wall: float  # the runtime's wall clock (seconds since the epoch)
+    event: int
+
+
 @final
 class History:
     def __init__(self) -> None:
         self.operations: dict[str, Operation] = {}
         self.faults: Counter[str] = Counter()
         self.trace: list[list[Value]] = []
+        self.timer_attempts: list[TimerAttempt] = []
         self._events = 0
         self._in_flight: dict[int, tuple[OperationSpec, Attempt]] = {}
 
@@ -128,9 +144,20 @@ class History:
             "done", spec.tag, attempt.number, status.value, code, result, reason
         )
 
-    def crash(self) -> None:
+    def timer_attempt(
+        self, facet: str, name: str, payload: Value, attempt: int, wall: float
+    ) -> None:
+        instance = payload.get("i") if isinstance(payload, dict) else None
+        event = self._event("timer", facet, name, instance, attempt)
+        self.timer_attempts.append(
+            TimerAttempt(
+                facet=facet, name=name, payload=payload, attempt=attempt, wall=wall, event=event
+            )
+        )
+
+    def crash(self, kind: str = "crash_after_commit") -> None:
         """The node died: no reply of an attempt in flight ever reaches its caller."""
-        self.fault("crash_after_commit")
+        self.fault(kind)
         for spec, attempt in list(self._in_flight.values()):
             self.unknown(spec, attempt, "crash")
 

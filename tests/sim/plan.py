@@ -3,7 +3,9 @@
 The workload is generated up front from its own random stream, so it is the same whatever
 happens during the run; only outcomes depend on the schedule (which the seed also fixes, see
 ``harness``). Each kind of fault is switched off in a share of the seeds, so a failure's seed
-also tells which faults it needs.
+also tells which faults it needs. So are timers: in a share of the seeds no operation touches
+one (and every commit is a plain one); in the others timers are set, replaced and cancelled
+through the facets' methods, with the retry policy and the scheduler's bounds drawn per seed.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ if TYPE_CHECKING:
 
 TENANT = "sim"
 REGISTER_KEYS = ("a", "b", "c", "d")
-KINDS = ("add", "put", "get", "forward", "fail")
+KINDS = ("add", "put", "get", "forward", "fail", "tset", "tcancel", "tlist", "tfail")
+RAISING_KINDS = frozenset({"fail", "tfail"})  # the handler raises after writing, on purpose
+TIMER_NAMES = ("t0", "t1", "t2")  # few names per facet: sets often replace a timer
+ALWAYS_FAILS = 1_000  # a timer's fail_until that outlasts any retry budget
 MAP_SIZE_BYTES_INITIAL = 64 * 1024  # the smallest: logs of a few hundred entries grow maps
 
 
@@ -31,7 +36,9 @@ class FaultRates:
     storage_hooks: bool  # off: no storage faults, and idle commits may run inline (0009)
     commit_failure: float  # per commit: StorageError from the commit hook, nothing written
     crash: float  # per commit: the node dies after it committed, before any reply
+    crash_before: float  # per commit and per timer index write: the node dies before it
     crashes_max: int
+    index_failure: float  # per timer index write (a lower or a settle): StorageError
     restarts: tuple[float, ...]  # trio times of graceful restarts (drain and reopen)
     slow_store_job: float  # per store job (open, commit, close): it first waits
     slow_store_job_seconds: float  # mean wait
@@ -59,9 +66,44 @@ class OperationSpec:
     cancel_after: float | None = None  # embedded: give up after this long
     deadline_seconds: float | None = None  # protocol: the call's deadline
     is_repeat: bool = False
+    # Timers (tset, tfail, tcancel): the name; when it is due (``after`` seconds from the
+    # set, given as ``at`` if ``absolute``: then possibly in the past); attempts of on_timer
+    # that fail before one succeeds; how often on_timer sets it again, how far ahead; how
+    # long on_timer sleeps.
+    name: str = ""
+    after: float = 0.0
+    absolute: bool = False
+    fail_until: int = 0
+    rearms: int = 0
+    rearm_after: float = 0.0
+    timer_sleep: float = 0.0
+
+    @property
+    def raises(self) -> bool:
+        """Its handler raises after writing: nothing of it may survive."""
+        return self.kind in RAISING_KINDS
 
     def call(self) -> tuple[str, list[Value], dict[str, Value]]:
         """The method, positional and keyword arguments (identical for every attempt)."""
+        if self.kind in ("tset", "tfail"):
+            return (
+                "tset",
+                [self.tag, self.name, self.after],
+                {
+                    "absolute": self.absolute,
+                    "fail_until": self.fail_until,
+                    "rearms": self.rearms,
+                    "rearm_after": self.rearm_after,
+                    "timer_sleep": self.timer_sleep,
+                    "sleep": self.sleep,
+                    "fail": self.kind == "tfail",
+                    "rollback": self.value % 4 == 0,
+                },
+            )
+        if self.kind == "tcancel":
+            return "tcancel", [self.tag, self.name], {"sleep": self.sleep}
+        if self.kind == "tlist":
+            return "tlist", [self.tag], {}
         if self.kind in ("add", "fail"):
             kwargs: dict[str, Value] = {"sleep": self.sleep, "fail": self.kind == "fail"}
             return "add", [self.tag, self.by], kwargs
@@ -90,6 +132,8 @@ class SimPlan:
     server: ServerConfig
     store_runners: int
     faults: FaultRates
+    timers: bool  # operations set, replace and cancel timers
+    linger_seconds: float  # the runtime keeps running this long after the last call
 
     @property
     def operations(self) -> int:
@@ -104,6 +148,9 @@ class SimPlan:
             f"protocol), {lanes} lanes, {self.operations} operations; open_facets_max "
             f"{config.open_facets_max}, idle {config.idle_timeout_seconds:.2f} s, mailbox "
             f"{config.mailbox_envelopes_max}, inline commits {config.commit_inline_when_idle}; "
+            f"timers {self.timers} (retries {config.timer_retries_max} from "
+            f"{config.timer_retry_seconds_initial} s, {config.timer_fires_per_wake_max} per "
+            f"wake, {config.timer_wakes_in_flight_max} wakes), linger {self.linger_seconds} s; "
             f"{self.faults}"
         )
 
@@ -117,6 +164,7 @@ def make_plan(seed: int) -> SimPlan:
     rng = random.Random(f"plan/{seed}")
     facets = tuple(f"f{index}" for index in range(rng.randint(2, 7)))
     faults = _fault_rates(rng)
+    timers = rng.random() < 0.75
     runtime = RuntimeConfig(
         mailbox_envelopes_max=rng.choice((2, 4, 8, 64, 1024)),
         mailbox_age_seconds_max=rng.choice((0.5, 2.0, 30.0)),
@@ -128,11 +176,15 @@ def make_plan(seed: int) -> SimPlan:
         commit_inline_when_idle=rng.random() < 0.7,
         deactivate_seconds_max=0.5,
         shutdown_grace_seconds=rng.choice((0.0, 0.5, 3.0)),
+        timer_retries_max=rng.choice((0, 1, 2, 3, 6)),
+        timer_retry_seconds_initial=rng.choice((0.01, 0.1, 0.5, 2.0)),
+        timer_fires_per_wake_max=rng.choice((1, 2, 1024)),
+        timer_wakes_in_flight_max=rng.choice((1, 2, 1024)),
     )
     server = ServerConfig(calls_in_flight_max=rng.choice((1, 2, 4, 64)))
     client_count = rng.randint(2, 5)
     clients = tuple(
-        _client(rng, f"c{index}", facets, faults, protocol=rng.random() < 0.5)
+        _client(rng, f"c{index}", facets, faults, timers=timers, protocol=rng.random() < 0.5)
         for index in range(client_count)
     )
     return SimPlan(
@@ -143,6 +195,8 @@ def make_plan(seed: int) -> SimPlan:
         server=server,
         store_runners=rng.randint(1, 4),
         faults=faults,
+        timers=timers,
+        linger_seconds=rng.choice((0.0, 2.0, 10.0, 40.0)) if timers else 0.0,
     )
 
 
@@ -153,7 +207,9 @@ def _fault_rates(rng: random.Random) -> FaultRates:
         storage_hooks=hooks,
         commit_failure=_maybe(rng, 0.6, 0.01, 0.15) if hooks else 0.0,
         crash=_maybe(rng, 0.6, 0.005, 0.05) if hooks else 0.0,
+        crash_before=_maybe(rng, 0.4, 0.002, 0.02) if hooks else 0.0,
         crashes_max=rng.choice((1, 2, 3)),
+        index_failure=_maybe(rng, 0.5, 0.01, 0.15) if hooks else 0.0,
         restarts=tuple(round(time, 3) for time in restarts),
         slow_store_job=_maybe(rng, 0.6, 0.05, 0.5),
         slow_store_job_seconds=rng.choice((0.01, 0.1, 1.0)),
@@ -171,6 +227,7 @@ def _client(
     facets: tuple[str, ...],
     faults: FaultRates,
     *,
+    timers: bool,
     protocol: bool,
 ) -> ClientSpec:
     counter = iter(range(1_000_000))
@@ -184,7 +241,8 @@ def _client(
             if repeated and rng.random() < 0.12:
                 spec = _repeat(rng, rng.choice(repeated), faults, think_mean, protocol)
             else:
-                spec = _new(rng, f"{name}:{next(counter)}", facets, faults, think_mean, protocol)
+                tag = f"{name}:{next(counter)}"
+                spec = _new(rng, tag, facets, faults, think_mean, protocol, timers=timers)
                 if rng.random() < keyed:
                     spec = _with_key(spec)
                     repeated.append(spec)
@@ -239,8 +297,11 @@ def _new(
     faults: FaultRates,
     think_mean: float,
     protocol: bool,
+    *,
+    timers: bool,
 ) -> OperationSpec:
-    weights = (30, 25, 20, 12 if len(facets) > 1 else 0, 5)
+    timer_weights = (20, 6, 4, 2) if timers else (0, 0, 0, 0)
+    weights = (30, 25, 20, 12 if len(facets) > 1 else 0, 5, *timer_weights)
     kind = rng.choices(KINDS, weights)[0]
     facet = rng.choice(facets)
     # Any other facet: forwards from different callers may form cycles of facets waiting on
@@ -249,13 +310,13 @@ def _new(
         rng.choice([other for other in facets if other != facet]) if kind == "forward" else None
     )
     sleep = 0.0
-    if kind != "get" and rng.random() < faults.slow_handler:
+    if kind not in ("get", "tlist") and rng.random() < faults.slow_handler:
         sleep = rng.expovariate(1 / faults.slow_handler_seconds)
     by = rng.randint(1, 9)
     key = rng.choice(REGISTER_KEYS)
     value = rng.randint(0, 1_000_000)
     timing = _timing(rng, faults, think_mean, protocol)
-    return OperationSpec(
+    spec = OperationSpec(
         tag=tag,
         kind=kind,
         facet=facet,
@@ -267,4 +328,40 @@ def _new(
         think=timing.think,
         cancel_after=timing.cancel_after,
         deadline_seconds=timing.deadline_seconds,
+    )
+    if kind in ("tset", "tfail", "tcancel"):
+        spec = dataclasses.replace(spec, name=rng.choice(TIMER_NAMES))
+    if kind in ("tset", "tfail"):
+        spec = _timer(rng, spec, faults)
+    return spec
+
+
+def _timer(rng: random.Random, spec: OperationSpec, faults: FaultRates) -> OperationSpec:
+    """When a set timer is due and how its deliveries behave."""
+    draw = rng.random()
+    if draw < 0.15:
+        after = 0.0  # due at once
+    elif draw < 0.55:
+        after = rng.expovariate(1 / 0.3)
+    elif draw < 0.9:
+        after = rng.expovariate(1 / 3.0)
+    else:
+        after = rng.uniform(10.0, 30.0)  # usually after the last call, or a restart
+    absolute = rng.random() < 0.2
+    if absolute and rng.random() < 0.3:
+        after = -rng.uniform(0.0, 5.0)  # a time in the past: due at once
+    draw = rng.random()
+    fail_until = 0 if draw < 0.7 else rng.randint(1, 3) if draw < 0.9 else ALWAYS_FAILS
+    rearms = 0 if rng.random() < 0.85 else rng.randint(1, 2)
+    timer_sleep = 0.0
+    if rng.random() < faults.slow_handler:
+        timer_sleep = rng.expovariate(1 / faults.slow_handler_seconds)
+    return dataclasses.replace(
+        spec,
+        after=after,
+        absolute=absolute,
+        fail_until=fail_until,
+        rearms=rearms,
+        rearm_after=rng.expovariate(1 / 0.5),
+        timer_sleep=timer_sleep,
     )

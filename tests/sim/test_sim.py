@@ -17,19 +17,29 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from facetrt import FacetAddress, open_runtime
+from facetrt.storage import TimerIndex
 from tests.sim.checker import Entry, FacetState, check
-from tests.sim.harness import run_simulation
+from tests.sim.facets import CLASS_NAME, CLASSES, ROLLED_BACK, wall_clock
+from tests.sim.harness import hint_violations, run_simulation
 from tests.sim.history import Status
+from tests.sim.plan import TENANT
+from tests.sim.timer_checks import TimerRow
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from trio.testing import MockClock
 
     from tests.sim.harness import SimResult
     from tests.sim.history import Operation
 
 CI_SEEDS = range(1, 101)
 REPO_ROOT = Path(__file__).resolve().parents[2]
-RICH_SEED = 21  # commit failures, a crash, dropped connections, repeats, handler errors
+# Commit failures, index write failures, a crash, a restart, repeats, handler errors; timers set,
+# replaced, listed, set again by on_timer, cancelled after a delivery, failing attempts, some
+# failed for good (the doctored-history tests below need each of them).
+RICH_SEED = 44
 
 
 @pytest.mark.parametrize("seed", CI_SEEDS)
@@ -116,7 +126,7 @@ def _violations(
     states: dict[str, FacetState],
     operations: dict[str, Operation] | None = None,
 ) -> list[str]:
-    return check(operations or result.history.operations, states).violations
+    return check(operations or result.history.operations, states, rules=result.rules).violations
 
 
 def test_the_undoctored_history_passes(rich: SimResult) -> None:
@@ -166,6 +176,8 @@ def test_an_order_against_real_time_is_caught(rich: SimResult) -> None:
     for facet, state in rich.states.items():
         operations = rich.history.operations
         for earlier, later in zip(state.log, state.log[1:], strict=False):
+            if "fire" in (earlier.kind, later.kind):
+                continue  # a timer's delivery: not an operation's own entry
             first, second = operations[earlier.tag], operations[later.tag]
             acknowledged = first.first_ok()
             if (
@@ -227,5 +239,226 @@ def test_an_entry_nobody_sent_is_caught(rich: SimResult) -> None:
 
 
 def test_overlapping_turns_are_violations(rich: SimResult) -> None:
-    result = check(rich.history.operations, rich.states, ["f0: c0:2 began inside c1:4"])
+    result = check(
+        rich.history.operations, rich.states, ["f0: c0:2 began inside c1:4"], rules=rich.rules
+    )
     assert result.violations == ["turns overlapped: f0: c0:2 began inside c1:4"]
+
+
+# -- the timer checks against doctored histories ----------------------------------------
+
+
+def _last_deliveries(result: SimResult) -> list[tuple[str, int, Entry]]:
+    """(facet, log index, entry) of deliveries of a set (not of a timer on_timer set again)
+    after which nothing set or cancelled their timer: without them it is left undelivered."""
+    found = []
+    for facet, state in result.states.items():
+        for index, entry in enumerate(state.log):
+            timer_later = (
+                other.first == entry.first
+                for other in state.log[index + 1 :]
+                if other.kind in ("tset", "tcancel", "fire")
+            )
+            rearmed = isinstance(entry.second, list) and entry.second[2] is not None
+            root = not entry.tag.endswith("+")
+            if entry.kind == "fire" and root and not rearmed and not any(timer_later):
+                found.append((facet, index, entry))
+    assert found, "the seed has no such delivery: pick another RICH_SEED"
+    return found
+
+
+def _set_entry(state: FacetState, instance: str) -> Entry:
+    return next(e for e in state.log if e.kind == "tset" and e.tag == instance)
+
+
+def test_a_timer_never_delivered_is_caught(rich: SimResult) -> None:
+    facet, index, entry = _last_deliveries(rich)[0]
+    states = copy.deepcopy(rich.states)
+    del states[facet].log[index]
+    violations = _violations(rich, states)
+    assert isinstance(entry.first, str)
+    assert any(
+        f"timer {entry.first} instance {entry.tag} is missing" in v and "lost timer" in v
+        for v in violations
+    ), violations
+
+
+def test_a_timer_left_scheduled_at_the_end_is_caught(rich: SimResult) -> None:
+    facet, index, entry = _last_deliveries(rich)[0]
+    states = copy.deepcopy(rich.states)
+    state = states[facet]
+    del state.log[index]
+    second = _set_entry(state, entry.tag).second
+    assert isinstance(second, list)
+    due_ms = second[0]
+    assert isinstance(due_ms, int)
+    assert isinstance(entry.first, str)
+    state.timers.append(
+        TimerRow(
+            name=entry.first,
+            instance=entry.tag,
+            due_ms=due_ms,
+            attempts=0,
+            failed=False,
+            error=None,
+        )
+    )
+    violations = _violations(rich, states)
+    assert any(f"instance {entry.tag}: still scheduled at the end" in v for v in violations), (
+        violations
+    )
+
+
+def test_a_timer_delivered_twice_is_caught(rich: SimResult) -> None:
+    facet, _, entry = _last_deliveries(rich)[0]
+    states = copy.deepcopy(rich.states)
+    states[facet].log.append(entry)
+    violations = _violations(rich, states)
+    assert any(
+        f"instance {entry.tag} was delivered" in v and "delivered before" in v for v in violations
+    ), violations
+
+
+def test_a_delivery_after_its_cancel_is_caught(rich: SimResult) -> None:
+    # A cancel that found the timer, moved to just before that timer's delivery.
+    for facet, state in rich.states.items():
+        for index, cancel in enumerate(state.log):
+            if cancel.kind != "tcancel" or cancel.second is not True:
+                continue
+            fire = next(
+                (e for e in state.log[:index] if e.kind == "fire" and e.first == cancel.first),
+                None,
+            )
+            if fire is None:
+                continue
+            states = copy.deepcopy(rich.states)
+            log = states[facet].log
+            log.remove(cancel)
+            log.insert(log.index(fire), cancel)
+            violations = _violations(rich, states)
+            assert any(f"instance {fire.tag} was delivered" in v for v in violations), violations
+            return
+    pytest.fail("no cancel of a timer delivered before it: pick another RICH_SEED")
+
+
+def test_an_early_delivery_is_caught(rich: SimResult) -> None:
+    facet, index, entry = _last_deliveries(rich)[0]
+    states = copy.deepcopy(rich.states)
+    assert isinstance(entry.second, list)
+    early = [entry.second[0], 1_600_000_000.0, entry.second[2]]
+    states[facet].log[index] = dataclasses.replace(entry, second=early)
+    violations = _violations(rich, states)
+    assert any(
+        f"instance {entry.tag} attempt" in v and "before its due time" in v for v in violations
+    ), violations
+
+
+def test_a_delivery_at_the_wrong_attempt_is_caught(rich: SimResult) -> None:
+    # As if the writes of a failing attempt had survived (or a failure was not counted).
+    facet, index, entry = _last_deliveries(rich)[0]
+    states = copy.deepcopy(rich.states)
+    assert isinstance(entry.second, list)
+    attempt = entry.second[0]
+    assert isinstance(attempt, int)
+    states[facet].log[index] = dataclasses.replace(entry, second=[attempt + 1, *entry.second[1:]])
+    violations = _violations(rich, states)
+    assert any(f"succeeded at attempt {attempt + 1}" in v for v in violations), violations
+
+
+def test_a_wrong_cancel_result_is_caught(rich: SimResult) -> None:
+    facet, index, entry = next(
+        (facet, index, entry)
+        for facet, state in rich.states.items()
+        for index, entry in enumerate(state.log)
+        if entry.kind == "tcancel"
+    )
+    states = copy.deepcopy(rich.states)
+    states[facet].log[index] = dataclasses.replace(entry, second=not entry.second)
+    violations = _violations(rich, states)
+    assert any(
+        f"cancel {entry.tag} of timer" in v and "says it existed" in v for v in violations
+    ), violations
+
+
+def test_a_timer_nobody_set_is_caught(rich: SimResult) -> None:
+    # What a timer set in a rolled-back transaction() block would leave if it survived.
+    states = copy.deepcopy(rich.states)
+    facet = next(iter(states))
+    states[facet].timers.append(
+        TimerRow(name="rb-t0", instance=ROLLED_BACK, due_ms=0, attempts=0, failed=False, error=None)
+    )
+    violations = _violations(rich, states)
+    assert any(
+        "timer rb-t0 instance rolled back exists" in v and "never set" in v for v in violations
+    ), violations
+
+
+def test_a_stale_timer_list_is_caught(rich: SimResult) -> None:
+    operation = _operations(rich, lambda op: op.spec.kind == "tlist" and op.first_ok() is not None)[
+        0
+    ]
+    operations = copy.deepcopy(rich.history.operations)
+    attempt = operations[operation.tag].first_ok()
+    assert attempt is not None
+    assert isinstance(attempt.result, list)
+    rows, length = attempt.result
+    assert isinstance(rows, list)
+    attempt.result = [[*rows, ["zz", "nobody", 0, 0, False, None]], length]
+    violations = _violations(rich, rich.states, operations)
+    assert any(
+        f"tlist {operation.tag}" in v and "timer zz instance nobody exists" in v for v in violations
+    ), violations
+
+
+def test_attempts_too_early_too_many_or_of_a_raising_set_are_caught(rich: SimResult) -> None:
+    rules = rich.rules
+    assert rules.attempts, "the seed has no on_timer attempt: pick another RICH_SEED"
+    observed = rules.attempts[0]
+    raising = _operations(rich, lambda op: op.spec.kind == "tfail")[0]
+    assert isinstance(observed.payload, dict)
+    doctored = [
+        dataclasses.replace(observed, wall=observed.wall - 3600.0),
+        dataclasses.replace(observed, attempt=rules.attempts_max + 1),
+        dataclasses.replace(observed, payload={**observed.payload, "i": raising.tag}),
+    ]
+    rules = dataclasses.replace(rules, attempts=doctored)
+    violations = check(rich.history.operations, rich.states, rules=rules).violations
+    assert any("before its due time and backoff allow" in v for v in violations), violations
+    assert any("an attempt past the last one allowed" in v for v in violations), violations
+    assert any(
+        f"instance {raising.tag} was set by a message that raised" in v for v in violations
+    ), violations
+
+
+async def test_a_hint_past_a_scheduled_timer_is_caught(
+    autojump_clock: MockClock, tmp_path: Path
+) -> None:
+    # The harness's check between runtime lifetimes: a store with a timer due at d and an
+    # index that holds nothing, or something later, for its facet.
+    data_dir = tmp_path / "data"
+    async with open_runtime(data_dir, classes=CLASSES, wall_clock=wall_clock) as runtime:
+        await runtime.call(TENANT, "f0", "tset", "c0:0", "t0", 5.0, cls=CLASS_NAME)
+    assert hint_violations(data_dir, ["f0", "f1"]) == []
+    index = TimerIndex(data_dir / "timers", map_size_bytes=1 << 20, readers_max=1)
+    try:
+        index.settle(FacetAddress(TENANT, "f0"), None)
+    finally:
+        index.close()
+    violations = hint_violations(data_dir, ["f0", "f1"])
+    assert len(violations) == 1
+    assert violations[0].startswith("f0: its earliest timer is due at")
+
+
+def test_handler_error_from_a_handler_that_never_raises_is_caught(rich: SimResult) -> None:
+    # What a failed assertion in the facet's code (a timer that does not read back) gives.
+    operation = _operations(rich, lambda op: op.spec.kind == "tset" and op.first_ok() is not None)[
+        0
+    ]
+    operations = copy.deepcopy(rich.history.operations)
+    attempt = operations[operation.tag].attempts[0]
+    attempt.status, attempt.code, attempt.result = Status.FAILED, "handler_error", None
+    violations = _violations(rich, rich.states, operations)
+    assert any(
+        operation.tag in v and "never raises, yet an attempt failed with handler_error" in v
+        for v in violations
+    ), violations

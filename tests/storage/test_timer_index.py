@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from facetrt import FacetAddress
-from facetrt.storage import TimerIndex
+from facetrt import FacetAddress, StorageError
+from facetrt.storage import StoreHooks, TimerIndex
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -107,3 +107,32 @@ def test_operations_from_many_threads_are_group_committed(index: TimerIndex) -> 
     found, _ = index.due(10_000, skip=(), limit=1000)
     assert found == addresses  # by due time, which follows the numbering
     assert all(index.hint_of(address) == 1_000 + n for n, address in enumerate(addresses))
+
+
+def test_an_index_commit_hook_that_raises_fails_the_batch_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    failing = False
+    seen: list[Path] = []
+
+    def hook(path: Path) -> None:
+        seen.append(path)
+        if failing:
+            raise StorageError("injected index failure")
+
+    hooks = StoreHooks(before_index_commit=hook)
+    index = TimerIndex(tmp_path / "timers", map_size_bytes=1 << 20, readers_max=4, hooks=hooks)
+    try:
+        index.lower(A, 5_000)
+        assert seen == [tmp_path / "timers"]
+        failing = True
+        with pytest.raises(StorageError, match="injected"):
+            index.lower(A, 1_000)
+        with pytest.raises(StorageError, match="injected"):
+            index.settle(A, None)
+        assert index.hint_of(A) == 5_000  # neither failed write changed anything
+        failing = False
+        index.settle(A, 7_000)  # and the index goes on
+        assert index.hint_of(A) == 7_000
+    finally:
+        index.close()
