@@ -80,8 +80,23 @@ def cmd_serve(options: argparse.Namespace) -> int:
                 host, port = info.proxy_address
                 _out(f"egress proxy on {host}:{port} (per-run credentials only)")
 
-    trio.run(main)
+    try:
+        trio.run(main)
+    except BaseExceptionGroup as group:
+        # A daemon that cannot start (data directory in use, a port taken) fails inside its
+        # nursery: one line for the operator, as every other command's errors, not a traceback.
+        leaves = _leaves(group)
+        if len(leaves) == 1 and isinstance(leaves[0], FacetrtError):
+            raise leaves[0] from None
+        raise
     return 0
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
 
 
 def cmd_config_check(options: argparse.Namespace) -> int:

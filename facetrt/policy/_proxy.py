@@ -105,7 +105,12 @@ class EgressProxy:
             raise ConfigError(str(exc)) from None
         host, _, port_text = listen.rpartition(":")
         host = host.strip("[]")
-        listeners = await trio.open_tcp_listeners(int(port_text), host=host)
+        try:
+            listeners = await trio.open_tcp_listeners(int(port_text), host=host)
+        except OSError as exc:  # the port is taken, or the address is not this host's
+            raise ConfigError(
+                f"cannot listen for the egress proxy on {listen}: {exc.strerror or exc}"
+            ) from None
         address = listeners[0].socket.getsockname()
         async with trio.open_nursery() as nursery:
             task_status.started((str(address[0]), int(address[1])))

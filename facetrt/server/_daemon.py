@@ -198,7 +198,14 @@ class Daemon:
                 proxy = EgressProxy(egress, egress.proxy_credentials)
                 proxy_address = await nursery.start(proxy.run)
             host, port = parse_host_port(config.listen)
-            listeners: list[trio.SocketListener] = await trio.open_tcp_listeners(port, host=host)
+            try:
+                listeners: list[trio.SocketListener] = await trio.open_tcp_listeners(
+                    port, host=host
+                )
+            except OSError as exc:  # the port is taken, or the address is not this host's
+                raise ConfigError(
+                    f"cannot listen for the protocol on {config.listen}: {exc.strerror or exc}"
+                ) from None
             tcp_address = listeners[0].socket.getsockname()[:2]
             accept_scope = trio.CancelScope()
             nursery.start_soon(self._accept, tcp, self._wrap_tls(listeners), nursery, accept_scope)

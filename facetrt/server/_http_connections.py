@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 from typing import TYPE_CHECKING, Final, cast, final
 
 import trio
@@ -28,7 +29,7 @@ from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 
-from .._errors import OverloadedError
+from .._errors import ConfigError, OverloadedError
 from .._json import dump_json
 
 if TYPE_CHECKING:
@@ -113,12 +114,11 @@ class HttpConnections:
         task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Listen on the configured bind until ``shutdown`` is set, then drain (bounded)."""
-        sockets = self._config.create_sockets()
         listeners = []
-        for sock in sockets.insecure_sockets:
-            sock.listen(self._config.backlog)
+        for bind in self._config.bind:
+            sock = _listening_socket(bind, self._config.backlog)
             listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
-        host, port = sockets.insecure_sockets[0].getsockname()[:2]
+        host, port = listeners[0].socket.getsockname()[:2]
         async with trio.open_nursery() as connections:
             async with trio.open_nursery() as accepting:
                 for listener in listeners:
@@ -173,3 +173,25 @@ class HttpConnections:
                         break
                     drained += len(data)
         await trio.aclose_forcefully(stream)
+
+
+def _listening_socket(bind: str, backlog: int) -> socket.socket:
+    """A listening TCP socket on ``bind`` ("HOST:PORT", brackets around an IPv6 host), as
+    hypercorn's ``Config.create_sockets`` makes it (TCP_NODELAY, SO_REUSEADDR, non-blocking),
+    but closed again when it cannot bind: hypercorn's leaks it, and the error is one line.
+
+    Raises:
+        ConfigError: the port is taken, or the address is not this host's.
+    """
+    host, _, port = bind.replace("[", "").replace("]", "").rpartition(":")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, int(port)))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen for HTTP on {bind}: {exc.strerror or exc}") from None
+    return sock
