@@ -277,6 +277,7 @@ class TimerIndex:
         """Apply every operation of ``batch`` in one durable transaction (all or none)."""
         error: StorageError | None = None
         results: list[object] = []
+        committed = False
         try:
             if self._broken or any(operation.reopen for operation in batch):
                 self._reopen()
@@ -284,6 +285,7 @@ class TimerIndex:
                 results = [operation.apply(txn) for operation in batch]
                 if self._before_commit is not None:
                     self._before_commit(self.path)  # tests: raising aborts the transaction
+            committed = True
         except StorageError as exc:
             error = exc  # broken and the reopen failed again, or an injected fault
         except (lmdb.Error, OSError) as exc:
@@ -293,8 +295,10 @@ class TimerIndex:
         finally:
             # Also on a bug (an exception we do not expect): every waiter must learn the end
             # of its operation, or its writer thread would wait forever.
+            # Only a transaction that committed has results: one aborted by anything at all
+            # (a fault hook raising something unexpected included) fails every operation.
             for index, operation in enumerate(batch):
-                if error is None and index < len(results):
+                if committed:
                     operation.result = results[index]
                 else:
                     operation.error = error or StorageError("timer index commit did not finish")

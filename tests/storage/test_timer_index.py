@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import TYPE_CHECKING
 
 import pytest
@@ -134,5 +135,69 @@ def test_an_index_commit_hook_that_raises_fails_the_batch_and_writes_nothing(
         failing = False
         index.settle(A, 7_000)  # and the index goes on
         assert index.hint_of(A) == 7_000
+    finally:
+        index.close()
+
+
+def test_a_hook_raising_a_non_storage_error_does_not_report_success_for_batch_mates(
+    tmp_path: Path,
+) -> None:
+    """StoreHooks promises: raising in before_index_commit fails every operation of that
+    batch and writes nothing. With a RuntimeError (any injected fault that is not a
+    StorageError), the group leader sees the error but the other operations of the same
+    batch are marked done with their results (computed before the hook ran), so their
+    callers believe a lower was made durable though the transaction was aborted."""
+    first_entered = threading.Event()
+    release_first = threading.Event()
+    calls = 0
+
+    def hook(path: Path) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            first_entered.set()
+            release_first.wait(5)
+            return
+        raise RuntimeError("injected")
+
+    index = TimerIndex(
+        tmp_path / "timers",
+        map_size_bytes=1 << 20,
+        readers_max=4,
+        hooks=StoreHooks(before_index_commit=hook),
+    )
+    outcomes: dict[str, object] = {}
+
+    def run(name: str, address: FacetAddress, due: int) -> None:
+        try:
+            outcomes[name] = index.lower(address, due)
+        except BaseException as exc:  # noqa: BLE001
+            outcomes[name] = exc
+
+    try:
+        leader = threading.Thread(target=run, args=("c", C, 9_000))
+        leader.start()
+        assert first_entered.wait(5)
+        # Two operations queue while the first batch commits: the next batch holds both.
+        others = [
+            threading.Thread(target=run, args=("a", A, 1_000)),
+            threading.Thread(target=run, args=("b", B, 2_000)),
+        ]
+        for thread in others:
+            thread.start()
+        deadline = time.monotonic() + 5
+        while len(index._group.queue) < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)  # until both wait behind the first batch (not a timing claim)
+        assert len(index._group.queue) == 2
+        release_first.set()
+        for thread in [leader, *others]:
+            thread.join(5)
+        assert outcomes["c"] == 9_000
+        # The batch [a, b] was aborted: nothing written.
+        assert index.hint_of(A) is None
+        assert index.hint_of(B) is None
+        # ... so neither caller may see success.
+        succeeded = [name for name in ("a", "b") if not isinstance(outcomes[name], BaseException)]
+        assert succeeded == [], f"reported durable but not written: {succeeded} {outcomes}"
     finally:
         index.close()
