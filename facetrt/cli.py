@@ -120,7 +120,10 @@ class _Admin:
 
     def __init__(self, options: argparse.Namespace) -> None:
         self.data_dir = Path(options.data_dir or DEFAULT_DATA_DIR)
-        self.url = options.url.rstrip("/")
+        # An explicit --url names the daemon to act through: never fall back to a local data
+        # directory that no daemon holds (it may not even be this node's, or exist yet).
+        self.remote = options.url is not None
+        self.url = (options.url or DEFAULT_URL).rstrip("/")
         self.key_file = Path(options.admin_key_file or self.data_dir / "admin.key")
 
     def run(
@@ -129,17 +132,35 @@ class _Admin:
         method: str,
         path: str,
         body: dict[str, object] | None = None,
+        *,
+        existing: bool = False,
     ) -> Any:
         """``direct(system)`` on the data directory, or one admin request when a daemon holds it."""
-        return self.run_system(direct, lambda: self._http(method, path, body))
+        return self.run_system(direct, lambda: self._http(method, path, body), existing=existing)
 
     def run_system(
-        self, direct: Callable[[SystemStore], Any], through_daemon: Callable[[], Any]
+        self,
+        direct: Callable[[SystemStore], Any],
+        through_daemon: Callable[[], Any],
+        *,
+        existing: bool = False,
     ) -> Any:
         """``direct(system)`` on the data directory, or ``through_daemon()`` when a daemon
-        holds it (operations that take more than one request)."""
+        holds it (operations that take more than one request) or ``--url`` was given.
+
+        Args:
+            existing: act directly only on a data directory that already has a system store
+                (never create one: for operations that write files an operator relies on).
+        """
         from .storage import DataDirLock, SystemStore
 
+        if self.remote:
+            return through_daemon()
+        if existing and not (self.data_dir / "system" / "data.mdb").is_file():
+            raise ConfigError(
+                f"no facetrt data directory at {str(self.data_dir)!r} (no system store): give "
+                "--data-dir of the node, or --url of its running daemon"
+            )
         try:
             lock = DataDirLock(self.data_dir)
         except ConfigError:
@@ -199,6 +220,8 @@ class _Admin:
         """Run a data operation directly on the data directory, or through the daemon."""
         from .storage import DataDirLock
 
+        if self.remote:
+            return through_daemon()
         try:
             DataDirLock(self.data_dir).release()
         except ConfigError:
@@ -643,7 +666,9 @@ def cmd_key_rotate_admin(options: argparse.Namespace) -> int:
             "revoked_key_ids": list(rotation.revoked_key_ids),
         }
 
-    result = admin.run(direct, "POST", "/v1/admin/admin-key/rotate", {})
+    # existing: on a directory without a node (a typo, or a workstation that meant --url),
+    # acting directly would mint a key for a new, empty node and overwrite the key file.
+    result = admin.run(direct, "POST", "/v1/admin/admin-key/rotate", {}, existing=True)
     path = Path(result["path"])
     _out(f"wrote a new admin key (key id {result['key_id']}) to {path} (mode 0600)")
     revoked: list[str] = result["revoked_key_ids"]
@@ -920,7 +945,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     def management(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
         sub.add_argument("--data-dir", help="data directory (default ./facetrt-data)")
-        sub.add_argument("--url", default=DEFAULT_URL, help=f"daemon admin URL ({DEFAULT_URL})")
+        sub.add_argument(
+            "--url",
+            help=f"the daemon's admin URL ({DEFAULT_URL}); given, the command always acts "
+            "through that daemon, never on a local data directory",
+        )
         sub.add_argument("--admin-key-file", help="admin key file (<data dir>/admin.key)")
         return sub
 

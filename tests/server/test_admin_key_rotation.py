@@ -170,6 +170,35 @@ async def test_rotation_through_the_daemon_notes_a_key_file_of_its_own(
         assert await admin_status(served.client, read_key(served.info.admin_key_path)) == 200
 
 
+async def test_rotation_from_another_machine_goes_through_the_daemon_given_its_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found in review: from a workstation (no data directory of the node), the CLI found
+    ./facetrt-data unlocked, created it and rotated *that* empty node's admin key, writing it
+    over --admin-key-file (the operator's copy of the real one) and reporting success. An
+    explicit --url now always acts through that daemon; without one, rotating needs an
+    existing node's data directory."""
+    async with serve(tmp_path) as served:
+        address = served.info.http_address
+        assert address is not None
+        workstation = tmp_path / "workstation"
+        workstation.mkdir()
+        copy = workstation / "prod-admin.key"
+        copy.write_text(served.admin_key + "\n")
+        monkeypatch.chdir(workstation)
+        argv = ["key", "rotate-admin", "--admin-key-file", str(copy)]
+        url = f"http://{address[0]}:{address[1]}"
+        assert await trio.to_thread.run_sync(cli.main, [*argv, "--url", url]) == 0
+        assert not (workstation / "facetrt-data").exists()
+        assert copy.read_text().strip() == served.admin_key  # untouched (and now revoked)
+        assert await admin_status(served.client, served.admin_key) == 401
+        assert await admin_status(served.client, read_key(served.info.admin_key_path)) == 200
+        capsys.readouterr()
+        assert await trio.to_thread.run_sync(cli.main, argv) == 2  # no --url, no node here
+        assert "no facetrt data directory" in capsys.readouterr().err
+        assert not (workstation / "facetrt-data").exists()
+
+
 async def test_a_deleted_admin_key_is_recovered_by_rotating_on_the_data_directory(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
