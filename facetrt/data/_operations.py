@@ -550,17 +550,12 @@ class DataOperations:
                     try:
                         await self._restore_one(source, entry, force=force)
                     except FacetrtError as exc:
-                        if restored:
-                            # The checks passed, but this facet failed (created meanwhile,
-                            # a copy damaged since, a full disk): those before it stay
-                            # restored, and the operator must know which part is done.
-                            exc.message = (
-                                f"{exc.message} (the restore stopped at facet "
-                                f"{str(entry.address)!r}: {restored} of {total} facets were "
-                                "restored before it and stay restored)"
-                            )
-                            exc.args = (exc.message,)
+                        _note_stop(exc, entry.address, restored, total, created, system)
                         raise
+                    except OSError as exc:  # the disk: retryable once there is room
+                        error = StorageError(f"cannot restore facet {str(entry.address)!r}: {exc}")
+                        _note_stop(error, entry.address, restored, total, created, system)
+                        raise error from exc
                     restored += 1
                     progress(restored, total)
         return {
@@ -715,6 +710,31 @@ class DataOperations:
             index.settle(address, due_ms)
         except StorageError as exc:
             logger.warning("settling the timer hint of %s failed (harmless): %s", address, exc)
+
+
+def _note_stop(
+    error: FacetrtError,
+    address: FacetAddress,
+    restored: int,
+    total: int,
+    created: list[str],
+    system: bool,
+) -> None:
+    """Say in ``error`` what a restore that failed on ``address`` after its checks (a copy
+    damaged since, a facet created meanwhile, a full disk) had done: that stays done, and the
+    operator must know which part it is. Nothing is added when it had done nothing."""
+    done = []
+    if restored:
+        done.append(f"{restored} of {total} facets were restored before it and stay restored")
+    if created:
+        done.append(f"tenants created: {', '.join(created)}")
+    if system:
+        done.append("the system store was replaced")
+    if done:
+        error.message = f"{error.message} (the restore stopped at facet {str(address)!r}: " + (
+            "; ".join(done) + ")"
+        )
+        error.args = (error.message,)
 
 
 def _fsync_upper_dirs(target: Path) -> None:

@@ -8,6 +8,7 @@ the running handler; calls queued meanwhile run afterwards against the new state
 from __future__ import annotations
 
 import base64
+import errno
 import json
 from functools import partial
 from typing import TYPE_CHECKING
@@ -24,9 +25,11 @@ from facetrt import (
     NotFoundError,
     Runtime,
     RuntimeConfig,
+    StorageError,
     open_runtime,
 )
 from facetrt.data import DataOperations
+from facetrt.data import _operations as operations_module
 from facetrt.data._environment import verify_store
 from tests.facets import CLASSES, Gate
 
@@ -345,6 +348,37 @@ async def test_a_restore_that_fails_partway_says_what_it_restored(
         ]
         assert len(restored) == 1
         assert await fresh.call(T, restored[0], "get", "k") == {"a": 1, "b": 2}[restored[0]]
+
+
+async def test_a_restore_stopped_by_a_full_disk_says_what_it_restored(
+    rt: Runtime,
+    ops: DataOperations,
+    tmp_path: Path,
+    config: RuntimeConfig,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: a full disk while copying a facet into scratch raises a bare OSError,
+    which went out without the note of how far the restore got. Method: the second copy
+    fails with ENOSPC (injected at the copy step)."""
+    await rt.call(T, "a", "put", "k", 1, cls="Register")
+    await rt.call(T, "b", "put", "k", 2, cls="Register")
+    await ops.backup(tmp_path / "b", tenant=T)
+    real = operations_module._copy_checked
+    copies = 0
+
+    def copy_then_fill_the_disk(source: Path, destination: Path, sha256: str) -> None:
+        nonlocal copies
+        copies += 1
+        if copies == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(source, destination, sha256)
+
+    monkeypatch.setattr(operations_module, "_copy_checked", copy_then_fill_the_disk)
+    async with open_runtime(tmp_path / "fresh", classes=CLASSES, config=config) as fresh:
+        with pytest.raises(StorageError, match="No space left on device") as failed:
+            await DataOperations(fresh, system=None).restore(tmp_path / "b")
+        assert failed.value.retryable
+        assert "1 of 2 facets were restored before it and stay restored" in str(failed.value)
 
 
 async def test_list_shows_class_size_and_pages(rt: Runtime, ops: DataOperations) -> None:
