@@ -210,6 +210,10 @@ class StoreRegistry:
                 map_size_bytes_max=bytes_max,
                 hooks=self._hooks,
                 root=self.data_dir,
+                # The hint is written once the store's directories are durable: without it,
+                # a creation may have been killed between LMDB's first write and its fsyncs
+                # (the data file is then not empty, and the store looks like an old one).
+                unsynced=not (path / ID_HINT_FILE).exists(),
             )
             try:
                 write_hint(path, address, store.hint_fields())

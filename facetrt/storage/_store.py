@@ -86,6 +86,8 @@ class FacetStore:
         hooks: fault injection for tests.
         root: the data directory ``path`` lies under: a new store fsyncs every directory
             between them, not only those it created (see :func:`_sync_new_store`).
+        unsynced: fsync the directories even if the store exists: its creation may have been
+            killed after LMDB wrote the data file but before those fsyncs.
 
     Raises:
         StorageError: LMDB could not open the environment.
@@ -99,16 +101,17 @@ class FacetStore:
         map_size_bytes_max: int,
         hooks: StoreHooks | None = None,
         root: Path | None = None,
+        unsynced: bool = False,
     ) -> None:
         self.path = path
         self.map_size_bytes_max = map_size_bytes_max
         self._hooks = hooks or StoreHooks()
         try:
-            self._open(path, map_size_bytes, root)
+            self._open(path, map_size_bytes, root, unsynced)
         except OSError as exc:  # mkdir, fsync, EMFILE, ENOSPC...: this facet fails, not the node
             raise StorageError(f"cannot open store {str(path)!r}: {exc}") from exc
 
-    def _open(self, path: Path, map_size_bytes: int, root: Path | None) -> None:
+    def _open(self, path: Path, map_size_bytes: int, root: Path | None, unsynced: bool) -> None:
         created = _make_dirs(path)
         existing = _file_size(path / DATA_FILE)
         is_new = existing == 0  # no data file, or one LMDB never initialised
@@ -124,7 +127,7 @@ class FacetStore:
                 self._dbs = {DATA_DB: self._data}
                 for name in SYSTEM_DBS:
                     self._dbs[name] = env.open_db(name, txn=txn)
-            if is_new:
+            if is_new or unsynced:
                 _sync_new_store(path, created, root)
         except (lmdb.Error, OSError) as exc:
             if env is not None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
+import textwrap
 from typing import TYPE_CHECKING
 
 import lmdb
@@ -200,3 +203,55 @@ def test_identify_names_open_stores_without_opening_them_again(tmp_path: Path) -
     identity = registry.identify(path)
     assert identity is not None
     assert (identity.tenant, identity.agent, identity.class_name) == ("acme", "a", "Reg")
+
+
+CHILD = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+    from facetrt import FacetAddress
+    from facetrt.storage import StoreRegistry
+    from facetrt.storage import _store
+
+    def killed(*args, **kwargs):
+        os._exit(9)  # SIGKILL-like: between LMDB's first commit and the directory fsyncs
+
+    _store._sync_new_store = killed
+    registry = StoreRegistry(Path(sys.argv[1]), map_size_bytes=65536, map_size_bytes_max=65536)
+    registry.open(FacetAddress("acme", "a"))
+    """
+)
+
+
+def test_a_creation_killed_before_its_fsyncs_is_made_durable_by_the_next_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: a creation killed after LMDB's open wrote the data file's meta pages
+    but before the directory fsyncs left a non-empty data.mdb, so the next open took the store
+    for an existing one and fsynced nothing: its acknowledged commits depended on directory
+    entries never made durable. The id hint, written once they are, now marks a finished
+    creation. Method: a child process exits inside _sync_new_store; reopen and record."""
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, str(tmp_path)], check=False, capture_output=True
+    )
+    assert child.returncode == 9, child.stderr.decode()
+    address = FacetAddress("acme", "a")
+    registry = StoreRegistry(tmp_path, map_size_bytes=64 * KIB, map_size_bytes_max=64 * KIB)
+    path = registry.path_of(address)
+    assert (path / "data.mdb").stat().st_size > 0  # what the next open sees
+
+    synced: list[Path] = []
+    real = store_module.fsync_dir
+
+    def recording(directory: Path) -> None:
+        synced.append(directory)
+        real(directory)
+
+    monkeypatch.setattr(store_module, "fsync_dir", recording)
+    store = registry.open(address)
+    try:
+        # the first acknowledged commit of this facet now depends on these entries
+        assert path in synced, f"store directory never fsynced; synced={synced}"
+        assert path.parent in synced
+    finally:
+        registry.close(store)
