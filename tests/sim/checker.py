@@ -303,7 +303,10 @@ class _Checker:
         )
         if replaced:
             # A delete drops the idempotency records with the facet, and a restore or a copy
-            # brings in another state's: a repeat may be applied again, with its own reply.
+            # brings in another state's: a repeat may be applied again, with its own reply,
+            # and the entry found may be of another attempt than the one that replied.
+            if sum(a.status is not Status.FAILED for a in operation.attempts) > 1:
+                return
             problems = [self._result_problem(operation, result) for result in results]
             if all(problem is not None for problem in problems):
                 self.violations.append(f"{described}: {problems[0]}")
