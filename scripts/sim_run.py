@@ -7,9 +7,11 @@ register writes and reads, facet-to-facet forwards, calls that raise, idempotent
 their repeats, timers set, replaced, cancelled and listed (in most seeds), from embedded callers
 and protocol sessions, under seeded faults (failed and slow commits, failed timer index writes,
 crashes before and after commits and index writes, graceful restarts, slow handlers, dropped
-connections, cancelled calls, deadlines, passivation under tight limits), then the checker.
+connections, cancelled calls, deadlines, passivation under tight limits), data operations
+(delete, clone, export then import, backup, restore) in most seeds, then the checker.
 Prints progress, then totals: seeds run, operations and attempts, outcomes, faults injected by
-kind, runtime counters, what the timers did, acknowledged writes and how many were lost (must be
+kind, runtime counters, what the timers did, the data operations by kind and outcome,
+acknowledged writes and how many were lost (must be
 0), and the replay command of every failing seed. Exits 1 if any seed failed.
 """
 
@@ -60,6 +62,7 @@ class _Summary:
     acknowledged_writes: int = 0
     lost_writes: int = 0
     timers: dict[str, int] = field(default_factory=dict)
+    data: dict[str, int] = field(default_factory=dict)
 
 
 def _run(seed: int) -> _Summary:
@@ -79,9 +82,15 @@ def _run(seed: int) -> _Summary:
             outcomes[status] += 1
             if attempt.code or attempt.reason:
                 outcomes[f"{status} {attempt.code or attempt.reason}"] += 1
+    data: Counter[str] = Counter()
+    data["seeds with data operations"] = int(bool(result.plan.data_ops))
+    for data_op in result.history.data_ops:
+        status = data_op.status.value if data_op.status else "in flight"
+        data[f"{data_op.spec.kind} {status}{'/' + data_op.code if data_op.code else ''}"] += 1
     return _Summary(
         seed=seed,
         ok=result.ok,
+        data=dict(data),
         report="" if result.ok else result.report(),
         operations=len(result.history.operations),
         attempts=result.attempts(),
@@ -113,6 +122,7 @@ def main() -> int:
     outcomes: Counter[str] = Counter()
     runtime: Counter[str] = Counter()
     timers: Counter[str] = Counter()
+    data: Counter[str] = Counter()
     failures: list[_Summary] = []
     started = time.monotonic()
     load_before = os.getloadavg()
@@ -132,6 +142,7 @@ def main() -> int:
             outcomes.update(summary.outcomes)
             runtime.update(summary.runtime)
             timers.update(summary.timers)
+            data.update(summary.data)
             if done % options.progress_every == 0:
                 print(
                     f"{done}/{len(seeds)} seeds, {len(failures)} failed, "
@@ -152,6 +163,7 @@ def main() -> int:
     print(f"faults injected: {', '.join(f'{k} {v}' for k, v in sorted(faults.items()))}")
     print(f"runtime: {', '.join(f'{k} {v}' for k, v in sorted(runtime.items()))}")
     print(f"timers: {', '.join(f'{k} {v}' for k, v in timers.items())}")
+    print(f"data operations: {', '.join(f'{k} {v}' for k, v in sorted(data.items()))}")
     print(f"acknowledged writes {totals['acknowledged_writes']}, lost {totals['lost_writes']}")
     for failure in failures:
         print(f"FAILED seed {failure.seed}: .venv/bin/python -m tests.sim --seed {failure.seed}")

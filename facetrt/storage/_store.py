@@ -121,12 +121,18 @@ class FacetStore:
             env = open_environment(
                 path, map_size_bytes=self.map_size_bytes, max_dbs=len(SYSTEM_DBS) + 2
             )
-            # One write transaction for all named dbs: one commit, not one per db.
-            with env.begin(write=True) as txn:
-                self._data = env.open_db(DATA_DB, txn=txn)
-                self._dbs = {DATA_DB: self._data}
-                for name in SYSTEM_DBS:
-                    self._dbs[name] = env.open_db(name, txn=txn)
+            while True:
+                try:
+                    self._open_dbs(env)
+                    break
+                except lmdb.MapFullError:
+                    # A store missing a system db (an import leaves out the empty ones) that
+                    # fills its map to the last page has no room to create it: grow the map,
+                    # as a commit would (nothing else uses this environment yet).
+                    if self.map_size_bytes * 2 > self.map_size_bytes_max:
+                        raise
+                    self.map_size_bytes *= 2
+                    env.set_mapsize(self.map_size_bytes)
             if is_new or unsynced:
                 _sync_new_store(path, created, root)
         except (lmdb.Error, OSError) as exc:
@@ -138,6 +144,14 @@ class FacetStore:
                 _remove_new_store(path, created)
             raise StorageError(f"cannot open store {str(path)!r}: {exc}") from exc
         self._env = env
+
+    def _open_dbs(self, env: lmdb.Environment) -> None:
+        # One write transaction for all named dbs: one commit, not one per db.
+        with env.begin(write=True) as txn:
+            self._data = env.open_db(DATA_DB, txn=txn)
+            self._dbs = {DATA_DB: self._data}
+            for name in SYSTEM_DBS:
+                self._dbs[name] = env.open_db(name, txn=txn)
 
     # -- reads (event-loop thread) -------------------------------------------------------
 

@@ -32,20 +32,24 @@ holds it against what the callers saw (``history.py``):
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .data_checks import DataChecker, latest_apply
 from .facets import LOG_PREFIX, pad_bytes
 from .history import Status
 from .timer_checks import TimerCounts, TimerRow, TimerRules, check_timers
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Iterable, Mapping, Sequence
 
     from facetrt import Value
 
-    from .history import Operation
+    from .history import DataOp, Operation
 
 WRITE_KINDS = {"add": 1, "put": 1, "forward": 2, "tset": 1, "tcancel": 1}  # writes per operation
 READ_KINDS = frozenset({"get", "tlist"})
@@ -58,6 +62,7 @@ class Entry:
     kind: str
     first: Value
     second: Value
+    origin: str = ""  # the facet that wrote it (a copied log holds other facets' entries)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -91,11 +96,12 @@ class FacetState:
         entries = []
         for item in log:
             assert isinstance(item, list), item
-            assert len(item) == 4, item
-            tag, kind, first, second = item
+            assert len(item) == 5, item
+            tag, kind, first, second, origin = item
             assert isinstance(tag, str)
             assert isinstance(kind, str)
-            entries.append(Entry(tag=tag, kind=kind, first=first, second=second))
+            assert isinstance(origin, str)
+            entries.append(Entry(tag=tag, kind=kind, first=first, second=second, origin=origin))
         return cls(
             log=entries,
             log_keys=[str(key) for key in keys],
@@ -135,12 +141,16 @@ def check(
     overlapping_turns: Iterable[str] = (),
     *,
     rules: TimerRules | None = None,
+    data_ops: Sequence[DataOp] = (),
 ) -> CheckResult:
     """Every violation of the invariants above, as readable lines (none: the run passed).
     ``rules``: the run's retry policy and observed ``on_timer`` attempts (default: the
-    default policy, no attempts)."""
-    checker = _Checker(operations, states)
+    default policy, no attempts); ``data_ops``: the data operations run (``data_checks``)."""
+    data = DataChecker(operations, states, data_ops)
+    checker = _Checker(operations, states, data)
     checker.run()
+    data.run()
+    checker.violations.extend(data.violations)
     checker.violations.extend(f"turns overlapped: {text}" for text in overlapping_turns)
     timer_violations, timer_counts = check_timers(operations, states, rules or TimerRules())
     return CheckResult(
@@ -152,9 +162,17 @@ def check(
 
 
 class _Checker:
-    def __init__(self, operations: Mapping[str, Operation], states: Mapping[str, FacetState]):
+    def __init__(
+        self,
+        operations: Mapping[str, Operation],
+        states: Mapping[str, FacetState],
+        data: DataChecker,
+    ):
         self.operations = operations
         self.states = states
+        self.data = data
+        # (facet that wrote it, tag) -> (facet whose log holds it, index) of every copy
+        self.locations: dict[tuple[str, str], list[tuple[str, int]]] = {}
         self.violations: list[str] = []
         self.acknowledged_writes = 0
         self.lost_writes = 0
@@ -214,11 +232,14 @@ class _Checker:
         for index, entry in enumerate(state.log):
             if entry.kind == TIMER_ENTRY:
                 continue  # a delivery: checked by timer_checks against the model
-            positions.setdefault(entry.tag, []).append(index)
+            origin = entry.origin or facet
+            if origin == facet:
+                positions.setdefault(entry.tag, []).append(index)
+            self.locations.setdefault((origin, entry.tag), []).append((facet, index))
             operation = self.operations.get(entry.tag)
             if operation is None:
                 self.violations.append(f"{facet}[{index}]: {entry} of an operation never sent")
-            elif not _entry_matches(operation, facet, entry):
+            elif not _entry_matches(operation, origin, entry):
                 self.violations.append(
                     f"{facet}[{index}]: {entry} does not match {operation.spec.kind} "
                     f"{operation.tag} on {operation.spec.facet} ({_outcomes(operation)})"
@@ -238,15 +259,21 @@ class _Checker:
         if spec.kind == "forward":
             places.append((spec.target or "", "forwarded add applied"))
         for facet, what in places:
-            found = len(self.positions.get(facet, {}).get(spec.tag, []))
+            # Copies (clones, imports, restores) carry entries into other facets' logs: one
+            # per log at most, wherever they are; a facet that a data operation may have
+            # replaced is held to data_checks' rules instead of "every acknowledged write".
+            locations = self.locations.get((facet, spec.tag), [])
+            found = max(Counter(log for log, _ in locations).values(), default=0)
+            here = len(self.positions.get(facet, {}).get(spec.tag, []))
             described = f"{spec.kind} {spec.tag} on {facet} ({_outcomes(operation)})"
             if found > 1:
                 self.violations.append(f"{described}: {what} {found} times")
             elif spec.raises and found:
                 self.violations.append(f"{described}: its handler raised, yet it was applied")
-            elif acknowledged and not found and not spec.raises:
-                self.lost_writes += 1
-                self.violations.append(f"{described}: acknowledged, but missing from the log")
+            elif acknowledged and not here and not spec.raises:
+                if not self.data.is_replaced(facet):
+                    self.lost_writes += 1
+                    self.violations.append(f"{described}: acknowledged, but missing from the log")
             elif found and operation.all_failed() and what == "applied":
                 self.violations.append(f"{described}: every attempt failed, yet it was applied")
 
@@ -271,16 +298,35 @@ class _Checker:
             return
         spec = operation.spec
         described = f"{spec.kind} {spec.tag} on {spec.facet} ({_outcomes(operation)})"
+        replaced = self.data.is_replaced(spec.facet) or (
+            spec.kind == "forward" and self.data.is_replaced(spec.target or "")
+        )
+        if replaced:
+            # A delete drops the idempotency records with the facet, and a restore or a copy
+            # brings in another state's: a repeat may be applied again, with its own reply,
+            # and the entry found may be of another attempt than the one that replied.
+            if sum(a.status is not Status.FAILED for a in operation.attempts) > 1:
+                return
+            problems = [self._result_problem(operation, result) for result in results]
+            if all(problem is not None for problem in problems):
+                self.violations.append(f"{described}: {problems[0]}")
+            return
         if any(result != results[0] for result in results[1:]):
             self.violations.append(f"{described}: replies differ: {results}")
-        result = results[0]
+        problem = self._result_problem(operation, results[0])
+        if problem is not None:
+            self.violations.append(f"{described}: {problem}")
+
+    def _result_problem(self, operation: Operation, result: Value) -> str | None:
+        spec = operation.spec
         problem = None
         if spec.kind == "add":
             problem = self._add_result(spec.facet, spec.tag, result)
         elif spec.kind == "put":
-            problem = self._entry_at(spec.facet, spec.tag, result)
+            problem = self._entry_at(spec.facet, spec.tag, result)[0]
         elif spec.kind == "get":
-            problem = self._read_result(spec.facet, spec.key, result)
+            if not self.data.replaced_after(spec.facet, operation.first_invoked()):
+                problem = self._read_result(spec.facet, spec.key, result)
         elif spec.kind in ("tset", "tcancel"):
             problem = self._timer_result(spec.facet, spec.tag, result)
         elif spec.kind == "tlist":
@@ -293,33 +339,43 @@ class _Checker:
             if not (isinstance(result, list) and len(result) == 2):
                 problem = f"malformed result {result!r}"
             else:
-                problem = self._entry_at(spec.facet, spec.tag, result[0]) or self._add_result(
+                problem = self._entry_at(spec.facet, spec.tag, result[0])[0] or self._add_result(
                     spec.target or "", spec.tag, result[1]
                 )
         else:
             problem = f"a handler that raises replied {result!r}"
-        if problem is not None:
-            self.violations.append(f"{described}: {problem}")
+        return problem
 
-    def _entry_at(self, facet: str, tag: str, index: Value) -> str | None:
-        log = self._state(facet).log
-        if not isinstance(index, int) or not 0 <= index < len(log):
-            return f"replied log index {index!r}, outside {facet}'s log of {len(log)}"
-        if log[index].tag != tag:
-            return f"replied log index {index} of {facet}, which holds {log[index]}"
-        return None
+    def _entry_at(self, facet: str, tag: str, index: Value) -> tuple[str | None, str | None]:
+        """Whether the entry ``tag`` written by ``facet`` is at log index ``index``, and the
+        facet whose log holds it there (None: it was erased by a data operation)."""
+        if self.data.is_replaced(facet):
+            # Copies keep log indexes: any log holding the entry has it where it was written.
+            locations = self.locations.get((facet, tag), [])
+            if not locations:
+                return None, None
+            for log, at in locations:
+                if at == index:
+                    return None, log
+            return f"replied log index {index!r}, but its entry is at {locations}", None
+        entries = self._state(facet).log
+        if not isinstance(index, int) or not 0 <= index < len(entries):
+            return f"replied log index {index!r}, outside {facet}'s log of {len(entries)}", None
+        if entries[index].tag != tag:
+            return f"replied log index {index} of {facet}, which holds {entries[index]}", None
+        return None, facet
 
     def _add_result(self, facet: str, tag: str, result: Value) -> str | None:
         if not (isinstance(result, list) and len(result) == 2):
             return f"malformed add result {result!r}"
         count, index = result
-        problem = self._entry_at(facet, tag, index)
-        if problem is not None:
+        problem, log = self._entry_at(facet, tag, index)
+        if problem is not None or log is None:
             return problem
         assert isinstance(index, int)
-        expected = self.counts[facet][index]
+        expected = self.counts[log][index]
         if count != expected:
-            return f"replied count {count!r} at {facet}[{index}], where the log makes {expected}"
+            return f"replied count {count!r} at {log}[{index}], where the log makes {expected}"
         return None
 
     def _timer_result(self, facet: str, tag: str, result: Value) -> str | None:
@@ -327,11 +383,11 @@ class _Checker:
         if not (isinstance(result, list) and len(result) == 2):
             return f"malformed timer result {result!r}"
         index, detail = result
-        problem = self._entry_at(facet, tag, index)
-        if problem is not None:
+        problem, log = self._entry_at(facet, tag, index)
+        if problem is not None or log is None:
             return problem
         assert isinstance(index, int)
-        entry = self._state(facet).log[index]
+        entry = self._state(log).log[index]
         logged = entry.second[0] if isinstance(entry.second, list) else entry.second
         if detail != logged:
             return f"replied {detail!r}, but its log entry {entry} says {logged!r}"
@@ -358,12 +414,24 @@ class _Checker:
         points = []
         for index, entry in enumerate(self._state(facet).log):
             operation = self.operations.get(entry.tag)
+            if (entry.origin or facet) != facet:
+                continue  # copied from another facet's log
             if operation is not None and entry.kind != TIMER_ENTRY:
-                points.append(_point(operation, float(index)))
+                point = _point(operation, float(index))
+                if self.data.is_replaced(facet):
+                    # A delete or a restore drops the operation's idempotency record: the
+                    # entry may be a repeat's application, acknowledged by that repeat.
+                    latest = latest_apply(operation, facet)
+                    known = operation.first_ok() is not None and not math.isinf(latest)
+                    acknowledged = int(latest) if known else None
+                    point = dataclasses.replace(point, acknowledged=acknowledged)
+                points.append(point)
         for operation in self.operations.values():
             spec = operation.spec
             first = operation.first_ok()
             if spec.kind in READ_KINDS and spec.facet == facet and first is not None:
+                if self.data.replaced_after(facet, operation.first_invoked()):
+                    continue  # it read a log that a data operation replaced since
                 result = first.result
                 if isinstance(result, list) and len(result) == 2 and isinstance(result[1], int):
                     points.append(_point(operation, result[1] - 0.5))

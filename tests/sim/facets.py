@@ -6,7 +6,9 @@ every attempt of one operation). So an operation applied twice shows as a repeat
 one as a missing tag, and the facet's order as the log's order. Each write's result names its
 log index, so the checker also knows that a reply describes the application it claims to.
 
-Layout: ``next`` (log length), ``log/<index:08d>`` -> ``[tag, kind, a, b]``, ``count`` (sum of
+Layout: ``next`` (log length), ``log/<index:08d>`` -> ``[tag, kind, a, b, origin]`` (origin:
+the id of the facet that wrote the entry; a clone, an import or a restore carries entries of
+another facet, or of an earlier state, over to a facet's log), ``count`` (sum of
 every ``add``), ``reg/<key>`` (register values), ``pad/<key>`` (a string of ``pad_bytes(value)``
 bytes written with each register value, up to 21 KB: maps start at 64 KiB, so they grow).
 
@@ -92,7 +94,8 @@ class SimFacet(Facet):
     def _append(self, tag: str, kind: str, first: Value, second: Value) -> int:
         index = self.storage.get("next", 0)
         assert isinstance(index, int)
-        self.storage.put(f"{LOG_PREFIX}{index:08d}", [tag, kind, first, second])
+        entry: list[Value] = [tag, kind, first, second, self.agent_id]
+        self.storage.put(f"{LOG_PREFIX}{index:08d}", entry)
         self.storage.put("next", index + 1)
         return index
 

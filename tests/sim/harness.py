@@ -38,6 +38,7 @@ it against the history.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
@@ -55,7 +56,11 @@ from prometheus_client import CollectorRegistry
 
 from facetrt import FacetAddress, FacetrtError, NotFoundError, RuntimeConfig, UnavailableError
 from facetrt.client._link import handshake
+from facetrt.data import DataOperations
+from facetrt.data._backup import entry_path
 from facetrt.data._environment import scan_timers
+from facetrt.data._files import SCRATCH_DIR
+from facetrt.data._jsonl import export_lines
 from facetrt.metrics import FacetrtMetrics
 from facetrt.runtime._runtime import TIMER_INDEX_DIR, open_runtime_using
 from facetrt.server._auth import AuthThrottle
@@ -64,22 +69,22 @@ from facetrt.storage import SystemStore, TimerIndex
 from facetrt.storage._store import store_exists
 
 from .checker import CheckResult, FacetState, check
-from .facets import CLASS_NAME, CLASSES, SimFacet, wall_clock
+from .facets import CLASS_NAME, CLASSES, LOG_PREFIX, SimFacet, wall_clock
 from .faults import StoreFaults
-from .history import History
+from .history import History, Status
 from .plan import MAP_SIZE_BYTES_INITIAL, TENANT, make_plan
 from .timer_checks import TimerRules
 from .transport import MemoryListener
 from .workers import LoopStoreWorkers
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import AsyncIterator, Iterable, Iterator
 
-    from facetrt import Runtime
+    from facetrt import Runtime, Value
     from facetrt.client._link import Link
 
-    from .history import Attempt
-    from .plan import ClientSpec, OperationSpec, SimPlan
+    from .history import Attempt, DataOp
+    from .plan import ClientSpec, DataOpSpec, OperationSpec, SimPlan
     from .transport import ClientStream
 
 MEMORY_DIR = "/dev/shm"
@@ -284,6 +289,8 @@ class _Simulation:
         self.statistics: Counter[str] = Counter()
         self.key = ""
         self.hint_violations: list[str] = []
+        self.data_position = 0  # the data lane's next operation (each runs at most once)
+        self.backups: dict[str, tuple[DataOp, Path]] = {}
         config = plan.runtime
         self.rules = TimerRules(
             retries_max=config.timer_retries_max,
@@ -297,6 +304,7 @@ class _Simulation:
             self.states,
             SimFacet.overlapping_turns,
             rules=self.rules,
+            data_ops=self.history.data_ops,
         )
         result.violations[:0] = self.hint_violations
         if self.stuck:
@@ -366,6 +374,10 @@ class _Simulation:
                 finally:
                     self._count(runtime)
         self.crashes += faults.crashed
+        if not faults.crashed:
+            # Every data operation ended (lanes finish before a graceful close), failed ones
+            # included: none may leave its scratch directory behind.
+            self._check_scratch(f"after runtime lifetime {self.epochs} closed")
         self._check_hints()
 
     def _crash(self, epoch: _Epoch, kind: str) -> None:
@@ -384,6 +396,12 @@ class _Simulation:
             )
         ]
 
+    def _check_scratch(self, when: str) -> None:
+        scratch = self.data_dir / SCRATCH_DIR
+        left = sorted(entry.name for entry in scratch.iterdir()) if scratch.is_dir() else []
+        if left:
+            self.hint_violations.append(f"{when}: scratch/ still holds {left}")
+
     def _count(self, runtime: Runtime) -> None:
         statistics = runtime.statistics()
         for name in STATISTICS:
@@ -397,6 +415,10 @@ class _Simulation:
             metrics=FacetrtMetrics(CollectorRegistry()),
             throttle=AuthThrottle(failures_free=5, delay_seconds_max=1.0),
         )
+        operations = DataOperations(runtime, system=None)
+        if self.plan.data_ops:  # (without, a seed runs exactly as it did before they came)
+            await operations.start()
+            self._check_scratch("after DataOperations.start()")
         async with trio.open_nursery() as nursery:
             epoch.nursery = nursery
             await nursery.start(tcp.serve, [epoch.listener], nursery)
@@ -413,6 +435,8 @@ class _Simulation:
                     for lane in client.lanes:
                         if not lane.is_done():
                             lanes.start_soon(self._lane, client, lane, runtime, epoch)
+                if self.data_position < len(self.plan.data_ops):
+                    lanes.start_soon(self._data_lane, operations, epoch)
             if not epoch.stopping:
                 # Every call is done: the runtime keeps going (timers fire, under the faults)
                 # for the plan's linger time, or until a restart comes.
@@ -495,6 +519,64 @@ class _Simulation:
                 )
         return states
 
+    # -- data operations -----------------------------------------------------------------
+
+    async def _data_lane(self, operations: DataOperations, epoch: _Epoch) -> None:
+        specs = self.plan.data_ops
+        while self.data_position < len(specs) and not epoch.stopping:
+            spec = specs[self.data_position]
+            await trio.sleep(spec.think)
+            if epoch.is_stopping():
+                return
+            self.data_position += 1
+            if spec.kind == "restore" and (
+                spec.backup not in self.backups
+                or self.backups[spec.backup][0].status is not Status.OK
+            ):
+                self.history.note("restore skipped", [spec.tag, spec.backup])
+                continue
+            await self._data_op(operations, spec)
+
+    async def _data_op(self, operations: DataOperations, spec: DataOpSpec) -> None:
+        operation = self.history.data_started(spec)
+        entries: list[list[Value]] | None = None
+        try:
+            if spec.kind == "delete":
+                await operations.delete_facet(TENANT, spec.facet)
+            elif spec.kind == "clone":
+                await operations.clone(TENANT, spec.source, TENANT, spec.facet, force=spec.force)
+            elif spec.kind == "transfer":
+                async with operations.export(TENANT, spec.source) as chunks:
+                    data = b"".join([chunk async for chunk in chunks])
+                entries = operation.entries = _logged_entries(data.splitlines())
+                operation.copied = self.history.data_copied(operation)
+                await operations.import_facet(TENANT, spec.facet, _chunks(data), force=spec.force)
+            elif spec.kind == "backup":
+                target = self.data_dir.parent / "backups" / spec.tag
+                self.backups[spec.tag] = (operation, target)
+                await operations.backup(target, tenant=TENANT, agent=spec.facet)
+                address = FacetAddress(TENANT, spec.facet)
+                copy = (target / entry_path(address)).parent
+                entries = _logged_entries(export_lines(copy, address))
+            else:
+                assert spec.kind == "restore"
+                backup, source = self.backups[spec.backup]
+                operation.copied_from = backup
+                await operations.restore(source, tenant=TENANT, agent=spec.facet, force=True)
+        except FacetrtError as exc:
+            code = exc.code.value
+            self.history.note("data failed", [spec.tag, code, str(exc)])
+            # Refused before anything changed; any other error may come after the swap.
+            definite = code in ("not_found", "conflict")
+            self.history.data_ended(
+                operation, Status.FAILED if definite else Status.UNKNOWN, code, entries
+            )
+            return
+        except trio.Cancelled:
+            self.history.data_ended(operation, Status.UNKNOWN, "cancelled", entries)
+            raise
+        self.history.data_ended(operation, Status.OK, None, entries)
+
     # -- callers -------------------------------------------------------------------------
 
     async def _lane(self, client: _Client, lane: _Lane, runtime: Runtime, epoch: _Epoch) -> None:
@@ -576,3 +658,20 @@ class _Simulation:
             epoch.nursery.start_soon(link.run)
             client.link, client.stream = link, stream
             return link
+
+
+def _logged_entries(lines: Iterable[bytes]) -> list[list[Value]]:
+    """The facet log held by an export (or a copy's export), in log order."""
+    log = {}
+    for line in lines:
+        document = json.loads(line)
+        key = document.get("key")
+        if document.get("db") == "data" and isinstance(key, str) and key.startswith(LOG_PREFIX):
+            log[key] = document["value"]
+    return [log[key] for key in sorted(log)]
+
+
+async def _chunks(data: bytes, size: int = 4096) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), size):
+        await trio.lowlevel.checkpoint()
+        yield data[start : start + size]

@@ -32,7 +32,7 @@ import trio
 if TYPE_CHECKING:
     from facetrt import Value
 
-    from .plan import OperationSpec
+    from .plan import DataOpSpec, OperationSpec
 
 UNKNOWN_CODES = frozenset({"timeout"})  # SPEC §4: its writes may or may not have committed
 
@@ -87,6 +87,27 @@ class TimerAttempt:
     event: int
 
 
+@dataclass(slots=True, kw_only=True)
+class DataOp:
+    """One data operation as the data lane ran it. ``status``: ``ok`` (it completed: its
+    change took effect), ``failed`` with a code that guarantees nothing changed
+    (``not_found``, ``conflict``), or ``unknown`` (another error, or a crash or a restart
+    cancelled it: the change may or may not have taken effect). ``entries``: the log of the
+    copy it read (export, backup), when it completed."""
+
+    spec: DataOpSpec
+    started: int  # event number
+    ended: int | None = None  # None: in flight when the node went down
+    status: Status | None = None
+    code: str | None = None
+    entries: list[list[Value]] | None = None
+    copied: int | None = None  # a transfer: the event once its export was read
+    copied_from: DataOp | None = None  # a restore: the backup it installs
+
+    def may_have_changed(self) -> bool:
+        return self.status is not Status.FAILED
+
+
 @final
 class History:
     def __init__(self) -> None:
@@ -94,6 +115,7 @@ class History:
         self.faults: Counter[str] = Counter()
         self.trace: list[list[Value]] = []
         self.timer_attempts: list[TimerAttempt] = []
+        self.data_ops: list[DataOp] = []
         self._events = 0
         self._in_flight: dict[int, tuple[OperationSpec, Attempt]] = {}
 
@@ -144,6 +166,31 @@ class History:
             "done", spec.tag, attempt.number, status.value, code, result, reason
         )
 
+    def data_started(self, spec: DataOpSpec) -> DataOp:
+        started = self._event("data", spec.tag, spec.kind, spec.facet, spec.source)
+        operation = DataOp(spec=spec, started=started)
+        self.data_ops.append(operation)
+        return operation
+
+    def data_copied(self, operation: DataOp) -> int:
+        return self._event("data copied", operation.spec.tag)
+
+    def data_ended(
+        self,
+        operation: DataOp,
+        status: Status,
+        code: str | None = None,
+        entries: list[list[Value]] | None = None,
+    ) -> None:
+        if operation.status is not None:
+            return
+        operation.status, operation.code = status, code
+        if entries is not None:
+            operation.entries = entries
+        operation.ended = self._event(
+            "data done", operation.spec.tag, status.value, code, len(entries or ())
+        )
+
     def timer_attempt(
         self, facet: str, name: str, payload: Value, attempt: int, wall: float
     ) -> None:
@@ -160,6 +207,10 @@ class History:
         self.fault(kind)
         for spec, attempt in list(self._in_flight.values()):
             self.unknown(spec, attempt, "crash")
+        for operation in self.data_ops:
+            if operation.status is None:  # whatever it did, it did before the crash
+                operation.status, operation.code = Status.UNKNOWN, "crash"
+                operation.ended = self._events
 
     def note(self, kind: str, detail: Value) -> None:
         """A trace event that is not a fault (a new runtime lifetime, a final state)."""

@@ -116,6 +116,26 @@ class OperationSpec:
         return "forward", args, {"sleep": self.sleep}
 
 
+DATA_KINDS = ("delete", "clone", "transfer", "backup", "restore")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DataOpSpec:
+    """One data operation (decision 0008) of the plan's data lane, run on the embedded
+    runtime while the clients' calls go on. ``facet`` is the one whose state it replaces (or,
+    for a backup, copies); ``source`` the facet a ``clone`` or a ``transfer`` (export, then
+    import) copies from; ``backup`` the tag of the backup a ``restore`` installs (skipped
+    unless that backup completed)."""
+
+    tag: str
+    kind: str
+    facet: str
+    source: str = ""
+    backup: str = ""
+    force: bool = True
+    think: float = 0.0
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClientSpec:
     name: str
@@ -134,6 +154,11 @@ class SimPlan:
     faults: FaultRates
     timers: bool  # operations set, replace and cancel timers
     linger_seconds: float  # the runtime keeps running this long after the last call
+    # Data operations, one after another, alongside the clients (none in a share of seeds),
+    # on ``data_facets`` only: no timer is ever set on those (a timer model that follows
+    # copies and deletes of timers is left out), every other operation reaches them.
+    data_ops: tuple[DataOpSpec, ...] = ()
+    data_facets: tuple[str, ...] = ()
 
     @property
     def operations(self) -> int:
@@ -151,7 +176,7 @@ class SimPlan:
             f"timers {self.timers} (retries {config.timer_retries_max} from "
             f"{config.timer_retry_seconds_initial} s, {config.timer_fires_per_wake_max} per "
             f"wake, {config.timer_wakes_in_flight_max} wakes), linger {self.linger_seconds} s; "
-            f"{self.faults}"
+            f"{len(self.data_ops)} data operations on {list(self.data_facets)}; {self.faults}"
         )
 
 
@@ -182,11 +207,27 @@ def make_plan(seed: int) -> SimPlan:
         timer_wakes_in_flight_max=rng.choice((1, 2, 1024)),
     )
     server = ServerConfig(calls_in_flight_max=rng.choice((1, 2, 4, 64)))
+    # Data operations draw from a stream of their own, so the rest of a plan stays as it was.
+    data_rng = random.Random(f"data/{seed}")
+    data_facets: tuple[str, ...] = ()
+    if data_rng.random() < 0.6:
+        # With timers, some facets are kept free of them for the data operations.
+        data_facets = facets[-data_rng.randint(1, len(facets) - 1) :] if timers else facets
+    timer_facets = tuple(facet for facet in facets if facet not in data_facets)
     client_count = rng.randint(2, 5)
     clients = tuple(
-        _client(rng, f"c{index}", facets, faults, timers=timers, protocol=rng.random() < 0.5)
+        _client(
+            rng,
+            f"c{index}",
+            facets,
+            faults,
+            timers=timers,
+            protocol=rng.random() < 0.5,
+            timer_facets=timer_facets,
+        )
         for index in range(client_count)
     )
+    data_ops = _data_ops(data_rng, data_facets) if data_facets else ()
     return SimPlan(
         seed=seed,
         facets=facets,
@@ -197,7 +238,35 @@ def make_plan(seed: int) -> SimPlan:
         faults=faults,
         timers=timers,
         linger_seconds=rng.choice((0.0, 2.0, 10.0, 40.0)) if timers else 0.0,
+        data_ops=data_ops,
+        data_facets=data_facets,
     )
+
+
+def _data_ops(rng: random.Random, facets: tuple[str, ...]) -> tuple[DataOpSpec, ...]:
+    """A sequence of data operations on ``facets``, spread over the calls' time."""
+    think_mean = rng.choice((0.05, 0.3, 1.0))
+    backups: list[DataOpSpec] = []
+    ops = []
+    for number in range(rng.randint(2, 10)):
+        weights = (3, 3 if len(facets) > 1 else 0, 2 if len(facets) > 1 else 0, 3, 3)
+        kind = rng.choices(DATA_KINDS, weights)[0]
+        if kind == "restore" and not backups:
+            kind = "backup"
+        facet = rng.choice(facets)
+        spec = DataOpSpec(
+            tag=f"d:{number}", kind=kind, facet=facet, think=rng.expovariate(1 / think_mean)
+        )
+        if kind in ("clone", "transfer"):
+            source = rng.choice([other for other in facets if other != facet])
+            spec = dataclasses.replace(spec, source=source, force=rng.random() < 0.8)
+        elif kind == "restore":
+            backup = rng.choice(backups)
+            spec = dataclasses.replace(spec, facet=backup.facet, backup=backup.tag)
+        elif kind == "backup":
+            backups.append(spec)
+        ops.append(spec)
+    return tuple(ops)
 
 
 def _fault_rates(rng: random.Random) -> FaultRates:
@@ -229,6 +298,7 @@ def _client(
     *,
     timers: bool,
     protocol: bool,
+    timer_facets: tuple[str, ...],
 ) -> ClientSpec:
     counter = iter(range(1_000_000))
     think_mean = rng.choice((0.01, 0.1, 0.5))
@@ -242,7 +312,16 @@ def _client(
                 spec = _repeat(rng, rng.choice(repeated), faults, think_mean, protocol)
             else:
                 tag = f"{name}:{next(counter)}"
-                spec = _new(rng, tag, facets, faults, think_mean, protocol, timers=timers)
+                spec = _new(
+                    rng,
+                    tag,
+                    facets,
+                    faults,
+                    think_mean,
+                    protocol,
+                    timers=timers,
+                    timer_facets=timer_facets,
+                )
                 if rng.random() < keyed:
                     spec = _with_key(spec)
                     repeated.append(spec)
@@ -299,6 +378,7 @@ def _new(
     protocol: bool,
     *,
     timers: bool,
+    timer_facets: tuple[str, ...],
 ) -> OperationSpec:
     timer_weights = (20, 6, 4, 2) if timers else (0, 0, 0, 0)
     weights = (30, 25, 20, 12 if len(facets) > 1 else 0, 5, *timer_weights)
@@ -329,6 +409,8 @@ def _new(
         cancel_after=timing.cancel_after,
         deadline_seconds=timing.deadline_seconds,
     )
+    if kind in ("tset", "tfail", "tcancel", "tlist") and facet not in timer_facets:
+        spec = dataclasses.replace(spec, facet=rng.choice(timer_facets))
     if kind in ("tset", "tfail", "tcancel"):
         spec = dataclasses.replace(spec, name=rng.choice(TIMER_NAMES))
     if kind in ("tset", "tfail"):

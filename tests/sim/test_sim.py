@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from trio.testing import MockClock
 
     from tests.sim.harness import SimResult
-    from tests.sim.history import Operation
+    from tests.sim.history import DataOp, Operation
 
 CI_SEEDS = range(1, 101)
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -117,8 +117,8 @@ def _acknowledged_write(result: SimResult) -> Operation:
 def _entry(operation: Operation) -> Entry:
     spec = operation.spec
     if spec.kind == "put":
-        return Entry(tag=spec.tag, kind="put", first=spec.key, second=spec.value)
-    return Entry(tag=spec.tag, kind="add", first=spec.by, second=None)
+        return Entry(tag=spec.tag, kind="put", first=spec.key, second=spec.value, origin=spec.facet)
+    return Entry(tag=spec.tag, kind="add", first=spec.by, second=None, origin=spec.facet)
 
 
 def _violations(
@@ -462,3 +462,143 @@ def test_handler_error_from_a_handler_that_never_raises_is_caught(rich: SimResul
         operation.tag in v and "never raises, yet an attempt failed with handler_error" in v
         for v in violations
     ), violations
+
+
+# -- data operations against doctored histories -------------------------------------------
+
+# Deletes, backups, restores, clones and transfers (export, import) that completed, of facets
+# with acknowledged writes before them (the tests below need each of them); DELETE_SEED: a
+# completed delete, the last replacement of its facet, that erased acknowledged writes.
+DATA_SEED = 47
+DELETE_SEED = 6
+
+
+@pytest.fixture(scope="module")
+def data_rich() -> SimResult:
+    result = run_simulation(DATA_SEED)
+    assert result.ok, result.report()
+    return result
+
+
+@pytest.fixture(scope="module")
+def delete_rich() -> SimResult:
+    result = run_simulation(DELETE_SEED)
+    assert result.ok, result.report()
+    return result
+
+
+def _data_violations(
+    result: SimResult,
+    states: dict[str, FacetState] | None = None,
+    data_ops: list[DataOp] | None = None,
+) -> list[str]:
+    return check(
+        result.history.operations,
+        result.states if states is None else states,
+        rules=result.rules,
+        data_ops=result.history.data_ops if data_ops is None else data_ops,
+    ).violations
+
+
+def _completed(result: SimResult, kind: str) -> list[DataOp]:
+    found = [
+        op
+        for op in result.history.data_ops
+        if op.spec.kind == kind and op.status is Status.OK and op.ended is not None
+    ]
+    assert found, f"the seed has no completed {kind}: pick another DATA_SEED"
+    return found
+
+
+def test_the_data_seed_runs_every_kind_of_data_operation(data_rich: SimResult) -> None:
+    for kind in ("delete", "backup", "restore", "clone", "transfer"):
+        _completed(data_rich, kind)
+    assert _data_violations(data_rich) == []
+
+
+def test_a_write_that_survives_a_delete_is_caught(delete_rich: SimResult) -> None:
+    """A write acknowledged before a completed delete (the facet's last replacement) put back
+    at the head of the facet's log: the facet did not start empty."""
+    for delete in _completed(delete_rich, "delete"):
+        facet = delete.spec.facet
+        later = [op for op in delete_rich.history.data_ops if op.started > delete.started]
+        if any(op.spec.facet == facet and op.spec.kind != "backup" for op in later):
+            continue
+        log = delete_rich.states[facet].log
+        for operation in delete_rich.history.operations.values():
+            first = operation.first_ok()
+            spec = operation.spec
+            if (
+                spec.facet == facet
+                and spec.kind in ("add", "put")
+                and first is not None
+                and first.completed is not None
+                and first.completed < delete.started
+                and all(entry.tag != operation.tag for entry in log)
+            ):
+                states = copy.deepcopy(delete_rich.states)
+                states[facet].log.insert(0, _entry(operation))
+                violations = _data_violations(delete_rich, states)
+                assert any(f"{facet}: data operations" in v for v in violations), violations
+                return
+    pytest.fail("no delete that erased an acknowledged write: pick another DELETE_SEED")
+
+
+def test_a_backup_without_a_write_acknowledged_before_it_began_is_caught(
+    data_rich: SimResult,
+) -> None:
+    for backup in _completed(data_rich, "backup"):
+        assert backup.entries is not None
+        facet = backup.spec.facet
+        for index, row in enumerate(backup.entries):
+            operation = data_rich.history.operations.get(str(row[0]))
+            first = None if operation is None else operation.first_ok()
+            replaced_before = any(
+                op.spec.facet == facet and op.spec.kind != "backup" and op.started < backup.started
+                for op in data_rich.history.data_ops
+            )
+            if (
+                first is not None
+                and first.completed is not None
+                and first.completed < backup.started
+                and row[4] == facet
+                and not replaced_before
+            ):
+                data_ops = copy.deepcopy(data_rich.history.data_ops)
+                doctored = data_ops[data_rich.history.data_ops.index(backup)]
+                assert doctored.entries is not None
+                del doctored.entries[index]
+                violations = _data_violations(data_rich, data_ops=data_ops)
+                assert any(
+                    f"backup {backup.spec.tag} of {facet}" in v and "no snapshot" in v
+                    for v in violations
+                ), violations
+                return
+    pytest.fail("no backup of a facet never replaced before it: pick another DATA_SEED")
+
+
+def test_a_clone_that_mixes_old_and_new_state_is_caught(data_rich: SimResult) -> None:
+    """The target of the last completed clone keeps an entry of its own from before the clone
+    ahead of the copied entries: neither the old state nor the new one."""
+    for clone in reversed(_completed(data_rich, "clone")):
+        facet = clone.spec.facet
+        later = [op for op in data_rich.history.data_ops if op.started > clone.started]
+        if any(op.spec.facet == facet and op.spec.kind != "backup" for op in later):
+            continue
+        for operation in data_rich.history.operations.values():
+            first = operation.first_ok()
+            spec = operation.spec
+            if (
+                spec.facet == facet
+                and spec.kind in ("add", "put")
+                and first is not None
+                and first.completed is not None
+                and first.completed < clone.started
+            ):
+                states = copy.deepcopy(data_rich.states)
+                log = [e for e in states[facet].log if e.tag != operation.tag]
+                states[facet].log = [_entry(operation), *log]
+                violations = _data_violations(data_rich, states)
+                assert any(f"{facet}: data operations" in v for v in violations), violations
+                return
+    pytest.fail("no clone onto a facet written before it: pick another DATA_SEED")
