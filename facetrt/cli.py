@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -46,8 +47,6 @@ def _err(text: str) -> None:
 
 
 def cmd_serve(options: argparse.Namespace) -> int:
-    import os
-
     from .server._daemon import Daemon
 
     overrides = {
@@ -100,8 +99,6 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 
 def cmd_config_check(options: argparse.Namespace) -> int:
-    import os
-
     # The environment applies as it would to `serve`, so this shows what would run.
     config = load_daemon_config(options.file, environ=os.environ)
     from .server._daemon import resolve_classes
@@ -1148,6 +1145,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`facetrt facet list | head`): not worth a traceback. Point
+        # stdout at /dev/null so that the interpreter's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141  # 128 + SIGPIPE, as a shell reports a writer killed by it
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@ instead of a traceback of exception groups."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 from typing import TYPE_CHECKING
 
 import pytest
@@ -57,3 +60,24 @@ def test_a_data_directory_in_use_is_one_line(
     assert err.startswith("facetrt: bad_request: data directory")
     assert err.endswith("is in use by another process")
     assert "Traceback" not in err
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path: Path) -> None:
+    """`facetrt ... | head`: the pipe closes before the command has written everything; that is
+    exit 141 (128 + SIGPIPE) without a traceback, not a BrokenPipeError dump."""
+    config = tmp_path / "facetrt.toml"
+    config.write_text(f'data_dir = "{tmp_path / "d"}"\n')
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will read: the first write fails
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "facetrt", "config", "check", str(config)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            check=False,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141
+    assert done.stderr.decode() == ""
