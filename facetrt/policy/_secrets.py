@@ -29,7 +29,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .._errors import BadRequestError, ConfigError
-from ..storage import fsync_dir
+from ..storage import fsync_dir, write_private_file
 from ._addresses import HostError, parse_host
 from ._decide import Decision, deny
 from ._redact import Redactor
@@ -236,15 +236,7 @@ class NodeKey:
                 )
             data_dir.mkdir(parents=True, exist_ok=True)
             temporary = path.with_name(path.name + ".tmp")
-            # Fresh (O_EXCL): O_TRUNC would keep a leftover file's mode or write through a
-            # link planted under that name.
-            temporary.unlink(missing_ok=True)
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.write(fd, base64.b64encode(random.token_bytes(32)) + b"\n")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_private_file(temporary, base64.b64encode(random.token_bytes(32)) + b"\n")
             os.replace(temporary, path)
             fsync_dir(data_dir)
         try:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from .._errors import StorageError, UnauthorizedError
-from ..storage import fsync_dir
+from ..storage import fsync_dir, write_private_file
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -159,14 +159,8 @@ def _write_admin_key(system: SystemStore, path: Path) -> str:
     """Write a new admin key to ``path`` and store it (steps 1-4); return its key id."""
     new = system.new_key(None)
     temporary = _temporary(path)
-    # Created fresh (O_EXCL) so that it is ours with mode 0600: O_TRUNC would keep an
-    # existing file's mode, and would write through a link planted under that name.
-    temporary.unlink(missing_ok=True)
-    with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as file:
-        file.write(new.key.encode() + b"\n")
-        file.flush()
-        os.fsync(file.fileno())
-    fsync_dir(path.parent)  # the file's name too must survive once its key is stored
+    # Its name too is durable before the key is stored: a stored key is always in a file.
+    write_private_file(temporary, new.key.encode() + b"\n")
     system.store_key(new)
     os.replace(temporary, path)
     fsync_dir(path.parent)

@@ -17,6 +17,7 @@ from ._store import FacetStore as FacetStore
 from ._store import StoreHooks as StoreHooks
 from ._store import fsync_dir as fsync_dir
 from ._store import open_environment as open_environment
+from ._store import write_private_file as write_private_file
 from ._system import KeyRecord as KeyRecord
 from ._system import NewKey as NewKey
 from ._system import Principal as Principal
@@ -44,4 +45,5 @@ __all__ = [
     "fsync_dir",
     "open_environment",
     "tenant_path",
+    "write_private_file",
 ]

@@ -199,9 +199,9 @@ class StoreRegistry:
             StorageError: LMDB could not open it.
         """
         path = self.path_of(address)
-        assert path not in self._open, f"store {path} opened twice"
         bytes_max = self._map_size_bytes_max if map_size_bytes_max is None else map_size_bytes_max
-        with self._held_lock:
+        with self._held_lock:  # checked and held at once: also refuses a concurrent open
+            assert path not in self._held, f"store {path} opened twice"
             self._held[path] = address
         try:
             store = FacetStore(

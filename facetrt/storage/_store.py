@@ -507,6 +507,25 @@ def _remove_new_store(path: Path, created: list[Path]) -> None:
         pass  # not empty, or the disk refuses: stop here
 
 
+def write_private_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to a new file ``path`` (mode 0600), durably: the file and its name.
+
+    Created fresh (what is there is removed first, then ``O_EXCL``): ``O_TRUNC`` would keep a
+    leftover file's mode, and would write through a link planted under that name. For the
+    temporary file of a key written then renamed into place (admin key, node key).
+    """
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(path.parent)
+
+
 def fsync_dir(path: Path) -> None:
     """Make the entries of directory ``path`` durable (a file created, renamed or removed in
     it): fsync of a file alone does not cover its name."""

@@ -156,6 +156,19 @@ def test_lmdb_environment_options_are_durable(tmp_path: Path) -> None:
         assert env.stat()["entries"] >= 0
 
 
+def record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The directories the store module fsyncs from now on, in order (the fsyncs still run)."""
+    synced: list[Path] = []
+    real = store_module.fsync_dir
+
+    def recording(directory: Path) -> None:
+        synced.append(directory)
+        real(directory)
+
+    monkeypatch.setattr(store_module, "fsync_dir", recording)
+    return synced
+
+
 def test_a_new_store_fsyncs_every_directory_up_to_the_data_dir(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -165,14 +178,7 @@ def test_a_new_store_fsyncs_every_directory_up_to_the_data_dir(
     directories its creation fsyncs (the real fsyncs still run)."""
     registry = StoreRegistry(tmp_path, map_size_bytes=64 * KIB, map_size_bytes_max=64 * KIB)
     registry.close(registry.open(FacetAddress("acme", "first")))
-    synced: list[Path] = []
-    real = store_module.fsync_dir
-
-    def recording(path: Path) -> None:
-        synced.append(path)
-        real(path)
-
-    monkeypatch.setattr(store_module, "fsync_dir", recording)
+    synced = record_fsyncs(monkeypatch)
     address = FacetAddress("acme", "second")
     registry.close(registry.open(address))
     path = registry.path_of(address)
@@ -240,14 +246,7 @@ def test_a_creation_killed_before_its_fsyncs_is_made_durable_by_the_next_open(
     path = registry.path_of(address)
     assert (path / "data.mdb").stat().st_size > 0  # what the next open sees
 
-    synced: list[Path] = []
-    real = store_module.fsync_dir
-
-    def recording(directory: Path) -> None:
-        synced.append(directory)
-        real(directory)
-
-    monkeypatch.setattr(store_module, "fsync_dir", recording)
+    synced = record_fsyncs(monkeypatch)
     store = registry.open(address)
     try:
         # the first acknowledged commit of this facet now depends on these entries
